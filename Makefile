@@ -1,0 +1,33 @@
+# Two set-up commands: `make demo` (install, train the default spec on digits, sample) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned first so that pip takes the local CPU wheel; the rest then finds it satisfied.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/pyrovae: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/pyrovae
+
+demo: install
+	$(BIN)/pyrovae train --out runs/demo --force
+	$(BIN)/pyrovae sample runs/demo -n 64 -o runs/demo/samples.png --force
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python benchmarks/train_overhead.py
+
+clean:
+	rm -rf $(VENV) runs
