@@ -1,0 +1,6 @@
+"""The inference side of a VAE: encoders q(z|x) and the ``AmortizedGuide`` that samples them."""
+
+from guides.amortized import AmortizedGuide
+from guides.encoders import ENCODERS, DiagonalNormal
+
+__all__ = ["ENCODERS", "AmortizedGuide", "DiagonalNormal"]
