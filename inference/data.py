@@ -1,0 +1,317 @@
+"""Data sets: loading, checking, splitting and binarizing.
+
+Every data set becomes float32 tensors of shape ``(N, F)`` (images flattened, ``image_shape``
+kept for plots) with values in [0, 1] for images, split into train / validation / test with
+labels kept when there are any.
+
+Evaluation protocol: with ``binarize = "dynamic"`` the training set is resampled
+``x ~ Bernoulli(grey level)`` every batch, while validation and test are binarized once with a
+fixed seed (as in Burda et al. 2015), so evaluations are comparable across runs; with
+``"static"`` every split is binarized once with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import constraints
+
+from inference.errors import PyrovaeError
+
+BINARIZE = ("none", "dynamic", "static")
+NAMED = ("digits", "mnist", "fashion-mnist")
+BINARIZE_SEED = 20151101
+"""Seed of the fixed binarization of evaluation splits (and of static training data)."""
+
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+_NPZ_NAMES = {"mnist": "mnist.npz", "fashion-mnist": "fashion-mnist.npz"}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A data set split three ways, as float32 tensors of shape ``(N, F)``.
+
+    Attributes:
+        train, validation, test: the splits; ``train`` holds grey levels when
+            ``dynamic`` is set (binarize each batch with ``torch.bernoulli``).
+        train_labels, validation_labels, test_labels: integer labels, or None.
+        image_shape: ``(H, W)`` for images, None for plain feature vectors.
+        dynamic: whether training batches are binarized afresh each time.
+    """
+
+    train: Tensor
+    validation: Tensor
+    test: Tensor
+    train_labels: Tensor | None
+    validation_labels: Tensor | None
+    test_labels: Tensor | None
+    image_shape: tuple[int, ...] | None
+    dynamic: bool = False
+
+    @property
+    def features(self) -> int:
+        return self.train.shape[1]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """Returns ``(x, labels)`` of the split ``train``, ``validation`` or ``test``."""
+        if name not in ("train", "validation", "test"):
+            raise PyrovaeError(f"unknown split {name!r}; valid: train, validation, test")
+        return getattr(self, name), getattr(self, f"{name}_labels")
+
+
+def load_data(
+    name: str = "digits",
+    binarize: str = "none",
+    path: str | None = None,
+    validation_size: int | float | None = None,
+) -> Splits:
+    """Loads a data set by name or path and prepares its splits.
+
+    Args:
+        name: ``digits`` (scikit-learn's bundled 8x8 digits, offline), ``mnist``,
+            ``fashion-mnist``, or a path to a ``.npz`` / ``.npy`` file.
+        binarize: ``none``, ``dynamic`` or ``static`` (see the module docstring).
+        path: a file or directory holding the named data set (Keras-layout ``.npz`` or the
+            original IDX files); otherwise ``$PYROVAE_DATA`` is searched, then torchvision.
+        validation_size: points held out of the training set (a count or a fraction); the
+            default is 10,000 for MNIST-style sets (the common 50k/10k split) and 10% else.
+
+    Returns:
+        The checked splits.
+
+    Raises:
+        PyrovaeError: the data cannot be found, or has NaN/inf, a wrong shape or range.
+    """
+    if binarize not in BINARIZE:
+        raise PyrovaeError(f"unknown data.binarize {binarize!r}; valid: {', '.join(BINARIZE)}")
+    if name == "digits":
+        arrays = _digits()
+    elif name in _NPZ_NAMES:
+        arrays = _mnist_like(name, path)
+    elif name.endswith((".npz", ".npy")):
+        arrays = _user_file(Path(path or name))
+    else:
+        raise PyrovaeError(
+            f"unknown data.name {name!r}; valid: {', '.join(NAMED)}, or a path to .npz/.npy"
+        )
+    if validation_size is None:
+        validation_size = 10_000 if name in _NPZ_NAMES else 0.1
+    splits = _split(arrays, validation_size)
+    return _binarize(splits, binarize)
+
+
+def check_data(x: Tensor, what: str, support: constraints.Constraint | None = None) -> None:
+    """Checks data once up front: a non-empty ``(N, F)`` tensor of finite values in ``support``.
+
+    Args:
+        x: the data.
+        what: how to name the data in messages (e.g. "training data").
+        support: a torch constraint the values must satisfy, such as
+            ``constraints.unit_interval`` for Bernoulli-type likelihoods.
+
+    Raises:
+        PyrovaeError: with one line naming the problem.
+    """
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise PyrovaeError(
+            f"{what} must be a non-empty 2-D array (points, features), got shape {tuple(x.shape)}"
+        )
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise PyrovaeError(f"{what} has {bad} NaN or infinite values; clean or impute them first")
+    if support is not None and not bool(support.check(x).all()):
+        lo, hi = x.min().item(), x.max().item()
+        raise PyrovaeError(
+            f"{what} has values in [{lo:g}, {hi:g}] outside the likelihood's support {support}; "
+            "rescale the data or choose a likelihood that fits it (e.g. gaussian)"
+        )
+
+
+def _digits() -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32) / 16.0
+    y = digits.target
+    # A fixed permutation: the bundled file is ordered by writer, not shuffled.
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    n_test = 300
+    return {
+        "x_train": x[:-n_test],
+        "y_train": y[:-n_test],
+        "x_test": x[-n_test:],
+        "y_test": y[-n_test:],
+    }
+
+
+def _mnist_like(name: str, path: str | None) -> dict[str, np.ndarray]:
+    looked: list[str] = []
+    candidates = [Path(path)] if path else []
+    if os.environ.get("PYROVAE_DATA"):
+        candidates.append(Path(os.environ["PYROVAE_DATA"]))
+    for candidate in candidates:
+        found = _read_local(candidate, name)
+        if found is not None:
+            return found
+        looked.append(str(candidate))
+    arrays = _torchvision(name)
+    if arrays is not None:
+        return arrays
+    where = ", ".join(looked) if looked else "nowhere (no data.path, PYROVAE_DATA unset)"
+    raise PyrovaeError(
+        f"{name} not found: looked in {where} and torchvision could not fetch it; put a "
+        f"Keras-layout {_NPZ_NAMES[name]} (x_train, y_train, x_test, y_test) or the IDX files "
+        "in a directory and set data.path or PYROVAE_DATA to it"
+    )
+
+
+def _read_local(candidate: Path, name: str) -> dict[str, np.ndarray] | None:
+    if candidate.is_file():
+        return _user_file(candidate)
+    if not candidate.is_dir():
+        return None
+    npz = candidate / _NPZ_NAMES[name]
+    if npz.is_file():
+        return _user_file(npz)
+    for folder in (candidate, candidate / name, candidate / name.replace("-", "_").upper() / "raw"):
+        files = {k: _idx_path(folder, v) for k, v in _IDX_FILES.items()}
+        if all(f is not None for f in files.values()):
+            return {k: _read_idx(f) for k, f in files.items()}
+    return None
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for suffix in ("", ".gz"):
+        f = folder / (stem + suffix)
+        if f.is_file():
+            return f
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _torchvision(name: str) -> dict[str, np.ndarray] | None:
+    try:
+        from torchvision import datasets
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    root = Path(os.environ.get("PYROVAE_DATA", Path.home() / ".cache" / "pyrovae"))
+    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+    try:
+        train = cls(root, train=True, download=True)
+        test = cls(root, train=False, download=True)
+    except Exception:  # noqa: BLE001 - offline or blocked: fall through to the error message
+        return None
+    return {
+        "x_train": train.data.numpy(),
+        "y_train": train.targets.numpy(),
+        "x_test": test.data.numpy(),
+        "y_test": test.targets.numpy(),
+    }
+
+
+def _user_file(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise PyrovaeError(f"data file {path} does not exist; check data.name or data.path")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise PyrovaeError(f"cannot read {path} as a NumPy file: {e}") from None
+    if isinstance(loaded, np.ndarray):
+        return {"x_train": loaded}
+    with loaded:
+        keys = set(loaded.files)
+        if "x_train" in keys:
+            return {k: loaded[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in keys}
+        if len(keys) == 1:
+            return {"x_train": loaded[keys.pop()]}
+    raise PyrovaeError(
+        f"{path} has arrays {sorted(keys)}; expected x_train (and optionally y_train, x_test, "
+        "y_test) or a single array"
+    )
+
+
+def _as_features(x: np.ndarray, what: str) -> tuple[Tensor, tuple[int, ...] | None]:
+    if x.ndim < 2:
+        raise PyrovaeError(
+            f"{what} has shape {x.shape}; expected (points, features) or (points, height, width)"
+        )
+    image_shape = tuple(x.shape[1:]) if x.ndim >= 3 else None
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    t = torch.from_numpy(np.ascontiguousarray(x).reshape(len(x), -1).astype(np.float32) / scale)
+    check_data(t, what)
+    return t, image_shape
+
+
+def _split(arrays: dict[str, np.ndarray], validation_size: int | float) -> Splits:
+    x, image_shape = _as_features(arrays["x_train"], "training data")
+    y = _labels(arrays.get("y_train"), len(x), "training labels")
+    n_val = (
+        int(round(validation_size * len(x)))
+        if isinstance(validation_size, float)
+        else validation_size
+    )
+    if "x_test" in arrays:
+        x_test, test_shape = _as_features(arrays["x_test"], "test data")
+        if x_test.shape[1] != x.shape[1]:
+            raise PyrovaeError(
+                f"test data has {x_test.shape[1]} features but training data {x.shape[1]}"
+            )
+        y_test = _labels(arrays.get("y_test"), len(x_test), "test labels")
+    else:
+        # No test set given: hold out as many points for test as for validation.
+        x, x_test = x[:-n_val], x[-n_val:]
+        y, y_test = (y[:-n_val], y[-n_val:]) if y is not None else (None, None)
+    if not 0 < n_val < len(x):
+        raise PyrovaeError(
+            f"cannot hold out {n_val} validation points from {len(x)} training points"
+        )
+    return Splits(
+        train=x[:-n_val],
+        validation=x[-n_val:],
+        test=x_test,
+        train_labels=None if y is None else y[:-n_val],
+        validation_labels=None if y is None else y[-n_val:],
+        test_labels=y_test,
+        image_shape=image_shape,
+    )
+
+
+def _labels(y: np.ndarray | None, n: int, what: str) -> Tensor | None:
+    if y is None:
+        return None
+    if y.shape != (n,):
+        raise PyrovaeError(f"{what} have shape {y.shape}; expected ({n},), one per point")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _binarize(splits: Splits, mode: str) -> Splits:
+    if mode == "none":
+        return splits
+    check_data(splits.train, "training data", constraints.unit_interval)
+    generator = torch.Generator().manual_seed(BINARIZE_SEED)
+    fixed = {
+        k: torch.bernoulli(getattr(splits, k), generator=generator) for k in ("validation", "test")
+    }
+    if mode == "static":
+        fixed["train"] = torch.bernoulli(splits.train, generator=generator)
+    return replace(splits, dynamic=mode == "dynamic", **fixed)

@@ -1,0 +1,7 @@
+"""The error users see: one line on stderr and exit code 2, from the CLI."""
+
+from __future__ import annotations
+
+
+class PyrovaeError(Exception):
+    """A problem with the user's input or files, reported as one line without a traceback."""

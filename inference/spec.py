@@ -1,0 +1,328 @@
+"""The declarative spec: TOML read into frozen dataclasses, and ``build`` from it.
+
+A spec holds data only. Each component table (``{ kind = "...", option = value }``) names an
+entry of one registry (``model.PRIORS``, ``model.DECODERS``, ``model.LIKELIHOODS``,
+``guides.ENCODERS``, ``inference.objectives.OBJECTIVES``); its other keys are passed to that
+constructor, whose signature is the schema. Context the constructor asks for by name
+(``latent_dim``, ``in_features``, ``out_features``, ``features``, ``image_shape``,
+``encoder``) is filled in by :func:`build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import tomllib
+
+from guides import ENCODERS, AmortizedGuide
+from inference.errors import PyrovaeError
+from inference.objectives import OBJECTIVES
+from model import DECODERS, LIKELIHOODS, PRIORS, VAE
+
+
+def _table(**entries: Any) -> Any:
+    return field(default_factory=lambda: dict(entries))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str = "digits"
+    binarize: str = "dynamic"
+    path: str | None = None
+    validation_size: int | float | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    latent_dim: int = 16
+    prior: dict = _table(kind="standard_normal")
+    decoder: dict = _table(kind="mlp", hidden=[256, 256], activation="softplus")
+    likelihood: dict = _table(kind="bernoulli")
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    encoder: dict = _table(kind="diagonal_normal", hidden=[256, 256])
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    objective: dict = _table(kind="elbo", num_particles=1)
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    grad_clip: float | None = None
+    patience: int | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole run: data, model, guide and training settings. ``Spec()`` is the default."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    guide: GuideSpec = field(default_factory=GuideSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def to_dict(self) -> dict:
+        """The spec as nested dicts, with unset (None) keys left out."""
+        return _drop_none(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, **sections: Mapping[str, Any]) -> Spec:
+        """A copy with some keys of some sections changed, e.g. ``replace(train={"epochs": 2})``."""
+        return spec_from_dict(_merge(self.to_dict(), sections))
+
+
+def load_spec(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Spec:
+    """Reads a TOML spec over the default spec and applies ``KEY=VALUE`` overrides.
+
+    Args:
+        path: a TOML file.
+        overrides: strings such as ``model.latent_dim=2`` or ``model.prior.kind="mixture"``;
+            the value is read as a TOML value, and a bare word that is not valid TOML is taken
+            as a string.
+
+    Raises:
+        PyrovaeError: the file is missing or malformed, or a key, kind or option is unknown.
+    """
+    raw = Spec().to_dict()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = _merge(raw, tomllib.loads(path.read_text()))
+        except FileNotFoundError:
+            raise PyrovaeError(f"spec file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise PyrovaeError(f"spec file {path} is not valid TOML: {e}") from None
+    for item in overrides:
+        raw = _merge(raw, _override(item))
+    spec = spec_from_dict(raw)
+    check(spec)
+    return spec
+
+
+def spec_from_dict(raw: Mapping[str, Any]) -> Spec:
+    """Builds a :class:`Spec` from nested dicts, rejecting unknown keys and wrong types."""
+    return _section(Spec, raw, "")
+
+
+def check(spec: Spec) -> None:
+    """Checks every component's kind and options against its registry, without building."""
+    for registry, table, where in _components(spec):
+        _constructor(registry, table, where)
+
+
+def build(
+    spec: Spec, features: int, image_shape: tuple[int, ...] | None = None
+) -> tuple[VAE, AmortizedGuide]:
+    """Builds the model and guide a spec describes, for data with ``features`` columns.
+
+    Args:
+        spec: the spec.
+        features: number of data features F (pixels for flattened images).
+        image_shape: ``(H, W)`` when the data are images, for convolutional networks.
+
+    Returns:
+        ``(model, guide)``: the Pyro model ``VAE`` and the ``AmortizedGuide``.
+    """
+    m = spec.model
+    context = {
+        "latent_dim": m.latent_dim,
+        "features": features,
+        "in_features": features,
+        "image_shape": tuple(image_shape) if image_shape else None,
+    }
+    likelihood = component(LIKELIHOODS, m.likelihood, "model.likelihood", context)
+    encoder = component(ENCODERS, spec.guide.encoder, "guide.encoder", context)
+    prior = component(PRIORS, m.prior, "model.prior", {**context, "encoder": encoder})
+    out_features = features * getattr(likelihood, "num_params", 1)
+    decoder = component(
+        DECODERS, m.decoder, "model.decoder", {**context, "out_features": out_features}
+    )
+    return VAE(prior, decoder, likelihood), AmortizedGuide(encoder)
+
+
+def build_objective(spec: Spec) -> Any:
+    """The objective (a Pyro ELBO) that ``spec.train.objective`` names."""
+    return component(OBJECTIVES, spec.train.objective, "train.objective", {})
+
+
+def component(
+    registry: Mapping[str, Callable[..., Any]],
+    table: Mapping[str, Any],
+    where: str,
+    context: Mapping[str, Any],
+) -> Any:
+    """Calls the constructor ``table["kind"]`` names with the table's options and the context
+    arguments its signature asks for.
+
+    Raises:
+        PyrovaeError: unknown kind or option (listing the valid ones), or a bad value.
+    """
+    constructor, options = _constructor(registry, table, where)
+    kind = table["kind"]
+    injected = {k: v for k, v in context.items() if k in _parameters(constructor)}
+    try:
+        built = constructor(**options, **injected)
+    except (TypeError, ValueError) as e:
+        raise PyrovaeError(f"{where} (kind {kind!r}): {e}") from None
+    return built
+
+
+def _constructor(
+    registry: Mapping[str, Callable[..., Any]],
+    table: Mapping[str, Any],
+    where: str,
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    kind = table.get("kind")
+    if kind not in registry:
+        raise PyrovaeError(f"unknown {where}.kind {kind!r}; valid: {', '.join(registry)}")
+    constructor = registry[kind]
+    parameters = _parameters(constructor)
+    # Context names are filled in by build; in a spec they would be ignored or conflict.
+    context_names = {
+        "latent_dim",
+        "features",
+        "in_features",
+        "out_features",
+        "image_shape",
+        "encoder",
+    }
+    valid = [p for p in parameters if p not in context_names]
+    options = {k: v for k, v in table.items() if k != "kind"}
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise PyrovaeError(
+            f"unknown option {where}.{unknown[0]} for kind {kind!r}; "
+            f"valid: {', '.join(valid) if valid else '(none)'}"
+        )
+    return constructor, options
+
+
+def _parameters(constructor: Callable[..., Any]) -> list[str]:
+    return [
+        name
+        for name, p in inspect.signature(constructor).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _components(spec: Spec) -> list[tuple[Mapping[str, Callable[..., Any]], dict, str]]:
+    return [
+        (PRIORS, spec.model.prior, "model.prior"),
+        (DECODERS, spec.model.decoder, "model.decoder"),
+        (LIKELIHOODS, spec.model.likelihood, "model.likelihood"),
+        (ENCODERS, spec.guide.encoder, "guide.encoder"),
+        (OBJECTIVES, spec.train.objective, "train.objective"),
+    ]
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    name = where or "spec"
+    if not isinstance(raw, Mapping):
+        raise PyrovaeError(f"{name} must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise PyrovaeError(f"unknown spec key {key!r}; valid under {name}: {', '.join(fields)}")
+    values = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _section(hint, value, path)
+        else:
+            values[key] = _checked(value, hint, path)
+    return cls(**values)
+
+
+def _checked(value: Any, hint: Any, path: str) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in allowed:
+        if t is type(None):
+            continue
+        if t is dict and isinstance(value, Mapping):
+            if "kind" not in value:
+                raise PyrovaeError(f'{path} needs a kind, e.g. {path} = {{ kind = "..." }}')
+            return dict(value)
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join(
+        "table" if t is dict else t.__name__ for t in allowed if t is not type(None)
+    )
+    raise PyrovaeError(f"{path} must be of type {names}, got {value!r}")
+
+
+def _override(item: str) -> dict:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise PyrovaeError(f"--set {item!r} must look like KEY=VALUE, e.g. model.latent_dim=2")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    nested: dict = {}
+    node = nested
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return nested
+
+
+def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        # A table merges into the old one unless it names a different kind: then its old
+        # options may not apply, so it starts afresh.
+        if (
+            isinstance(old, Mapping)
+            and isinstance(value, Mapping)
+            and value.get("kind", old.get("kind")) == old.get("kind")
+        ):
+            merged[key] = _merge(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _drop_none(d: Mapping[str, Any]) -> dict:
+    return {
+        k: _drop_none(v) if isinstance(v, Mapping) else v for k, v in d.items() if v is not None
+    }
+
+
+__all__ = [
+    "DataSpec",
+    "GuideSpec",
+    "ModelSpec",
+    "Spec",
+    "TrainSpec",
+    "build",
+    "build_objective",
+    "check",
+    "component",
+    "load_spec",
+    "spec_from_dict",
+]
