@@ -15,7 +15,7 @@ from inference.data import load_data
 from inference.errors import PyrovaeError
 from inference.runs import SPEC, Run, atomic_write, create_run, load_run, read_checkpoint
 from inference.spec import Spec, build, build_objective, load_spec
-from inference.train import fit, resolve_device
+from inference.train import check_inputs, fit, resolve_device
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,6 +93,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     pyro.set_rng_seed(spec.train.seed)
     model, guide = build(spec, data.features, data.image_shape)
     objective = build_objective(spec)
+    check_inputs(model, data.train, data.validation)
     if args.resume:
         atomic_write(out / SPEC, spec.to_toml().encode())
     else:

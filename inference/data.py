@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.distributions import constraints
+from torch.distributions.constraints import Constraint
 
 from inference.errors import PyrovaeError
 
@@ -111,7 +111,7 @@ def load_data(
     return _binarize(splits, binarize)
 
 
-def check_data(x: Tensor, what: str, support: constraints.Constraint | None = None) -> None:
+def check_data(x: Tensor, what: str, support: Constraint | None = None) -> None:
     """Checks data once up front: a non-empty ``(N, F)`` tensor of finite values in ``support``.
 
     Args:
@@ -132,8 +132,10 @@ def check_data(x: Tensor, what: str, support: constraints.Constraint | None = No
         raise PyrovaeError(f"{what} has {bad} NaN or infinite values; clean or impute them first")
     if support is not None and not bool(support.check(x).all()):
         lo, hi = x.min().item(), x.max().item()
+        bounds = getattr(support, "lower_bound", None), getattr(support, "upper_bound", None)
+        named = f"[{bounds[0]:g}, {bounds[1]:g}]" if None not in bounds else str(support)
         raise PyrovaeError(
-            f"{what} has values in [{lo:g}, {hi:g}] outside the likelihood's support {support}; "
+            f"{what} has values in [{lo:g}, {hi:g}] outside the likelihood's support {named}; "
             "rescale the data or choose a likelihood that fits it (e.g. gaussian)"
         )
 
@@ -307,7 +309,12 @@ def _labels(y: np.ndarray | None, n: int, what: str) -> Tensor | None:
 def _binarize(splits: Splits, mode: str) -> Splits:
     if mode == "none":
         return splits
-    check_data(splits.train, "training data", constraints.unit_interval)
+    lo, hi = splits.train.min().item(), splits.train.max().item()
+    if lo < 0 or hi > 1:
+        raise PyrovaeError(
+            f"data.binarize = {mode!r} needs values in [0, 1] but the training data lie in "
+            f'[{lo:g}, {hi:g}]; rescale them or set data.binarize = "none"'
+        )
     generator = torch.Generator().manual_seed(BINARIZE_SEED)
     fixed = {
         k: torch.bernoulli(getattr(splits, k), generator=generator) for k in ("validation", "test")

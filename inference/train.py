@@ -94,11 +94,7 @@ def fit(
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
     """
-    # A likelihood may declare the support of the data it scores (a torch constraint).
-    support = getattr(getattr(model, "likelihood", None), "support", None)
-    check_data(train, "training data", support)
-    if validation is not None:
-        check_data(validation, "validation data", support)
+    check_inputs(model, train, validation)
     if patience is not None and validation is None:
         raise PyrovaeError("early stopping (patience) needs validation data")
     device = resolve_device(device)
@@ -175,6 +171,19 @@ def fit(
                     },
                 )
     return history
+
+
+def check_inputs(model: nn.Module, train: Tensor, validation: Tensor | None = None) -> None:
+    """Checks the data once, up front, against the model's likelihood where it declares a support.
+
+    Raises:
+        PyrovaeError: NaN or infinite values, a wrong shape, or values outside the support.
+    """
+    # A likelihood may declare the support of the data it scores (a torch constraint).
+    support = getattr(getattr(model, "likelihood", None), "support", None)
+    check_data(train, "training data", support)
+    if validation is not None:
+        check_data(validation, "validation data", support)
 
 
 def _train_epoch(

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_NPZ = Path(os.environ.get("PYROVAE_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist.npz"))
+MNIST_NPZ = Path(
+    os.environ.get("PYROVAE_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist.npz")
+)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,163 @@
+"""The pyrovae command: round trips and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from inference.cli import main
+from inference.runs import load_run
+
+SMALL = [
+    "--set",
+    "model.latent_dim=2",
+    "--set",
+    "model.decoder.hidden=[16]",
+    "--set",
+    "guide.encoder.hidden=[16]",
+    "--no-progress",
+]
+
+
+def train(tmp_path, *args, name="run"):
+    return main(["train", "--out", str(tmp_path / name), "--epochs", "2", *SMALL, *args])
+
+
+def one_line_error(capsys, code, *fragments):
+    out = capsys.readouterr()
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyrovae: error: "), out.err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in out.err
+
+
+def test_train_sample_round_trip(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {"spec.toml", "checkpoint.pt", "metrics.csv"}
+    assert "trained" in capsys.readouterr().out
+    loaded = load_run(run)
+    assert loaded.epoch == 2 and loaded.spec.model.latent_dim == 2
+    assert main(["sample", str(run), "-n", "16", "-o", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    assert train(tmp_path) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--no-progress"]) == 0
+    run = load_run(tmp_path / "run")
+    assert run.epoch == 3 and run.spec.train.epochs == 3
+    assert [h["epoch"] for h in run.history] == [1, 2, 3]
+
+
+def test_existing_run_needs_force(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    one_line_error(capsys, train(tmp_path), "already exists", "--force")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert train(tmp_path, "--force") == 0
+
+
+def test_force_never_replaces_a_foreign_directory(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "thesis.tex").write_text("precious")
+    one_line_error(capsys, train(tmp_path, "--force"), "not a pyrovae run")
+    assert (tmp_path / "run" / "thesis.tex").read_text() == "precious"
+
+
+def test_checkpoint_that_does_not_match_its_spec(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    spec = tmp_path / "run" / "spec.toml"
+    spec.write_text(spec.read_text().replace("latent_dim = 2", "latent_dim = 3"))
+    code = main(["sample", str(tmp_path / "run"), "-o", str(tmp_path / "s.png")])
+    one_line_error(capsys, code, "does not match", "spec.toml")
+
+
+def test_sample_does_not_overwrite(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    target = tmp_path / "s.png"
+    target.write_bytes(b"mine")
+    one_line_error(
+        capsys, main(["sample", str(tmp_path / "run"), "-o", str(target)]), "already exists"
+    )
+    assert target.read_bytes() == b"mine"
+
+
+def bad_file(tmp_path, array):
+    np.save(tmp_path / "bad.npy", array)
+    return ["--set", f"data.name='{tmp_path / 'bad.npy'}'"]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--set", "model.nope=1"], ["unknown spec key 'model.nope'", "valid under model"]),
+        (["--set", "model.prior.kind=vamp_nope"], ["unknown model.prior.kind", "valid:"]),
+        (["--set", "guide.encoder.depth=3"], ["unknown option guide.encoder.depth", "valid:"]),
+        (
+            ["--set", "data.name=mnist", "--set", "data.path='/nonexistent/dir'"],
+            ["mnist not found", "/nonexistent/dir"],
+        ),
+        (
+            ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
+            ["device"],
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragments):
+    one_line_error(capsys, train(tmp_path, *args), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "array, binarize, fragment",
+    [
+        (np.full((50, 4), np.nan), "none", "NaN or infinite"),
+        (np.ones(50), "none", "expected (points, features)"),
+        (np.full((50, 4), 3.0), "none", "outside the likelihood's support [0, 1]"),
+        (np.full((50, 4), 3.0), "dynamic", "needs values in [0, 1]"),
+    ],
+)
+def test_bad_data_is_one_line_and_exit_2(tmp_path, capsys, array, binarize, fragment):
+    args = [*bad_file(tmp_path, array), "--set", f"data.binarize={binarize}"]
+    one_line_error(capsys, train(tmp_path, *args), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_spec_file(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text("[model]\nlatent_dim = = 2\n")
+    code = main(["train", str(spec), "--out", str(tmp_path / "run")])
+    one_line_error(capsys, code, "is not valid TOML")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from inference import PyrovaeError
+
+    with pytest.raises(PyrovaeError):
+        main(["--debug", "train", "--out", str(tmp_path / "r"), "--set", "model.nope=1"])
+
+
+def test_console_script_exit_code(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inference.cli",
+            "train",
+            "--set",
+            "model.nope=1",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown spec key" in result.stderr

@@ -1,0 +1,158 @@
+"""Training on digits, checkpoints, resume, divergence and early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+
+from guides import AmortizedGuide, DiagonalNormal
+from inference import TrainingDiverged, fit, load_data
+from inference.runs import CHECKPOINT, METRICS, read_checkpoint
+from model import VAE, Bernoulli, MLPDecoder, StandardNormal
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", "dynamic")
+
+
+def small_vae(features=64, latent_dim=4, hidden=(32,)):
+    model = VAE(StandardNormal(latent_dim), MLPDecoder(latent_dim, features, hidden), Bernoulli())
+    guide = AmortizedGuide(DiagonalNormal(features, latent_dim, hidden))
+    return model, guide
+
+
+def test_short_training_improves_validation_elbo(digits):
+    pyro.set_rng_seed(0)
+    model, guide = small_vae()
+    history = fit(
+        model,
+        guide,
+        digits.train,
+        validation=digits.validation,
+        epochs=8,
+        transform=torch.bernoulli,
+        progress=False,
+    )
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    # 8 epochs take the validation ELBO from near the uniform-pixel value (64 log 2 = 44 nats)
+    # well past what the first epoch reaches.
+    assert history[-1]["validation_elbo"] > history[0]["validation_elbo"] + 3
+    assert all(h["images_per_s"] > 0 and h["seconds"] > 0 for h in history)
+
+
+def test_seeded_cpu_runs_are_reproducible(digits):
+    states = []
+    for _ in range(2):
+        pyro.set_rng_seed(3)
+        model, guide = small_vae()
+        fit(
+            model,
+            guide,
+            digits.train[:300],
+            epochs=2,
+            transform=torch.bernoulli,
+            seed=3,
+            progress=False,
+        )
+        states.append(model.state_dict())
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
+
+
+def test_checkpoint_resume_matches_uninterrupted(tmp_path, digits, monkeypatch):
+    import inference.train as train_module
+
+    x = digits.train[:400]
+
+    def run(run_dir, epochs):
+        pyro.set_rng_seed(0)
+        model, guide = small_vae()
+        fit(
+            model,
+            guide,
+            x,
+            validation=digits.validation,
+            epochs=epochs,
+            transform=torch.bernoulli,
+            run_dir=run_dir,
+            progress=False,
+        )
+        return model
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = run(tmp_path / "a", 4)
+
+    # Kill the second run in the middle of epoch 3; its checkpoint stays at epoch 2.
+    real_epoch = train_module._train_epoch
+    calls = {"n": 0}
+
+    def dying_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", dying_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", 4)
+    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+    assert read_checkpoint(tmp_path / "b")["epoch"] == 2
+
+    resumed = run(tmp_path / "b", 4)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+    rows = (tmp_path / "b" / METRICS).read_text().splitlines()
+    assert rows[0] == "epoch,train_elbo,validation_elbo,seconds,images_per_s" and len(rows) == 5
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits):
+    pyro.set_rng_seed(0)
+    model, guide = small_vae()
+    calls = {"n": 0}
+
+    def poison(x):
+        calls["n"] += 1
+        return torch.full_like(x, math.nan) if calls["n"] > 12 else torch.bernoulli(x)
+
+    with pytest.raises(TrainingDiverged, match="NaN or infinite in epoch 2.*epoch 1"):
+        fit(
+            model, guide, digits.train, epochs=3, transform=poison, run_dir=tmp_path, progress=False
+        )
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    assert (tmp_path / CHECKPOINT).is_file()
+
+
+def test_early_stopping_and_gradient_clipping(digits):
+    pyro.set_rng_seed(0)
+    model, guide = small_vae()
+    history = fit(
+        model,
+        guide,
+        digits.train[:200],
+        validation=digits.validation,
+        epochs=50,
+        patience=1,
+        lr=1e-1,
+        grad_clip=1.0,
+        transform=torch.bernoulli,
+        progress=False,
+    )
+    assert len(history) < 50
+    scores = [h["validation_elbo"] for h in history]
+    assert scores[-1] <= max(scores[:-1])
+
+
+def test_bad_training_input(digits):
+    model, guide = small_vae()
+    with pytest.raises(Exception, match="support"):
+        fit(model, guide, digits.train * 3, epochs=1, progress=False)
+    with pytest.raises(Exception, match="patience"):
+        fit(model, guide, digits.train, epochs=1, patience=2, progress=False)
