@@ -2,7 +2,9 @@
 
 A likelihood's ``forward(params)`` takes the decoder output of shape ``(..., F * num_params)``
 and returns a distribution with event shape ``(F,)``, where F is the number of data features.
-``num_params`` (default 1 when absent) tells the builder how wide the decoder must be.
+``num_params`` (default 1 when absent) tells the builder how wide the decoder must be; with
+more than one, parameter j of every feature is ``params.chunk(num_params, dim=-1)[j]``.
+``support`` is the constraint the training data are checked against once, up front.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import math
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
+from torch.distributions import constraints
+from torch.nn.functional import softplus
+
+from model.distributions import DiscretizedLogistic
 
 
 class Bernoulli(nn.Module):
@@ -23,11 +29,36 @@ class Bernoulli(nn.Module):
     """
 
     num_params = 1
+    support = constraints.unit_interval
+
+    def __init__(self) -> None:
+        super().__init__()
 
     def forward(self, logits: Tensor) -> dist.Distribution:
         # Grey-level targets in [0, 1] are allowed (cross-entropy); the data are checked once
         # up front, so per-step support checks are switched off here.
         return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
+
+
+class ContinuousBernoulli(nn.Module):
+    """Independent continuous Bernoulli pixels on [0, 1], parameterised by logits.
+
+    The cross-entropy of :class:`Bernoulli` plus its missing normalising constant, so that
+    grey levels get a proper density on [0, 1].
+
+    References:
+        The Continuous Bernoulli: Fixing a Pervasive Error in Variational Autoencoders
+        (Loaiza-Ganem and Cunningham, 2019)
+    """
+
+    num_params = 1
+    support = constraints.unit_interval
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward(self, logits: Tensor) -> dist.Distribution:
+        return dist.ContinuousBernoulli(logits=logits).to_event(1)
 
 
 class Gaussian(nn.Module):
@@ -36,32 +67,187 @@ class Gaussian(nn.Module):
     With a fixed ``scale`` s, ``-log p(x|z) = ||x - mean||^2 / (2 s^2) + F log(s sqrt(2 pi))``:
     the sum-of-squares (MSE) loss scaled by ``1 / (2 s^2)`` plus a constant. A smaller scale
     weights reconstruction more heavily against the KL term (like beta < 1); a larger one
-    pushes towards the prior and blurrier reconstructions. ``learn_scale=True`` learns one
-    global scale by maximum likelihood instead.
+    pushes towards the prior and blurrier reconstructions. ``learn_scale=True`` learns the
+    scale by maximum likelihood instead: one global scale, or one per feature with
+    ``per_feature=True``. For a scale per pixel and data point, predicted by the decoder, see
+    :class:`HeteroscedasticGaussian`.
 
     Args:
         scale: the standard deviation, or its initial value when learned.
-        learn_scale: learn a single global log-scale.
+        learn_scale: learn the log-scale.
+        per_feature: learn one scale per feature rather than one in all (needs
+            ``learn_scale``).
+        features: number of data features F (filled in by the builder).
     """
 
     num_params = 1
+    support = constraints.real
 
-    def __init__(self, scale: float = 1.0, learn_scale: bool = False) -> None:
+    def __init__(
+        self,
+        scale: float = 1.0,
+        learn_scale: bool = False,
+        per_feature: bool = False,
+        features: int | None = None,
+    ) -> None:
         super().__init__()
-        if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale}")
-        log_scale = torch.tensor(math.log(scale))
-        if learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        register_log_scale(self, scale, learn_scale, per_feature, features)
 
     def forward(self, loc: Tensor) -> dist.Distribution:
         return dist.Normal(loc, self.log_scale.exp().expand_as(loc)).to_event(1)
 
 
+class Laplace(nn.Module):
+    """Independent Laplace pixels with location given by the decoder: the L1 loss.
+
+    With a fixed ``scale`` b, ``-log p(x|z) = ||x - loc||_1 / b + F log(2 b)``; ``scale``
+    balances reconstruction against the KL term as in :class:`Gaussian`.
+
+    Args:
+        scale: the scale b, or its initial value when learned.
+        learn_scale: learn the log-scale.
+        per_feature: learn one scale per feature (needs ``learn_scale``).
+        features: number of data features F (filled in by the builder).
+    """
+
+    num_params = 1
+    support = constraints.real
+
+    def __init__(
+        self,
+        scale: float = 1.0,
+        learn_scale: bool = False,
+        per_feature: bool = False,
+        features: int | None = None,
+    ) -> None:
+        super().__init__()
+        register_log_scale(self, scale, learn_scale, per_feature, features)
+
+    def forward(self, loc: Tensor) -> dist.Distribution:
+        return dist.Laplace(loc, self.log_scale.exp().expand_as(loc)).to_event(1)
+
+
+class HeteroscedasticGaussian(nn.Module):
+    """Independent Gaussian pixels whose mean and scale both come from the decoder.
+
+    The decoder emits ``2 F`` numbers: the means, then unconstrained scales mapped through
+    ``softplus(.) + min_scale``. The floor matters: on data with constant pixels (image
+    borders) the maximum-likelihood scale is zero and the density unbounded.
+
+    Args:
+        min_scale: the smallest scale.
+    """
+
+    num_params = 2
+    support = constraints.real
+
+    def __init__(self, min_scale: float = 1e-3) -> None:
+        super().__init__()
+        if not min_scale > 0:
+            raise ValueError(f"min_scale must be positive, got {min_scale}")
+        self.min_scale = min_scale
+
+    def forward(self, params: Tensor) -> dist.Distribution:
+        loc, raw_scale = params.chunk(2, dim=-1)
+        return dist.Normal(loc, softplus(raw_scale) + self.min_scale).to_event(1)
+
+
+class EightBitLogistic(nn.Module):
+    """Discretized logistic pixels: a normalised pmf over 8-bit grey levels ``k / 255``.
+
+    The decoder emits ``2 F`` numbers: locations, then unconstrained scales mapped through
+    ``softplus(.) + min_scale``. Data are on [0, 1]; values between levels are rounded to the
+    nearest level. ``log p(x|z)`` is a log-probability (at most 0), so
+    ``bits_per_dim(log_px, F)`` applies as is.
+
+    Args:
+        min_scale: the smallest scale of the underlying logistic.
+        levels: number of grey levels.
+
+    References:
+        Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016)
+    """
+
+    num_params = 2
+    support = constraints.unit_interval
+
+    def __init__(self, min_scale: float = 1e-3, levels: int = 256) -> None:
+        super().__init__()
+        if not min_scale > 0:
+            raise ValueError(f"min_scale must be positive, got {min_scale}")
+        if int(levels) != levels or levels < 2:
+            raise ValueError(f"levels must be an integer of at least 2, got {levels}")
+        self.min_scale = min_scale
+        self.levels = int(levels)
+
+    def forward(self, params: Tensor) -> dist.Distribution:
+        loc, raw_scale = params.chunk(2, dim=-1)
+        scale = softplus(raw_scale) + self.min_scale
+        return DiscretizedLogistic(loc, scale, self.levels).to_event(1)
+
+
+def register_log_scale(
+    module: nn.Module,
+    scale: float,
+    learn_scale: bool,
+    per_feature: bool,
+    features: int | None,
+) -> None:
+    """Gives ``module`` a ``log_scale``: a parameter when learned, else a buffer.
+
+    Args:
+        module: the likelihood to hold it.
+        scale: the (initial) scale, positive.
+        learn_scale: register a parameter rather than a buffer.
+        per_feature: one scale per feature, shape ``(features,)``; otherwise a scalar.
+        features: number of features, needed with ``per_feature``.
+    """
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if per_feature and not learn_scale:
+        raise ValueError("per_feature needs learn_scale = true (a fixed scale is shared)")
+    if per_feature and not (features and features > 0):
+        raise ValueError(f"per_feature needs the number of features, got {features}")
+    log_scale = torch.full((features,) if per_feature else (), math.log(scale))
+    if learn_scale:
+        module.log_scale = nn.Parameter(log_scale)
+    else:
+        module.register_buffer("log_scale", log_scale)
+
+
+def bits_per_dim(log_px: Tensor | float, features: int, levels: int | None = None) -> Tensor:
+    """Converts a log-likelihood in nats to bits per dimension.
+
+    For a pmf over discrete levels (:class:`EightBitLogistic`, Bernoulli on binary data),
+    leave ``levels`` None: ``-log2 P(x) / F``. For a density on data scaled to [0, 1]
+    (:class:`Gaussian`, :class:`Laplace`, :class:`ContinuousBernoulli`), the standard
+    convention reports the density of the data on the scale of the integer levels, which
+    adds ``log2(levels)`` bits per dimension (8 for 256 levels): the density of x scaled by
+    ``1 / levels`` is ``levels ** F`` times the density on the original scale. This is only
+    comparable with pmfs for uniformly dequantized data (x + u, u ~ U(0, 1), divided by
+    ``levels``); a density evaluated at undequantized discrete points can grow without bound.
+
+    Args:
+        log_px: log p(x) in nats, per data point (any shape).
+        features: number of dimensions F.
+        levels: number of integer levels the unit interval spans, for densities only.
+
+    Returns:
+        Bits per dimension, with the shape of ``log_px``.
+
+    References:
+        A note on the evaluation of generative models (Theis et al., 2016)
+    """
+    bits = -torch.as_tensor(log_px) / (features * math.log(2))
+    return bits if levels is None else bits + math.log2(levels)
+
+
 LIKELIHOODS: dict[str, type[nn.Module]] = {
     "bernoulli": Bernoulli,
+    "continuous_bernoulli": ContinuousBernoulli,
     "gaussian": Gaussian,
+    "heteroscedastic_gaussian": HeteroscedasticGaussian,
+    "laplace": Laplace,
+    "discretized_logistic": EightBitLogistic,
 }
 """Spec name -> likelihood constructor; the constructor's signature is the spec's schema."""

@@ -1,8 +1,14 @@
-"""Small network builders shared by decoders and encoders."""
+"""Small network builders shared by decoders and encoders.
+
+:data:`NETWORKS` maps a name to a builder with one signature,
+``(in_features, out_features, hidden, activation, image_shape)``, that returns a module from
+``(B, in_features)`` to ``(B, out_features)``: encoders pick theirs with a ``network`` option.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 from torch import nn
 
@@ -32,6 +38,7 @@ def mlp(
     out_features: int,
     hidden: Sequence[int] = (256, 256),
     activation_name: str = "softplus",
+    image_shape: Sequence[int] | None = None,
 ) -> nn.Sequential:
     """A multilayer perceptron: ``Linear`` layers with ``activation_name`` between them.
 
@@ -40,16 +47,104 @@ def mlp(
         out_features: size of the output (no activation after the last layer).
         hidden: sizes of the hidden layers; empty for a single linear map.
         activation_name: a key of :data:`ACTIVATIONS`.
+        image_shape: unused; accepted so that every entry of :data:`NETWORKS` shares one
+            signature.
 
     Returns:
         The network, acting on the last dimension of its input.
     """
-    if any(int(h) < 1 for h in hidden):
-        raise ValueError(f"hidden sizes must be positive integers, got {list(hidden)}")
-    sizes = [in_features, *map(int, hidden), out_features]
+    sizes = [in_features, *check_sizes(hidden, "hidden sizes"), out_features]
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(pairwise(sizes)):
         if i:
             layers.append(activation(activation_name))
         layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
+
+
+def conv(
+    in_features: int,
+    out_features: int,
+    hidden: Sequence[int] = (32, 64),
+    activation_name: str = "relu",
+    image_shape: Sequence[int] | None = None,
+) -> nn.Sequential:
+    """A convolutional network from flattened grey-level images to a vector.
+
+    Each entry of ``hidden`` is a 3x3 convolution with stride 2 and padding 1, which maps a
+    side of n pixels to ceil(n / 2) for any n; a ``Linear`` layer then maps the flattened
+    feature maps to ``out_features``.
+
+    Args:
+        in_features: number of pixels, ``H * W``.
+        out_features: size of the output.
+        hidden: channels of the convolutions, one stride-2 layer each (at least one).
+        activation_name: a key of :data:`ACTIVATIONS`.
+        image_shape: ``(H, W)``; required.
+
+    Returns:
+        The network, from ``(B, H * W)`` to ``(B, out_features)``.
+    """
+    height, width = image_size(image_shape, in_features)
+    channels = [1, *check_sizes(hidden, "conv channels")]
+    if len(channels) < 2:
+        raise ValueError("a conv network needs at least one channel size in hidden")
+    layers: list[nn.Module] = [nn.Unflatten(-1, (1, height, width))]
+    for c_in, c_out in pairwise(channels):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), activation(activation_name)]
+        height, width = (height + 1) // 2, (width + 1) // 2
+    layers += [nn.Flatten(-3), nn.Linear(channels[-1] * height * width, out_features)]
+    return nn.Sequential(*layers)
+
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "conv": conv,
+}
+"""Network name -> builder ``(in_features, out_features, hidden, activation, image_shape)``."""
+
+
+def network(
+    name: str,
+    in_features: int,
+    out_features: int,
+    hidden: Sequence[int],
+    activation_name: str,
+    image_shape: Sequence[int] | None = None,
+) -> nn.Module:
+    """Builds the network :data:`NETWORKS` names, checking the name first.
+
+    Args:
+        name: a key of :data:`NETWORKS`.
+        in_features: size of the input.
+        out_features: size of the output.
+        hidden: hidden layer sizes (units for ``mlp``, channels for ``conv``).
+        activation_name: a key of :data:`ACTIVATIONS`.
+        image_shape: ``(H, W)`` for image data, else None.
+    """
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; valid: {', '.join(NETWORKS)}")
+    return NETWORKS[name](in_features, out_features, hidden, activation_name, image_shape)
+
+
+def image_size(image_shape: Sequence[int] | None, features: int | None = None) -> tuple[int, int]:
+    """Checks that ``image_shape`` is ``(H, W)``, with ``H * W == features`` if given.
+
+    Returns:
+        ``(H, W)`` as ints.
+    """
+    if image_shape is None:
+        raise ValueError("a conv network needs image data (image_shape is None)")
+    if len(image_shape) != 2 or min(image_shape) < 1:
+        raise ValueError(f"image_shape must be (H, W), got {tuple(image_shape)}")
+    height, width = int(image_shape[0]), int(image_shape[1])
+    if features is not None and height * width != features:
+        raise ValueError(f"image_shape {(height, width)} does not match {features} features")
+    return height, width
+
+
+def check_sizes(sizes: Sequence[int], what: str) -> list[int]:
+    """Checks that layer sizes are positive integers; returns them as a list of ints."""
+    if any(int(s) != s or s < 1 for s in sizes):
+        raise ValueError(f"{what} must be positive integers, got {list(sizes)}")
+    return [int(s) for s in sizes]
