@@ -142,9 +142,11 @@ class VampPrior(nn.Module):
             mixture = self()
             mixture.log_prob(mixture.sample((2,)))
         except (NotImplementedError, RuntimeError, TypeError, ValueError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else "not implemented"
             raise ValueError(
-                f"the VampPrior cannot mix {type(components).__name__} components "
-                f"(use a Gaussian encoder): {type(e).__name__}: {e}".splitlines()[0]
+                f"the VampPrior cannot mix {type(components).__name__} components, which "
+                f"MixtureSameFamily must sample and score as a batch ({type(e).__name__}: "
+                f"{detail}); use a Gaussian encoder"
             ) from None
 
 

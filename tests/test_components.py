@@ -1,0 +1,478 @@
+"""Contract tests over every entry of ``PRIORS``, ``ENCODERS``, ``DECODERS`` and ``LIKELIHOODS``.
+
+Cases are generated from the registries, so a new entry is tested without touching this file.
+Each case builds a whole VAE and guide with that entry and the default entry of every other
+family, injecting context arguments by signature as ``inference/spec.py`` does; data are
+scikit-learn's 8x8 digits, quantized to 8-bit levels so that every likelihood accepts them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+
+import pytest
+import torch
+import zuko
+from pyro.infer import Trace_ELBO
+from sklearn.datasets import load_digits
+from torch import Tensor, nn
+
+from guides import ENCODERS, AmortizedGuide
+from model import DECODERS, LIKELIHOODS, PRIORS, VAE
+
+REGISTRIES = {"prior": PRIORS, "encoder": ENCODERS, "decoder": DECODERS, "likelihood": LIKELIHOODS}
+DEFAULTS = {
+    "prior": "standard_normal",
+    "encoder": "diagonal_normal",
+    "decoder": "mlp",
+    "likelihood": "bernoulli",
+}
+CONTEXT_NAMES = {"latent_dim", "in_features", "out_features", "features", "image_shape", "encoder"}
+SMALL = {"hidden": (16,), "flow_hidden": (16,), "context_features": 8, "components": 4}
+"""Small sizes for the options a constructor takes, unless a case sets them."""
+
+VARIANTS = [
+    ("prior", "flow", {"flow": "nsf"}),
+    ("encoder", "flow", {"flow": "nsf"}),
+    ("encoder", "diagonal_normal", {"network": "conv"}),
+    ("encoder", "flow", {"network": "conv", "hidden": (4, 8)}),
+    ("decoder", "conv", {"hidden": (8, 4)}),
+    ("likelihood", "gaussian", {"learn_scale": True}),
+    ("likelihood", "gaussian", {"learn_scale": True, "per_feature": True, "scale": 0.2}),
+    ("likelihood", "laplace", {"learn_scale": True, "per_feature": True}),
+]
+"""Option combinations worth testing on top of every entry's defaults."""
+
+IMAGE_SHAPE = (8, 8)
+FEATURES = 64
+P, B = 3, 5
+
+
+def _id(case: tuple) -> str:
+    family, name, options = case
+    extra = ",".join(f"{k}={v}" for k, v in options.items()).replace(" ", "")
+    return f"{family}:{name}" + (f"[{extra}]" if extra else "")
+
+
+CASES = [(f, n, {}) for f, registry in REGISTRIES.items() for n in registry] + VARIANTS
+ALL = [pytest.param(c, id=_id(c)) for c in CASES]
+
+
+def by_family(*families: str) -> list:
+    return [pytest.param(c, id=_id(c)) for c in CASES if c[0] in families]
+
+
+def construct(constructor, options: dict, **context):
+    """Calls ``constructor`` as the spec builder does: the options plus the context arguments
+    its signature names (and ``SMALL`` sizes for options the case leaves unset)."""
+    names = inspect.signature(constructor).parameters
+    small = {k: v for k, v in SMALL.items() if k in names and k not in options}
+    injected = {k: v for k, v in context.items() if k in names}
+    return constructor(**small, **options, **injected)
+
+
+def build(case: tuple, latent_dim: int = 2) -> tuple[VAE, AmortizedGuide]:
+    """The VAE and guide with the case's entry and defaults elsewhere, in the builder's order."""
+    family, name, options = case
+
+    def part(f: str, **context):
+        entry, opts = (name, options) if f == family else (DEFAULTS[f], {})
+        return construct(REGISTRIES[f][entry], opts, **context)
+
+    context = {
+        "latent_dim": latent_dim,
+        "features": FEATURES,
+        "in_features": FEATURES,
+        "image_shape": IMAGE_SHAPE,
+    }
+    likelihood = part("likelihood", **context)
+    encoder = part("encoder", **context)
+    prior = part("prior", **context, encoder=encoder)
+    out_features = FEATURES * getattr(likelihood, "num_params", 1)
+    decoder = part("decoder", **context, out_features=out_features)
+    return VAE(prior, decoder, likelihood), AmortizedGuide(encoder)
+
+
+def component(case: tuple, vae: VAE, guide: AmortizedGuide) -> nn.Module:
+    return {
+        "prior": vae.prior,
+        "encoder": guide.encoder,
+        "decoder": vae.decoder,
+        "likelihood": vae.likelihood,
+    }[case[0]]
+
+
+@pytest.fixture(scope="module")
+def digits() -> Tensor:
+    """The 1797 digits as (N, 64) grey levels k / 255."""
+    x = torch.as_tensor(load_digits().data, dtype=torch.float32) / 16
+    return (x * 255).round() / 255
+
+
+def elbo_loss(vae: VAE, guide: AmortizedGuide, num_particles: int = 1) -> nn.Module:
+    return Trace_ELBO(
+        num_particles=num_particles,
+        vectorize_particles=num_particles > 1,
+        max_plate_nesting=1,
+    )(vae, guide)
+
+
+# --- the registries and the builder's contract ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, name", [(f, n) for f, registry in REGISTRIES.items() for n in registry]
+)
+def test_signature_is_a_schema(family: str, name: str):
+    """Every option is a real keyword with a default; the entry builds from context alone."""
+    constructor = REGISTRIES[family][name]
+    parameters = inspect.signature(constructor).parameters.values()
+    assert all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in parameters)
+    options = [p for p in parameters if p.name not in CONTEXT_NAMES]
+    assert all(p.default is not p.empty for p in options), "options need defaults"
+    encoder = ENCODERS[DEFAULTS["encoder"]](in_features=FEATURES, latent_dim=2)
+    context = {
+        "latent_dim": 2,
+        "features": FEATURES,
+        "in_features": FEATURES,
+        "out_features": 2 * FEATURES,
+        "image_shape": IMAGE_SHAPE,
+        "encoder": encoder,
+    }
+    names = {p.name for p in parameters}
+    assert isinstance(constructor(**{k: v for k, v in context.items() if k in names}), nn.Module)
+
+
+def test_public_names():
+    from guides import AmortizedGuide, DiagonalNormal  # noqa: F401
+    from model import Bernoulli, Gaussian, MLPDecoder, StandardNormal  # noqa: F401
+
+    assert {"standard_normal", "learned_normal", "mixture", "vamp", "flow"} <= set(PRIORS)
+    assert {"diagonal_normal", "full_covariance_normal", "low_rank_normal", "flow"} <= set(ENCODERS)
+    assert {"mlp", "conv"} <= set(DECODERS)
+    assert {"bernoulli", "gaussian", "continuous_bernoulli", "laplace"} <= set(LIKELIHOODS)
+
+
+# --- shapes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", by_family("prior"))
+def test_prior_shapes(case: tuple):
+    prior = build(case, latent_dim=3)[0].prior
+    d = prior()
+    assert d.event_shape == (3,) and d.batch_shape == ()
+    z = d.expand(torch.Size([P, B]))()
+    assert z.shape == (P, B, 3)
+    log_p = d.log_prob(z)
+    assert log_p.shape == (P, B) and torch.isfinite(log_p).all()
+
+
+@pytest.mark.parametrize("case", by_family("encoder"))
+def test_encoder_shapes_and_cached_density(case: tuple, digits: Tensor):
+    encoder = build(case, latent_dim=3)[1].encoder
+    x = digits[:B]
+    d = encoder(x)
+    assert d.event_shape == (3,) and d.batch_shape == (B,)
+    assert d().shape == (B, 3)
+    expanded = d.expand(torch.Size([P, B]))
+    z = expanded()
+    assert z.shape == (P, B, 3)
+    log_q = expanded.log_prob(z)
+    assert log_q.shape == (P, B) and torch.isfinite(log_q).all()
+    # A flow caches the density of its own samples; it must equal a fresh evaluation.
+    fresh = encoder(x).expand(torch.Size([P, B])).log_prob(z.detach().clone())
+    torch.testing.assert_close(log_q, fresh, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", by_family("decoder"))
+def test_decoder_shapes(case: tuple):
+    vae, _ = build(case, latent_dim=3)
+    out_features = FEATURES * getattr(vae.likelihood, "num_params", 1)
+    z = torch.randn(P, B, 3)
+    out = vae.decoder(z)
+    assert out.shape == (P, B, out_features)
+    torch.testing.assert_close(vae.decoder(z[1]), out[1])
+    assert vae.decoder(z[0, 0]).shape == (out_features,)
+
+
+@pytest.mark.parametrize("case", by_family("likelihood"))
+def test_likelihood_shapes(case: tuple, digits: Tensor):
+    likelihood = build(case)[0].likelihood
+    num_params = getattr(likelihood, "num_params", 1)
+    d = likelihood(torch.randn(P, B, FEATURES * num_params))
+    assert d.event_shape == (FEATURES,) and d.batch_shape == (P, B)
+    log_p = d.log_prob(digits[:B])
+    assert log_p.shape == (P, B) and torch.isfinite(log_p).all()
+    assert d.sample().shape == (P, B, FEATURES)
+    assert likelihood.support.check(digits).all()
+
+
+# --- gradients, save/load, training ------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_every_parameter_gets_a_gradient(case: tuple, digits: Tensor):
+    vae, guide = build(case)
+    elbo_loss(vae, guide, num_particles=2)(digits[:32]).backward()
+    for name, p in nn.ModuleList([vae, guide]).named_parameters():
+        assert p.grad is not None, f"{name} has no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+def _outputs(case: tuple, module: nn.Module, digits: Tensor) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    x = digits[:B]
+    with torch.no_grad():
+        if case[0] == "prior":
+            return [module().log_prob(torch.randn(P, B, 2, generator=generator))]
+        if case[0] == "encoder":
+            d = module(x)
+            log_q = d.log_prob(torch.randn(P, B, 2, generator=generator))
+            torch.manual_seed(9)
+            return [log_q, d()]
+        if case[0] == "decoder":
+            return [module(torch.randn(P, B, 2, generator=generator))]
+        params = torch.randn(P, B, FEATURES * getattr(module, "num_params", 1), generator=generator)
+        return [module(params).log_prob(x)]
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_save_load_round_trip(case: tuple, digits: Tensor):
+    saved = component(case, *build(case))
+    with torch.no_grad():  # as if trained: parameters away from any fixed initial value
+        for p in saved.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.manual_seed(1)
+    fresh = component(case, *build(case))
+    before = _outputs(case, fresh, digits)
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    after, expected = _outputs(case, fresh, digits), _outputs(case, saved, digits)
+    for a, e in zip(after, expected, strict=True):
+        assert torch.equal(a, e)
+    if any(True for _ in saved.parameters()):
+        assert not all(torch.equal(b, e) for b, e in zip(before, expected, strict=True))
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_one_epoch_on_digits(case: tuple, digits: Tensor):
+    vae, guide = build(case)
+    loss_fn = elbo_loss(vae, guide)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=3e-3)
+
+    def evaluate() -> float:
+        torch.manual_seed(7)
+        with torch.no_grad():
+            return loss_fn(digits).item() / len(digits)
+
+    before = evaluate()
+    for batch in digits[torch.randperm(len(digits))].split(128):
+        optimizer.zero_grad()
+        loss_fn(batch).backward()
+        optimizer.step()
+    after = evaluate()
+    assert math.isfinite(after)
+    assert after < before
+
+
+# --- densities: normalization and change of variables -----------------------------------
+
+
+def _grid_integral(log_density, latent_dim: int, radius: float = 10.0) -> float:
+    """The integral of ``exp(log_density(z))`` over ``[-radius, radius]^latent_dim``."""
+    n = {1: 20001, 2: 301}[latent_dim]
+    axis = torch.linspace(-radius, radius, n, dtype=torch.float64)
+    grid = torch.cartesian_prod(*[axis] * latent_dim).reshape(-1, latent_dim)
+    with torch.no_grad():
+        density = log_density(grid).exp().reshape((n,) * latent_dim)
+    for _ in range(latent_dim):
+        density = torch.trapezoid(density, axis, dim=-1)
+    return density.item()
+
+
+@pytest.mark.parametrize("latent_dim", [1, 2])
+@pytest.mark.parametrize("case", by_family("prior", "encoder"))
+def test_density_integrates_to_one(case: tuple, latent_dim: int, digits: Tensor):
+    vae, guide = build(case, latent_dim=latent_dim)
+    vae.double(), guide.double()
+    if case[0] == "prior":
+        d = vae.prior()
+        total = _grid_integral(d.log_prob, latent_dim)
+    else:
+        d = guide.encoder(digits[:1].double())
+        total = _grid_integral(lambda z: d.log_prob(z[:, None, :])[:, 0], latent_dim)
+    assert abs(total - 1) < 2e-3
+
+
+LIKELIHOOD_DOMAINS = {
+    "bernoulli": ("sum", torch.tensor([0.0, 1.0])),
+    "discretized_logistic": ("sum", torch.linspace(0, 1, 256)),
+    "continuous_bernoulli": ("integral", torch.linspace(0, 1, 20001)),
+    "gaussian": ("integral", torch.linspace(-40, 40, 200001)),
+    "heteroscedastic_gaussian": ("integral", torch.linspace(-40, 40, 200001)),
+    "laplace": ("integral", torch.linspace(-40, 40, 200001)),
+}
+
+
+@pytest.mark.parametrize("case", by_family("likelihood"))
+def test_likelihood_normalizes(case: tuple):
+    _, name, options = case
+    assert name in LIKELIHOOD_DOMAINS, f"add the domain of {name!r} to LIKELIHOOD_DOMAINS"
+    likelihood = construct(LIKELIHOODS[name], options, features=1).double()
+    num_params = getattr(likelihood, "num_params", 1)
+    kind, values = LIKELIHOOD_DOMAINS[name]
+    values = values.double()
+    params = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64).T.repeat(1, num_params)
+    with torch.no_grad():
+        p = likelihood(params).log_prob(values[:, None, None]).exp()  # (N, 3)
+    total = p.sum(0) if kind == "sum" else torch.trapezoid(p, values, dim=0)
+    torch.testing.assert_close(total, torch.ones(3, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+FLOW_CASES = [
+    ("prior", "flow", {}),
+    ("prior", "flow", {"flow": "nsf"}),
+    ("encoder", "flow", {}),
+    ("encoder", "flow", {"flow": "nsf"}),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in FLOW_CASES])
+def test_flow_log_det_matches_jacobian(case: tuple, digits: Tensor):
+    vae, guide = build(case, latent_dim=3)
+    vae.double(), guide.double()
+    d = vae.prior() if case[0] == "prior" else guide.encoder(digits[:1].double())
+    transform = d.dist.transform  # z -> base; the wrapped zuko NormalizingFlow's
+    z = torch.randn(1, 3, dtype=torch.float64)
+    y, ladj = transform.call_and_ladj(z)
+    jacobian = torch.autograd.functional.jacobian(lambda v: transform(v[None])[0], z[0])
+    torch.testing.assert_close(ladj.reshape(()), torch.linalg.slogdet(jacobian).logabsdet)
+    x, inverse_ladj = transform.inv.call_and_ladj(y)
+    torch.testing.assert_close(x, z)
+    torch.testing.assert_close(inverse_ladj, -ladj)
+
+
+@pytest.mark.parametrize("num_particles", [1, 3])
+@pytest.mark.parametrize("flow", ["maf", "nsf"])
+def test_flow_guide_scores_its_samples_in_the_sampling_pass(
+    flow: str, num_particles: int, digits: Tensor, monkeypatch: pytest.MonkeyPatch
+):
+    """Within the ELBO, log q(z|x) comes from ZukoToPyro's cache, never the sequential pass."""
+    vae, guide = build(("encoder", "flow", {"flow": flow}))
+    calls = []
+    original = zuko.distributions.NormalizingFlow.log_prob
+    monkeypatch.setattr(
+        zuko.distributions.NormalizingFlow,
+        "log_prob",
+        lambda self, x: calls.append(x.shape) or original(self, x),
+    )
+    loss = elbo_loss(vae, guide, num_particles)(digits[:B])
+    assert torch.isfinite(loss) and calls == []
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_vamp_prior_mixes_the_encoder_or_says_why_not(name: str, digits: Tensor):
+    context = {"in_features": FEATURES, "latent_dim": 2, "image_shape": IMAGE_SHAPE}
+    encoder = construct(ENCODERS[name], {}, **context)
+    try:
+        prior = construct(PRIORS["vamp"], {}, **context, encoder=encoder)
+    except ValueError as e:
+        assert "VampPrior" in str(e) and "\n" not in str(e)
+        return
+    z = torch.randn(P, B, 2)
+    with torch.no_grad():
+        components = encoder(prior.pseudo_inputs).log_prob(z[..., None, :])
+        expected = components.logsumexp(-1) - math.log(len(prior.pseudo_inputs))
+        torch.testing.assert_close(prior().log_prob(z), expected)
+
+
+def test_vamp_prior_rejects_a_flow_encoder():
+    encoder = ENCODERS["flow"](in_features=FEATURES, latent_dim=2, hidden=(8,))
+    with pytest.raises(ValueError, match="VampPrior cannot mix"):
+        PRIORS["vamp"](latent_dim=2, in_features=FEATURES, encoder=encoder)
+
+
+# --- convolutional networks --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_shape", [(28, 28), (8, 8), (7, 5)])
+@pytest.mark.parametrize("hidden", [(8,), (8, 4, 4)])
+def test_conv_networks_fit_the_image(image_shape: tuple[int, int], hidden: tuple[int, ...]):
+    pixels = image_shape[0] * image_shape[1]
+    decoder = DECODERS["conv"](
+        latent_dim=3, out_features=2 * pixels, image_shape=image_shape, hidden=hidden
+    )
+    assert decoder(torch.randn(P, B, 3)).shape == (P, B, 2 * pixels)
+    encoder = ENCODERS["diagonal_normal"](
+        in_features=pixels, latent_dim=3, hidden=hidden, network="conv", image_shape=image_shape
+    )
+    assert encoder(torch.rand(B, pixels)).batch_shape == (B,)
+
+
+# --- bad values ---------------------------------------------------------------------------
+
+_ENC = {"in_features": FEATURES, "latent_dim": 2}
+BAD = [
+    ("prior", "standard_normal", {"latent_dim": 0}, "latent_dim"),
+    ("prior", "mixture", {"latent_dim": 2, "components": 0}, "components"),
+    ("prior", "vamp", {"latent_dim": 2, "in_features": FEATURES}, "encoder"),
+    ("prior", "flow", {"latent_dim": 2, "transforms": 0}, "transforms"),
+    ("prior", "flow", {"latent_dim": 2, "flow": "realnvp"}, "unknown flow"),
+    ("prior", "flow", {"latent_dim": 2, "hidden": (0,)}, "hidden"),
+    ("encoder", "flow", {**_ENC, "transforms": 0}, "transforms"),
+    ("encoder", "flow", {**_ENC, "context_features": 0}, "context_features"),
+    ("encoder", "low_rank_normal", {**_ENC, "rank": 0}, "rank"),
+    ("encoder", "low_rank_normal", {**_ENC, "rank": 3}, "rank"),
+    ("encoder", "diagonal_normal", {**_ENC, "network": "conv"}, "image_shape"),
+    ("encoder", "diagonal_normal", {**_ENC, "network": "resnet"}, "unknown network"),
+    ("encoder", "diagonal_normal", {**_ENC, "activation": "sigmoidal"}, "unknown activation"),
+    ("encoder", "full_covariance_normal", {**_ENC, "min_scale": 0}, "min_scale"),
+    (
+        "encoder",
+        "diagonal_normal",
+        {**_ENC, "network": "conv", "image_shape": (7, 7)},
+        "does not match",
+    ),
+    ("decoder", "conv", {"latent_dim": 2, "out_features": FEATURES}, "image_shape"),
+    (
+        "decoder",
+        "conv",
+        {"latent_dim": 2, "out_features": 100, "image_shape": IMAGE_SHAPE},
+        "multiple",
+    ),
+    (
+        "decoder",
+        "conv",
+        {"latent_dim": 2, "out_features": FEATURES, "image_shape": IMAGE_SHAPE, "hidden": ()},
+        "at least one",
+    ),
+    ("decoder", "mlp", {"latent_dim": 2, "out_features": FEATURES, "hidden": (0,)}, "hidden"),
+    ("likelihood", "gaussian", {"scale": 0.0}, "scale"),
+    ("likelihood", "gaussian", {"per_feature": True, "features": FEATURES}, "learn_scale"),
+    ("likelihood", "laplace", {"learn_scale": True, "per_feature": True}, "features"),
+    ("likelihood", "heteroscedastic_gaussian", {"min_scale": -1.0}, "min_scale"),
+    ("likelihood", "discretized_logistic", {"levels": 1}, "levels"),
+]
+
+
+@pytest.mark.parametrize(
+    "family, name, kwargs, match",
+    [pytest.param(*b, id=f"{b[0]}:{b[1]}:{b[3]}") for b in BAD],
+)
+def test_bad_values_raise_one_line_value_errors(family: str, name: str, kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match) as error:
+        REGISTRIES[family][name](**kwargs)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_vae_generates_data(case: tuple):
+    vae, _ = build(case)
+    for mean in (True, False):
+        x = vae.sample(4, mean=mean)
+        assert x.shape == (4, FEATURES) and torch.isfinite(x).all()
