@@ -2,10 +2,10 @@
 
 A spec holds data only. Each component table (``{ kind = "...", option = value }``) names an
 entry of one registry (``model.PRIORS``, ``model.DECODERS``, ``model.LIKELIHOODS``,
-``guides.ENCODERS``, ``inference.objectives.OBJECTIVES``); its other keys are passed to that
-constructor, whose signature is the schema. Context the constructor asks for by name
-(``latent_dim``, ``in_features``, ``out_features``, ``features``, ``image_shape``,
-``encoder``) is filled in by :func:`build`.
+``guides.ENCODERS``, ``inference.objectives.OBJECTIVES``, ``inference.schedules.SCHEDULES``);
+its other keys are passed to that constructor, whose signature is the schema. Context the
+constructor asks for by name (``latent_dim``, ``in_features``, ``out_features``,
+``features``, ``image_shape``, ``encoder``) is filled in by :func:`build`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tomllib
 from guides import ENCODERS, AmortizedGuide
 from inference.errors import PyrovaeError
 from inference.objectives import OBJECTIVES
+from inference.schedules import SCHEDULES, KLSchedule
 from model import DECODERS, LIKELIHOODS, PRIORS, VAE
 
 
@@ -44,18 +45,20 @@ class DataSpec:
 class ModelSpec:
     latent_dim: int = 16
     prior: dict = _table(kind="standard_normal")
-    decoder: dict = _table(kind="mlp", hidden=[256, 256], activation="softplus")
+    # ReLU: with softplus the default budget on digits ends in posterior collapse.
+    decoder: dict = _table(kind="mlp", hidden=[256, 256], activation="relu")
     likelihood: dict = _table(kind="bernoulli")
 
 
 @dataclass(frozen=True)
 class GuideSpec:
-    encoder: dict = _table(kind="diagonal_normal", hidden=[256, 256])
+    encoder: dict = _table(kind="diagonal_normal", hidden=[256, 256], activation="relu")
 
 
 @dataclass(frozen=True)
 class TrainSpec:
     objective: dict = _table(kind="elbo", num_particles=1)
+    kl: dict = _table(kind="constant", beta=1.0)
     epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3
@@ -160,6 +163,11 @@ def build_objective(spec: Spec) -> Any:
     return component(OBJECTIVES, spec.train.objective, "train.objective", {})
 
 
+def build_schedule(spec: Spec) -> KLSchedule:
+    """The KL schedule (``fit``'s ``kl_schedule``) that ``spec.train.kl`` names."""
+    return component(SCHEDULES, spec.train.kl, "train.kl", {})
+
+
 def component(
     registry: Mapping[str, Callable[..., Any]],
     table: Mapping[str, Any],
@@ -227,6 +235,7 @@ def _components(spec: Spec) -> list[tuple[Mapping[str, Callable[..., Any]], dict
         (LIKELIHOODS, spec.model.likelihood, "model.likelihood"),
         (ENCODERS, spec.guide.encoder, "guide.encoder"),
         (OBJECTIVES, spec.train.objective, "train.objective"),
+        (SCHEDULES, spec.train.kl, "train.kl"),
     ]
 
 
@@ -321,6 +330,7 @@ __all__ = [
     "TrainSpec",
     "build",
     "build_objective",
+    "build_schedule",
     "check",
     "component",
     "load_spec",

@@ -14,8 +14,8 @@ def test_default_spec_matches_the_documented_contract():
     assert spec.data.name == "digits" and spec.data.binarize == "dynamic"
     assert spec.model.latent_dim == 16
     assert spec.model.prior == {"kind": "standard_normal"}
-    assert spec.model.decoder == {"kind": "mlp", "hidden": [256, 256], "activation": "softplus"}
-    assert spec.guide.encoder == {"kind": "diagonal_normal", "hidden": [256, 256]}
+    assert spec.model.decoder == {"kind": "mlp", "hidden": [256, 256], "activation": "relu"}
+    assert spec.guide.encoder == {"kind": "diagonal_normal", "hidden": [256, 256], "activation": "relu"}
     assert spec.train.objective == {"kind": "elbo", "num_particles": 1}
     assert (spec.train.epochs, spec.train.batch_size, spec.train.lr, spec.train.seed) == (
         50,
@@ -40,7 +40,7 @@ def test_file_and_overrides(tmp_path):
         ],
     )
     assert spec.model.latent_dim == 2
-    assert spec.model.decoder == {"kind": "mlp", "hidden": [8], "activation": "softplus"}
+    assert spec.model.decoder == {"kind": "mlp", "hidden": [8], "activation": "relu"}
     assert spec.data.name == "mnist"  # a bare word that is not TOML is a string
     assert spec.train.lr == 0.01 and spec.train.epochs == 3
 
