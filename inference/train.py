@@ -17,6 +17,7 @@ from inference.data import check_data
 from inference.errors import PyrovaeError
 from inference.objectives import elbo
 from inference.runs import load_states, read_checkpoint, save_checkpoint
+from inference.schedules import KLSchedule
 
 
 class TrainingDiverged(PyrovaeError):
@@ -45,6 +46,7 @@ def fit(
     *,
     validation: Tensor | None = None,
     objective: Any = None,
+    kl_schedule: KLSchedule | None = None,
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -73,6 +75,10 @@ def fit(
         validation: validation data, evaluated after every epoch.
         objective: a Pyro ELBO (``objective(model, guide)`` is the loss module);
             default ``inference.objectives.elbo()``.
+        kl_schedule: a KL schedule (``inference.schedules``): optimizer step ``s`` of the
+            run, counted over all epochs (so a resumed run picks it up where it was), computes
+            the loss under ``kl_schedule.handler(s)``. Those handlers change gradients only:
+            the logged and evaluated ELBO stays the true one.
         epochs: total number of epochs.
         batch_size: points per step.
         lr: learning rate of the default Adam optimizer.
@@ -134,7 +140,17 @@ def fit(
                 break
             bar.set_description(f"epoch {epoch}/{epochs}")
             seconds, train_elbo = _train_epoch(
-                loss_fn, optimizer, params, x_train, batch_size, device, grad_clip, transform, bar
+                loss_fn,
+                optimizer,
+                params,
+                x_train,
+                batch_size,
+                device,
+                grad_clip,
+                transform,
+                bar,
+                kl_schedule,
+                (epoch - 1) * steps,
             )
             if not math.isfinite(train_elbo):
                 raise TrainingDiverged(_diverged(epoch, run_dir))
@@ -196,6 +212,8 @@ def _train_epoch(
     grad_clip: float | None,
     transform: Callable[[Tensor], Tensor] | None,
     bar: tqdm,
+    kl_schedule: KLSchedule | None = None,
+    first_step: int = 0,
 ) -> tuple[float, float]:
     loss_fn.train()
     n = x_train.shape[0]
@@ -209,7 +227,11 @@ def _train_epoch(
         x = x_train[order[start : start + batch_size]].to(device, non_blocking=True)
         if transform is not None:
             x = transform(x)
-        loss = loss_fn(x)
+        if kl_schedule is None:
+            loss = loss_fn(x)
+        else:
+            with kl_schedule.handler(first_step + step):
+                loss = loss_fn(x)
         optimizer.zero_grad(set_to_none=True)
         (loss / x.shape[0]).backward()
         if grad_clip is not None:
