@@ -10,7 +10,8 @@ are vectorized in an outer plate, so one pass scores a whole chunk of (particle,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +29,21 @@ from model.sites import DATA_PLATE
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["DEFAULT_MAX_MEMORY", "MarginalLikelihood", "log_marginal_likelihood", "pareto_khat"]
+__all__ = [
+    "DEFAULT_MAX_MEMORY",
+    "DEFAULT_MAX_MEMORY_ACCELERATOR",
+    "KHAT_THRESHOLD",
+    "MarginalLikelihood",
+    "log_marginal_likelihood",
+    "pareto_khat",
+]
 
-DEFAULT_MAX_MEMORY = 256 * 2**20
-"""Default budget, in bytes, for the tensors of one vectorized pass."""
+DEFAULT_MAX_MEMORY = 64 * 2**20
+"""Default budget in bytes on the CPU, where passes that stay small enough for the caches and
+the allocator's free lists are fastest."""
+
+DEFAULT_MAX_MEMORY_ACCELERATOR = 2**30
+"""Default budget in bytes on a GPU, where larger passes amortize kernel launches."""
 
 KHAT_THRESHOLD = 0.7
 """Above this Pareto k̂ an importance-sampling estimate is unreliable (Vehtari et al., 2024)."""
@@ -128,7 +140,7 @@ def log_marginal_likelihood(
     *,
     chunk_size: int | None = None,
     batch_size: int | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    max_memory: int | None = None,
     bounds: Sequence[int] | None = None,
     max_plate_nesting: int = MAX_PLATE_NESTING,
     return_log_weights: bool = False,
@@ -136,10 +148,11 @@ def log_marginal_likelihood(
     """Estimates log p(x) for every row of ``x`` by importance sampling from the guide.
 
     Data are processed in blocks of ``batch_size`` points, each scored with all K draws in
-    vectorized passes of ``chunk_size`` particles before the next block, so memory stays
-    bounded whatever K and N are. Runs without gradients or distribution validation after
-    checking the inputs once. Scales (``poutine.scale``, beta) are ignored: the estimate is
-    of the unscaled model. Modules stay in their current train/eval mode.
+    vectorized passes of ``chunk_size`` particles before the next block; the per-point
+    statistics are computed on groups of blocks whose float64 log weights fit the budget.
+    Memory stays bounded whatever K and N are. Runs without gradients or distribution
+    validation after checking the inputs once. Scales (``poutine.scale``, beta) are
+    ignored: the estimate is of the unscaled model. Modules keep their train/eval mode.
 
     Args:
         model: a Pyro model ``model(x)``; every sample site in the data plate.
@@ -148,7 +161,9 @@ def log_marginal_likelihood(
         num_samples: K, draws of z per data point.
         chunk_size: particles per vectorized pass; derived from ``max_memory`` if None.
         batch_size: data points per block; derived from ``max_memory`` if None.
-        max_memory: approximate budget in bytes for one pass and one block's log weights.
+        max_memory: approximate budget in bytes for the tensors of one pass, and for the
+            log weights of one group; default :data:`DEFAULT_MAX_MEMORY` on the CPU and
+            :data:`DEFAULT_MAX_MEMORY_ACCELERATOR` elsewhere.
         bounds: the k of the IWAE bounds to report; default 1, 10, 100, ... and K.
         max_plate_nesting: plates the model and guide nest; particles go in the next dim.
         return_log_weights: keep the ``(N, K)`` log weights in the result.
@@ -169,21 +184,27 @@ def log_marginal_likelihood(
         >>> result.log_px.mean(), (result.khat > 0.7).sum()
     """
     _check_arguments(x, num_samples, chunk_size, batch_size, max_memory, max_plate_nesting)
+    if max_memory is None:
+        cpu = x.device.type == "cpu"
+        max_memory = DEFAULT_MAX_MEMORY if cpu else DEFAULT_MAX_MEMORY_ACCELERATOR
     ks = _bound_sizes(bounds, num_samples)
     particle_dim = -(max_plate_nesting + 1)
     pair_bytes, dtype = _probe(model, guide, x, particle_dim)
-    chunk, batch = _plan(len(x), num_samples, pair_bytes, max_memory, chunk_size, batch_size)
+    chunk, batch, group = _plan(len(x), num_samples, pair_bytes, max_memory, chunk_size, batch_size)
     flat_tol = _FLAT_ULPS * torch.finfo(dtype).eps
     with torch.no_grad(), pyro.validation_enabled(False):
-        blocks = []
-        for x_block in x.split(batch):
-            terms = _estimate_block(model, guide, x_block, num_samples, chunk, particle_dim)
-            log_weights = terms.pop("log_weights")
-            terms.update(_weight_statistics(log_weights, ks, flat_tol))
-            if return_log_weights:
-                terms["log_weights"] = log_weights
-            blocks.append(terms)
-    fields = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
+        groups = []
+        for x_group in x.split(group):
+            blocks = [
+                _estimate_block(model, guide, x_block, num_samples, chunk, particle_dim)
+                for x_block in x_group.split(batch)
+            ]
+            terms = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
+            terms.update(_weight_statistics(terms["log_weights"], ks, flat_tol))
+            if not return_log_weights:
+                del terms["log_weights"]
+            groups.append(terms)
+    fields = {name: torch.cat([terms[name] for terms in groups]) for name in groups[0]}
     iwae = {k: fields.pop(f"iwae_{k}") for k in ks}
     return MarginalLikelihood(**fields, iwae=iwae, num_samples=num_samples)
 
@@ -212,7 +233,7 @@ def _check_arguments(
     num_samples: int,
     chunk_size: int | None,
     batch_size: int | None,
-    max_memory: int,
+    max_memory: int | None,
     max_plate_nesting: int,
 ) -> None:
     if not _is_positive_int(num_samples):
@@ -220,7 +241,7 @@ def _check_arguments(
     for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
         if value is not None and not _is_positive_int(value):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    if not _is_positive_int(max_memory):
+    if max_memory is not None and not _is_positive_int(max_memory):
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
     if not (isinstance(max_plate_nesting, int) and max_plate_nesting >= 0):
         raise ValueError(f"max_plate_nesting must be >= 0, got {max_plate_nesting!r}")
@@ -260,41 +281,22 @@ def _probe(model: Program, guide: Program, x: Tensor, particle_dim: int) -> tupl
     """
     sample, num_particles = x[:2], 2
     with torch.no_grad():
-        guide_trace = _call(
-            "guide", x, particle_dim, _trace_guide, guide, sample, num_particles, particle_dim
-        )
-        model_trace = _call(
-            "model",
-            x,
-            particle_dim,
-            _trace_model,
-            model,
-            guide_trace,
-            sample,
-            num_particles,
-            particle_dim,
-        )
+        with _input_errors("guide", x, particle_dim):
+            guide_trace = _trace_guide(guide, sample, num_particles, particle_dim)
+        with _input_errors("model", x, particle_dim):
+            model_trace = _trace_model(model, guide_trace, sample, num_particles, particle_dim)
         guide_latent, _ = _split_sites(guide_trace)
         model_latent, observed = _split_sites(model_trace)
         _check_sites(guide_latent, model_latent, observed)
-        terms = _call(
-            "log_prob",
-            x,
-            particle_dim,
-            _log_terms,
-            guide_trace,
-            model_trace,
-            num_particles,
-            particle_dim,
-        )
+        with _input_errors("log_prob", x, particle_dim):
+            _log_terms(guide_trace, model_trace, num_particles, particle_dim)
     sites = [guide_trace.nodes[name] for name in guide_latent]
     sites += [model_trace.nodes[name] for name in model_latent + observed]
     numel = sum(math.prod(site["fn"].batch_shape + site["fn"].event_shape) for site in sites)
     item = max(site["value"].element_size() for site in sites)
     pair_bytes = math.ceil(_WORKSPACE_FACTOR * numel * item / (num_particles * len(sample)))
-    log_lik = model_trace.nodes[observed[0]]["fn"].log_prob(model_trace.nodes[observed[0]]["value"])
-    dtype = log_lik.dtype if log_lik.is_floating_point() else terms[0].dtype
-    return pair_bytes, dtype
+    floats = (site["value"].dtype for site in sites if site["value"].is_floating_point())
+    return pair_bytes, next(floats, torch.get_default_dtype())
 
 
 def _check_sites(guide_latent: list[str], model_latent: list[str], observed: list[str]) -> None:
@@ -317,12 +319,14 @@ def _check_sites(guide_latent: list[str], model_latent: list[str], observed: lis
         )
 
 
-def _call(what: str, x: Tensor, particle_dim: int, fn: Callable[..., Any], *args: Any) -> Any:
+@contextmanager
+def _input_errors(what: str, x: Tensor, particle_dim: int) -> Iterator[None]:
+    """Turns a failure of the user's program on ``x`` into one clear line."""
     try:
-        return fn(*args)
+        yield
+    except _SiteError:
+        raise
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        if isinstance(err, _SiteError):
-            raise
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(
             f"{what} failed on x of shape {tuple(x.shape)}: {reason}; check that x is "
@@ -338,15 +342,17 @@ def _plan(
     max_memory: int,
     chunk_size: int | None,
     batch_size: int | None,
-) -> tuple[int, int]:
-    """Particles per pass and points per block within the memory budget."""
+) -> tuple[int, int, int]:
+    """Particles per pass, points per block and points per statistics group."""
     pairs = max(1, max_memory // pair_bytes)
-    max_batch = max(1, max_memory // (_BYTES_PER_LOG_WEIGHT * num_samples))
     if chunk_size is None and batch_size is not None:
         chunk_size = max(1, pairs // batch_size)
     chunk = min(chunk_size or pairs, num_samples)
-    batch = batch_size or min(max(1, pairs // chunk), max_batch)
-    return chunk, min(batch, num_points)
+    if chunk_size is None:
+        chunk = math.ceil(num_samples / math.ceil(num_samples / chunk))  # no small last pass
+    batch = min(batch_size or max(1, pairs // chunk), num_points)
+    rows = max_memory // (_BYTES_PER_LOG_WEIGHT * num_samples)
+    return chunk, batch, min(max(1, rows // batch) * batch, num_points)
 
 
 def _estimate_block(
@@ -410,8 +416,9 @@ def _split_sites(trace: poutine.Trace) -> tuple[list[str], list[str]]:
 def _sum_sites(trace: poutine.Trace, names: list[str], particle_dim: int) -> Tensor:
     """Sum of the sites' log densities over all but the particle and data dims, in float64."""
     total = torch.zeros((1, 1), dtype=torch.float64)
-    for name in names:
-        total = total + _site_log_prob(name, trace.nodes[name], particle_dim)
+    for i, name in enumerate(names):
+        log_p = _site_log_prob(name, trace.nodes[name], particle_dim)
+        total = log_p if i == 0 else total + log_p
     return total
 
 
@@ -431,7 +438,9 @@ def _site_log_prob(name: str, site: dict[str, Any], particle_dim: int) -> Tensor
         )
     log_p = log_p.reshape((1,) * (rank - log_p.dim()) + log_p.shape)
     log_p = log_p.movedim((particle_dim, data_dims[0]), (0, 1))
-    return log_p.reshape(log_p.shape[:2] + (-1,)).sum(-1).to("cpu", torch.float64)
+    if rank > 2:
+        log_p = log_p.reshape(log_p.shape[:2] + (-1,)).sum(-1)
+    return log_p.to("cpu", torch.float64)
 
 
 def _weight_statistics(
@@ -439,20 +448,23 @@ def _weight_statistics(
 ) -> dict[str, Tensor]:
     """Per-row estimate, standard error, ESS, k̂, ELBO and IWAE bounds of ``(B, K)`` weights."""
     num_samples = log_weights.shape[-1]
-    normalized = torch.softmax(log_weights, -1)
-    sum_squares = normalized.square().sum(-1)
+    log_total = torch.logsumexp(log_weights, -1, keepdim=True)
+    sum_squares = (2 * (log_weights - log_total)).exp().sum(-1)
     if num_samples > 1:
         stderr = ((num_samples * sum_squares - 1).clamp(min=0) / (num_samples - 1)).sqrt()
     else:
         stderr = torch.full_like(sum_squares, math.nan)
     stats = {
-        "log_px": torch.logsumexp(log_weights, -1) - math.log(num_samples),
+        "log_px": log_total.squeeze(-1) - math.log(num_samples),
         "stderr": stderr,
         "ess": 1 / sum_squares,
         "khat": _khat(log_weights.numpy(), flat_tol),
         "elbo": log_weights.mean(-1),
     }
     for k in ks:
+        if k in (1, num_samples):
+            stats[f"iwae_{k}"] = stats["elbo" if k == 1 else "log_px"]
+            continue
         groups = log_weights[:, : num_samples // k * k].unflatten(-1, (-1, k))
         stats[f"iwae_{k}"] = (torch.logsumexp(groups, -1) - math.log(k)).mean(-1)
     return stats
@@ -496,17 +508,17 @@ def _khat_arviz_stats(log_weights: np.ndarray) -> np.ndarray:
     """ArviZ >= 1 (arviz-stats): ``psislw`` takes log-likelihoods and negates them."""
     from arviz_stats.base import array_stats
 
-    try:
-        return np.asarray(array_stats.psislw(-log_weights, r_eff=1.0)[1], dtype=np.float64)
-    except ValueError:
-        # arviz-stats raises on a tail of tied weights; only then fall back to row by row.
-        return np.array([_khat_row_arviz_stats(row) for row in log_weights])
-
-
-def _khat_row_arviz_stats(log_weights: np.ndarray) -> float:
-    from arviz_stats.base import array_stats
+    def khat(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(array_stats.psislw(-rows, r_eff=1.0)[1], dtype=np.float64)
 
     try:
-        return float(array_stats.psislw(-log_weights, r_eff=1.0)[1])
+        return khat(log_weights)
     except ValueError:
-        return math.nan
+        # arviz-stats raises on a tail of tied weights; only then go row by row.
+        rows = []
+        for row in log_weights:
+            try:
+                rows.append(khat(row))
+            except ValueError:
+                rows.append(np.float64(np.nan))
+        return np.array(rows, dtype=np.float64)
