@@ -147,6 +147,44 @@ def test_iwae_with_one_particle_is_the_elbo_of_the_same_sample():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("num_particles", [1, 4])
+def test_stl_and_dreg_match_their_formulas_with_detached_guide_parameters(num_particles):
+    """STL: the gradient of ``log p(x, z) - log q'(z)``, q' the guide with its parameters
+    detached. DReG: the IWAE gradient for the model; ``sum_i w_i^2 d log w_i`` (log q' in
+    log w) for the guide."""
+    model, _, _ = linear_gaussian()
+    guide = AmortizedGuide(DiagonalNormal(FEATURES, LATENT_DIM, hidden=[3]).double())
+    x = torch.randn(5, FEATURES, dtype=torch.float64)
+    model_params, guide_params = list(model.parameters()), list(guide.parameters())
+
+    def grads(loss, params):
+        gradients = torch.autograd.grad(loss, params, retain_graph=True)
+        return torch.cat([g.flatten() for g in gradients])
+
+    pyro.set_rng_seed(2)
+    q = guide.encoder(x)
+    z = q.rsample((num_particles,))
+    detached = dist.Normal(q.base_dist.loc.detach(), q.base_dist.scale.detach()).to_event(1)
+    log_w = model.decode(z).log_prob(x) + model.prior().log_prob(z) - detached.log_prob(z)
+    weights = torch.softmax(log_w.detach(), dim=0)
+    bound = torch.logsumexp(log_w, dim=0).sum()
+    expected = {
+        "stl": grads(-log_w.mean(0).sum(), model_params + guide_params),
+        "dreg": torch.cat(
+            [grads(-bound, model_params), grads(-(weights**2 * log_w).sum(), guide_params)]
+        ),
+    }
+    for name, objective in [
+        ("stl", elbo(num_particles, "stl")),
+        ("dreg", iwae(num_particles, "dreg")),
+    ]:
+        pyro.set_rng_seed(2)
+        loss = objective(model, guide)(x)
+        torch.testing.assert_close(
+            grads(loss, model_params + guide_params), expected[name], rtol=1e-10, atol=1e-12
+        )
+
+
 @pytest.mark.parametrize(
     "options",
     [
