@@ -1,8 +1,10 @@
-"""The ``pyrovae`` command: train, sample."""
+"""The ``pyrovae`` command: train, sample, evaluate."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -67,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z), not its mean")
     sample.add_argument("--force", action="store_true", help="replace an existing output file")
     sample.set_defaults(command=cmd_sample)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="estimate log p(x) per data point by importance sampling"
+    )
+    evaluate.add_argument("run", help="run directory")
+    evaluate.add_argument("--num-samples", "-k", type=int, default=5000, help="K, draws per point")
+    evaluate.add_argument("--split", default="test", choices=["test", "validation", "train"])
+    evaluate.add_argument("--limit", type=int, help="only the first N points of the split")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.set_defaults(command=cmd_evaluate)
     return parser
 
 
@@ -142,6 +156,64 @@ def cmd_sample(args: argparse.Namespace) -> None:
     images = run.model.sample(args.num_samples, mean=not args.draw)
     save_image_grid(images, shape, output)
     print(f"wrote {args.num_samples} samples from {run.path} to {output}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from inference.marginal import KHAT_THRESHOLD, log_marginal_likelihood
+
+    if args.num_samples < 1:
+        raise PyrovaeError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.limit is not None and args.limit < 1:
+        raise PyrovaeError(f"--limit must be at least 1, got {args.limit}")
+    run = load_run(args.run)
+    device = resolve_device(args.device or run.spec.train.device)
+    d = run.spec.data
+    x, _ = load_data(d.name, d.binarize, d.path, d.validation_size).split(args.split)
+    x = x[: args.limit].to(device)
+    run.model.to(device)
+    run.guide.to(device)
+    pyro.set_rng_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        result = log_marginal_likelihood(run.model, run.guide, x, num_samples=args.num_samples)
+    except ValueError as e:
+        raise PyrovaeError(str(e)) from None
+    summary = result.summary()
+    features = x.shape[1]
+    report = {
+        "run": str(run.path),
+        "epoch": run.epoch,
+        "split": args.split,
+        "points": len(x),
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "seconds": time.perf_counter() - start,
+        "features": features,
+        "bits_per_dim": -summary["log_px"] / (features * math.log(2)),
+        "khat_threshold": KHAT_THRESHOLD,
+        **summary,
+    }
+    atomic_write(run.path / "evaluation.json", (json.dumps(report, indent=2) + "\n").encode())
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    rows = [
+        ("ELBO", f"{summary['elbo']:.3f}"),
+        ("log p(x)", f"{summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f}"),
+        ("bits/dim", f"{report['bits_per_dim']:.4f}"),
+        ("reconstruction E[log p(x|z)]", f"{summary['reconstruction']:.3f}"),
+        ("KL(q(z|x) || p(z))", f"{summary['kl']:.3f}"),
+        *[(f"IWAE k={k}", f"{v.mean().item():.3f}") for k, v in result.iwae.items()],
+        (f"share of points with k̂ > {KHAT_THRESHOLD}", f"{summary['khat_bad_fraction']:.1%}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(
+        f"{run.path}: {args.split} split, {len(x)} points, K = {args.num_samples}, "
+        f"{report['seconds']:.1f} s (nats per point)"
+    )
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    print(f"wrote {run.path / 'evaluation.json'}")
 
 
 def _image_shape(run: Run) -> tuple[int, ...]:

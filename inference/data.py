@@ -64,10 +64,17 @@ class Splits:
         return self.train.shape[1]
 
     def split(self, name: str) -> tuple[Tensor, Tensor | None]:
-        """Returns ``(x, labels)`` of the split ``train``, ``validation`` or ``test``."""
+        """Returns ``(x, labels)`` of the split ``train``, ``validation`` or ``test``, for evaluation.
+
+        Every split comes back fixed: with dynamic binarization the training set too is
+        binarized once, with the fixed seed.
+        """
         if name not in ("train", "validation", "test"):
             raise PyrovaeError(f"unknown split {name!r}; valid: train, validation, test")
-        return getattr(self, name), getattr(self, f"{name}_labels")
+        x = getattr(self, name)
+        if name == "train" and self.dynamic:
+            x = torch.bernoulli(x, generator=torch.Generator().manual_seed(BINARIZE_SEED))
+        return x, getattr(self, f"{name}_labels")
 
 
 def load_data(
