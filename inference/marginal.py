@@ -24,6 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from inference.objectives import MAX_PLATE_NESTING
+from inference.psis import FLAT_ULPS, KHAT_THRESHOLD, pareto_khat
 from model.sites import DATA_PLATE
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ the allocator's free lists are fastest."""
 DEFAULT_MAX_MEMORY_ACCELERATOR = 2**30
 """Default budget in bytes on a GPU, where larger passes amortize kernel launches."""
 
-KHAT_THRESHOLD = 0.7
-"""Above this Pareto k̂ an importance-sampling estimate is unreliable (Vehtari et al., 2024)."""
 
 _PARTICLE_PLATE = "_marginal_particles"
 # Tensors a pass allocates beyond the sites' own values: decoder activations, the likelihood's
@@ -54,10 +53,6 @@ _PARTICLE_PLATE = "_marginal_particles"
 _WORKSPACE_FACTOR = 4
 # Bytes per stored float64 log weight, with the temporaries of the per-point statistics.
 _BYTES_PER_LOG_WEIGHT = 32
-# The smallest K for which ArviZ's tail fit has its minimum of five tail draws.
-_MIN_PSIS_SAMPLES = 25
-# Log weights that agree to this many ulps of their magnitude are equal: an exact guide.
-_FLAT_ULPS = 64
 
 _POINT_FIELDS = ("log_px", "stderr", "ess", "khat", "elbo", "reconstruction", "kl")
 
@@ -191,7 +186,7 @@ def log_marginal_likelihood(
     particle_dim = -(max_plate_nesting + 1)
     pair_bytes, dtype = _probe(model, guide, x, particle_dim)
     chunk, batch, group = _plan(len(x), num_samples, pair_bytes, max_memory, chunk_size, batch_size)
-    flat_tol = _FLAT_ULPS * torch.finfo(dtype).eps
+    flat_tol = FLAT_ULPS * torch.finfo(dtype).eps
     with torch.no_grad(), pyro.validation_enabled(False):
         groups = []
         for x_group in x.split(group):
@@ -207,25 +202,6 @@ def log_marginal_likelihood(
     fields = {name: torch.cat([terms[name] for terms in groups]) for name in groups[0]}
     iwae = {k: fields.pop(f"iwae_{k}") for k in ks}
     return MarginalLikelihood(**fields, iwae=iwae, num_samples=num_samples)
-
-
-def pareto_khat(log_weights: Tensor) -> Tensor:
-    """The PSIS Pareto k̂ of importance weights, one per row, computed by ArviZ.
-
-    Wraps ``arviz.psislw`` (ArviZ < 1, which takes log weights) and
-    ``arviz_stats.base.array_stats.psislw`` (ArviZ >= 1, which takes log-likelihoods in
-    the PSIS-LOO convention and negates them), so that both see the same weights.
-
-    Args:
-        log_weights: ``(..., K)`` log importance weights, unnormalized.
-
-    Returns:
-        ``(...)`` float64 k̂: 0 for rows whose weights are all equal (nothing to fit), NaN
-        for K < 25 or non-finite rows.
-    """
-    tol = _FLAT_ULPS * torch.finfo(log_weights.dtype).eps
-    lw = log_weights.detach().to("cpu", torch.float64)
-    return _khat(lw.reshape(-1, lw.shape[-1]).numpy(), tol).reshape(lw.shape[:-1])
 
 
 def _check_arguments(
@@ -458,7 +434,7 @@ def _weight_statistics(
         "log_px": log_total.squeeze(-1) - math.log(num_samples),
         "stderr": stderr,
         "ess": 1 / sum_squares,
-        "khat": _khat(log_weights.numpy(), flat_tol),
+        "khat": pareto_khat(log_weights, flat_tol),
         "elbo": log_weights.mean(-1),
     }
     for k in ks:
@@ -468,57 +444,3 @@ def _weight_statistics(
         groups = log_weights[:, : num_samples // k * k].unflatten(-1, (-1, k))
         stats[f"iwae_{k}"] = (torch.logsumexp(groups, -1) - math.log(k)).mean(-1)
     return stats
-
-
-def _khat(log_weights: np.ndarray, flat_tol: float) -> Tensor:
-    """k̂ per row of ``(M, K)`` float64 log weights; see :func:`pareto_khat`."""
-    khat = np.full(len(log_weights), np.nan)
-    if log_weights.shape[-1] < _MIN_PSIS_SAMPLES:
-        return torch.from_numpy(khat)
-    finite = np.isfinite(log_weights).all(-1)
-    with np.errstate(invalid="ignore"):
-        spread = np.ptp(log_weights, axis=-1)
-        magnitude = np.maximum(1.0, np.abs(log_weights).max(-1))
-        flat = finite & (spread <= flat_tol * magnitude)
-    khat[flat] = 0.0
-    fit = finite & ~flat
-    if fit.any():
-        khat[fit] = _psis_backend()(log_weights[fit])
-    # ArviZ < 1 reports a tail too short to fit (ties at the top) as inf: not a bad fit.
-    khat[np.isinf(khat)] = np.nan
-    return torch.from_numpy(khat)
-
-
-def _psis_backend() -> Callable[[np.ndarray], np.ndarray]:
-    import arviz  # deferred: importing ArviZ takes a second and only k̂ needs it
-
-    if int(arviz.__version__.split(".")[0]) < 1:
-        return _khat_arviz
-    return _khat_arviz_stats
-
-
-def _khat_arviz(log_weights: np.ndarray) -> np.ndarray:
-    """ArviZ < 1: ``psislw`` takes log importance weights."""
-    import arviz
-
-    return np.asarray(arviz.psislw(log_weights, reff=1.0)[1], dtype=np.float64)
-
-
-def _khat_arviz_stats(log_weights: np.ndarray) -> np.ndarray:
-    """ArviZ >= 1 (arviz-stats): ``psislw`` takes log-likelihoods and negates them."""
-    from arviz_stats.base import array_stats
-
-    def khat(rows: np.ndarray) -> np.ndarray:
-        return np.asarray(array_stats.psislw(-rows, r_eff=1.0)[1], dtype=np.float64)
-
-    try:
-        return khat(log_weights)
-    except ValueError:
-        # arviz-stats raises on a tail of tied weights; only then go row by row.
-        rows = []
-        for row in log_weights:
-            try:
-                rows.append(khat(row))
-            except ValueError:
-                rows.append(np.float64(np.nan))
-        return np.array(rows, dtype=np.float64)

@@ -17,12 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from guides import AmortizedGuide, DiagonalNormal
-from inference.marginal import (
-    _khat_arviz,
-    _khat_arviz_stats,
-    log_marginal_likelihood,
-    pareto_khat,
-)
+from inference.marginal import log_marginal_likelihood
+from inference.psis import _khat_arviz, _khat_arviz_stats, pareto_khat
 from model import VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
 from model.sites import DATA_PLATE, LATENT, OBSERVED
 
