@@ -37,7 +37,13 @@ from torch.distributions import Distribution, kl_divergence
 
 from inference.marginal import KHAT_THRESHOLD, MarginalLikelihood, log_marginal_likelihood
 
-__all__ = ["ACTIVITY_THRESHOLD", "Diagnostics", "diagnose", "khat_bad_fraction"]
+__all__ = [
+    "ACTIVITY_THRESHOLD",
+    "Diagnostics",
+    "diagnose",
+    "khat_bad_fraction",
+    "univariate_factors",
+]
 
 ACTIVITY_THRESHOLD = 0.01
 """A unit is active when the variance over x of its posterior mean exceeds this (Burda et al.)."""
@@ -276,8 +282,12 @@ def _standard_error(values: Tensor) -> float:
     return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan
 
 
-def _factors(d: Distribution) -> Distribution | None:
-    """The univariate base of a distribution declared independent over the last dim."""
+def univariate_factors(d: Distribution) -> Distribution | None:
+    """The univariate base of a distribution independent over its last dim, else None.
+
+    ``Normal(loc, scale).to_event(1)`` gives ``Normal(loc, scale)``, whose batch shape ends
+    in the latent dimension; a multivariate or flow distribution gives None.
+    """
     base = getattr(d, "base_dist", None)
     if getattr(d, "reinterpreted_batch_ndims", None) == 1 and base is not None:
         return base if base.event_shape == () else None
@@ -286,7 +296,7 @@ def _factors(d: Distribution) -> Distribution | None:
 
 def _kl(q: Distribution, p: Distribution, monte_carlo: Tensor) -> tuple[Tensor, Tensor | None, str]:
     """KL(q || p) per point, per dimension where defined, and how it was computed."""
-    q_base, p_base = _factors(q), _factors(p)
+    q_base, p_base = univariate_factors(q), univariate_factors(p)
     if q_base is not None and p_base is not None:
         try:
             per_dim = kl_divergence(q_base, p_base)

@@ -1,13 +1,28 @@
-"""Figures: image grids of data or samples."""
+"""Figures: image grids of data or samples, and the panels and page of the run report.
+
+Figure builders return a matplotlib ``Figure`` (Agg backend); :func:`figure_to_base64`
+renders one for embedding in HTML, and :func:`html_page` assembles a self-contained page.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
+    from matplotlib.figure import Figure
 
 
 def image_grid(images: Tensor, image_shape: tuple[int, ...], ncol: int | None = None) -> np.ndarray:
@@ -46,3 +61,269 @@ def save_image_grid(images: Tensor, image_shape: tuple[int, ...], path: str | Pa
     ax.axis("off")
     fig.savefig(path)
     plt.close(fig)
+
+
+def figure_to_base64(fig: Figure, dpi: int = 100) -> str:
+    """Renders a figure as a base64 PNG for embedding (``data:image/png;base64,...``), closes it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def training_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
+    """ELBO per epoch (train and validation), and any logged reconstruction or KL columns."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    extra = [k for k in history[0] if "reconstruction" in k or "kl" in k] if history else []
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 3.4), squeeze=False)
+    ax = axes[0, 0]
+    for key in ("train_elbo", "validation_elbo"):
+        if history and key in history[0]:
+            ax.plot(epochs, [h[key] for h in history], marker=".", label=key.replace("_", " "))
+    ax.set(xlabel="epoch", ylabel="ELBO (nats per point)", title="ELBO")
+    ax.legend()
+    if extra:
+        for key in extra:
+            axes[0, 1].plot(epochs, [h[key] for h in history], marker=".", label=key)
+        axes[0, 1].set(xlabel="epoch", ylabel="nats per point", title="reconstruction and KL")
+        axes[0, 1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def per_point_figure(reconstruction: Tensor, kl: Tensor) -> Figure:
+    """Histograms over data points of the reconstruction term and the KL term."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    for ax, values, name in ((axes[0], reconstruction, "E_q[log p(x|z)]"), (axes[1], kl, "KL")):
+        ax.hist(values.numpy(), bins=40, color="tab:blue")
+        ax.axvline(values.mean().item(), color="k", ls="--", label=f"mean {values.mean():.2f}")
+        ax.set(xlabel=f"{name} (nats)", ylabel="points")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def image_panels_figure(
+    panels: Sequence[tuple[str, Tensor]], image_shape: tuple[int, ...], ncol: int = 8
+) -> Figure:
+    """Image grids side by side, one titled panel per ``(title, images (N, H*W))``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
+    for ax, (title, images) in zip(axes[0], panels, strict=True):
+        _show(ax, *_separated(images, image_shape), ncol)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def traversal_figure(
+    images: Tensor, image_shape: tuple[int, ...], row_labels: Sequence[str], values: Tensor
+) -> Figure:
+    """A grid of ``images (rows, steps, H*W)``: one latent dimension per row, varied along it."""
+    plt = _pyplot()
+    rows, steps = images.shape[:2]
+    flat, (height, width) = _separated(images.reshape(rows * steps, -1), image_shape)
+    fig, ax = plt.subplots(figsize=(0.6 * steps + 1.5, 0.6 * rows + 0.8))
+    _show(ax, flat, (height, width), steps)
+    ax.set_yticks([height * (r + 0.5) for r in range(rows)], list(row_labels))
+    ax.set_xticks([width * (s + 0.5) for s in range(steps)], [f"{v:+.1f}" for v in values])
+    ax.set_xlabel("value of the dimension, in prior standard deviations from the prior mean")
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def latent_scatter_figure(
+    points: Tensor,
+    labels: Tensor | None,
+    axis_labels: tuple[str, str],
+    grid: np.ndarray | None = None,
+    extent: tuple[float, float, float, float] | None = None,
+) -> Figure:
+    """Points ``(N, 2)`` coloured by label; with ``grid``, a decoded image grid beside them.
+
+    ``grid`` is an image tiling decoded latents over ``extent`` (left, right, bottom, top),
+    drawn on the same axes limits as the scatter so positions correspond.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1,
+        2 if grid is not None else 1,
+        figsize=(12 if grid is not None else 6.5, 5.4),
+        squeeze=False,
+    )
+    ax = axes[0, 0]
+    colours = labels.numpy() if labels is not None else None
+    cmap = "tab10" if labels is not None and int(labels.max()) < 10 else "viridis"
+    art = ax.scatter(*points.numpy().T, c=colours, cmap=cmap, s=10, alpha=0.8)
+    if labels is not None:
+        fig.colorbar(art, ax=ax, label="label")
+    ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1])
+    if grid is not None and extent is not None:
+        ax.set(xlim=extent[:2], ylim=extent[2:])
+        axes[0, 1].imshow(grid, cmap=_grey(), vmin=0, vmax=1, extent=extent, aspect="auto")
+        axes[0, 1].set(xlabel=axis_labels[0], ylabel=axis_labels[1], title="decoded grid")
+    fig.tight_layout()
+    return fig
+
+
+def latent_histograms_figure(
+    samples: Tensor,
+    dims: Sequence[int],
+    titles: Sequence[str],
+    prior_grid: Tensor | None = None,
+    prior_density: Tensor | None = None,
+    prior_samples: Tensor | None = None,
+) -> Figure:
+    """Histograms of samples ``(M, D)`` for ``dims``, over the prior's marginal density.
+
+    Pass ``prior_grid (G,)`` with ``prior_density (G, D)`` where the prior's marginals have
+    a density, else ``prior_samples (P, D)``, drawn as an outlined histogram.
+    """
+    plt = _pyplot()
+    ncol = min(4, len(dims))
+    nrow = math.ceil(len(dims) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
+    for ax in axes.flat[len(dims) :]:
+        ax.axis("off")
+    for ax, d, title in zip(axes.flat, dims, titles, strict=False):
+        ax.hist(
+            samples[:, d].numpy(), bins=50, density=True, color="tab:blue", alpha=0.6, label="q(z)"
+        )
+        if prior_density is not None and prior_grid is not None:
+            ax.plot(prior_grid.numpy(), prior_density[:, d].numpy(), color="k", label="p(z)")
+        elif prior_samples is not None:
+            ax.hist(
+                prior_samples[:, d].numpy(),
+                bins=50,
+                density=True,
+                histtype="step",
+                color="k",
+                label="p(z)",
+            )
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def units_figure(activity: Tensor, kl_per_dim: Tensor | None, threshold: float) -> Figure:
+    """Per latent dimension: variance of the posterior mean (log scale) and mean KL."""
+    plt = _pyplot()
+    dims = np.arange(len(activity))
+    fig, axes = plt.subplots(1, 2 if kl_per_dim is not None else 1, figsize=(11, 3), squeeze=False)
+    ax = axes[0, 0]
+    ax.bar(
+        dims,
+        activity.clamp(min=1e-8).numpy(),
+        color=np.where(activity > threshold, "tab:blue", "tab:gray"),
+    )
+    ax.axhline(threshold, color="tab:red", ls="--", label=f"active above {threshold:g}")
+    ax.set(yscale="log", xlabel="latent dimension", ylabel="Var_x E_q[z_d|x]", title="activity")
+    ax.set_xticks(dims)
+    ax.legend(fontsize=8)
+    if kl_per_dim is not None:
+        axes[0, 1].bar(dims, kl_per_dim.mean(0).numpy(), color="tab:orange")
+        axes[0, 1].set(xlabel="latent dimension", ylabel="nats", title="mean KL per dimension")
+        axes[0, 1].set_xticks(dims)
+    fig.tight_layout()
+    return fig
+
+
+def khat_figure(khat: Tensor, threshold: float) -> Figure:
+    """Histogram of per-point Pareto k̂ with the reliability threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    known = khat[~torch.isnan(khat)].numpy()
+    ax.hist(known, bins=40, color="tab:green")
+    ax.axvline(threshold, color="tab:red", ls="--", label=f"k̂ = {threshold:g}")
+    ax.set(xlabel="Pareto k̂ per data point", ylabel="points")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def separated_grid(images: Tensor, image_shape: tuple[int, ...], ncol: int) -> np.ndarray:
+    """:func:`image_grid` with a one-pixel NaN border between images (drawn white)."""
+    return image_grid(*_separated(images, image_shape), ncol)
+
+
+def _separated(images: Tensor, image_shape: tuple[int, ...]) -> tuple[Tensor, tuple[int, int]]:
+    """Images padded right and below with NaN, so tiles stay apart in a grid."""
+    height, width = image_shape
+    tiles = images.detach().float().cpu().reshape(-1, height, width)
+    padded = torch.nn.functional.pad(tiles, (0, 1, 0, 1), value=math.nan)
+    return padded.flatten(1), (height + 1, width + 1)
+
+
+def _show(ax: Axes, images: Tensor, image_shape: tuple[int, ...], ncol: int) -> None:
+    ax.imshow(image_grid(images, image_shape, ncol), cmap=_grey(), vmin=0, vmax=1)
+
+
+def _grey() -> Colormap:
+    """Grey levels, with NaN (the borders of :func:`separated_grid`) drawn white."""
+    import matplotlib
+
+    return matplotlib.colormaps["gray"].with_extremes(bad="white")
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222;
+       padding: 0 1em; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+img { max-width: 100%; display: block; margin: 0.5em 0; }
+p.caption { color: #444; font-size: 0.95em; max-width: 60em; }
+p.note { background: #fff6d5; padding: 0.4em 0.8em; border-left: 4px solid #e0b000; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.92em; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+nav a { margin-right: 1em; white-space: nowrap; }
+"""
+
+
+def html_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+    """A complete HTML page: a title, a navigation bar and one section per ``(title, html)``.
+
+    Section bodies are inserted as they are; titles are escaped.
+    """
+    nav = " ".join(f'<a href="#s{i}">{_escape(t)}</a>' for i, (t, _) in enumerate(sections))
+    body = "\n".join(
+        f'<section id="s{i}"><h2>{_escape(t)}</h2>\n{inner}</section>'
+        for i, (t, inner) in enumerate(sections)
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_escape(title)}'
+        f"</title><style>{_STYLE}</style></head><body><h1>{_escape(title)}</h1>"
+        f"<nav>{nav}</nav>\n{body}\n</body></html>\n"
+    )
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An HTML table of strings, escaped."""
+    head = "".join(f"<th>{_escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _escape(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _pyplot() -> ModuleType:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

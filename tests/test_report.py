@@ -1,0 +1,121 @@
+"""The run report and run comparison, end to end on tiny digits runs."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+import shutil
+
+import pytest
+import torch
+
+from inference.cli import main
+from inference.compare import compare_runs, format_comparison
+from inference.errors import PyrovaeError
+from inference.report import write_report
+from inference.runs import load_run
+
+SECTIONS = (
+    "Summary",
+    "Training curves",
+    "Latent units",
+    "Reconstructions",
+    "Samples: prior against aggregate posterior",
+    "Latent traversals",
+    "Latent space",
+    "Aggregate posterior against the prior",
+    "Importance sampling: Pareto k̂",
+)
+FAST = {"limit": 40, "num_samples": 30, "num_latent_samples": 4}
+
+
+def tiny_run(path, latent_dim: int = 2):
+    code = main(
+        [
+            "train",
+            "--out",
+            str(path),
+            "--epochs",
+            "2",
+            "--set",
+            f"model.latent_dim={latent_dim}",
+            "--set",
+            "model.decoder.hidden=[16]",
+            "--set",
+            "guide.encoder.hidden=[16]",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("report") / "run")
+
+
+def embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_report_is_one_self_contained_page(run_dir):
+    path = write_report(run_dir, **FAST)
+    assert path == run_dir / "report.html"
+    page = path.read_text()
+    for title in SECTIONS:
+        assert f"<h2>{title}</h2>" in page
+    # Every image is inline; nothing is fetched from elsewhere.
+    assert not re.search(r'(src|href)="(?!data:|#)', page)
+    assert "<link" not in page and "<script" not in page
+    images = embedded_pngs(page)
+    assert len(images) >= 9
+    assert all(image[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
+    assert "at most log N = 3.69" in page  # the mutual information's bound for N = 40
+
+
+def test_report_projects_wider_latents_and_skips_images_for_vectors(tmp_path):
+    run = load_run(tiny_run(tmp_path / "wide", latent_dim=3))
+    vectors = dataclasses.replace(run, checkpoint={**run.checkpoint, "image_shape": []})
+    page = write_report(vectors, path=tmp_path / "r.html", **FAST).read_text()
+    assert "not 2-D images" in page
+    assert "<h2>Reconstructions</h2>" not in page
+    assert "principal" in page  # a 3-D latent space is drawn through PCA
+    assert len(embedded_pngs(page)) >= 5
+
+
+def test_report_rejects_an_unknown_split(run_dir):
+    with pytest.raises(PyrovaeError, match="unknown split"):
+        write_report(run_dir, "holdout", **FAST)
+
+
+def test_a_run_compared_with_itself_differs_by_exactly_zero(run_dir):
+    comparison = compare_runs([run_dir, run_dir], limit=30, num_samples=30, num_latent_samples=4)
+    first, second = comparison.rows
+    assert second["delta_log_px"] == 0.0 and second["delta_log_px_se"] == 0.0
+    assert torch.equal(comparison.log_px[0], comparison.log_px[1])
+    assert first["log_px"] == second["log_px"] and first["elbo"] == second["elbo"]
+    assert comparison.log_px.shape == (2, 30)
+    text = format_comparison(comparison)
+    assert "baseline" in text and "+0.000 ± 0.000" in text and str(run_dir) in text
+
+
+def test_paired_difference_is_the_mean_of_per_point_differences(run_dir, tmp_path):
+    other = tiny_run(tmp_path / "other", latent_dim=3)
+    comparison = compare_runs([run_dir, other], limit=30, num_samples=30, num_latent_samples=4)
+    difference = comparison.log_px[1] - comparison.log_px[0]
+    row = comparison.rows[1]
+    assert row["delta_log_px"] == pytest.approx(difference.mean().item())
+    assert row["delta_log_px_se"] == pytest.approx(difference.std().item() / 30**0.5)
+    assert row["delta_log_px"] == pytest.approx(row["log_px"] - comparison.rows[0]["log_px"])
+
+
+def test_runs_on_different_data_are_refused(run_dir, tmp_path):
+    other = tmp_path / "static"
+    shutil.copytree(run_dir, other)
+    spec = (other / "spec.toml").read_text()
+    (other / "spec.toml").write_text(spec.replace('binarize = "dynamic"', 'binarize = "static"'))
+    with pytest.raises(PyrovaeError, match="other data") as error:
+        compare_runs([run_dir, other], limit=10, num_samples=10)
+    assert "\n" not in str(error.value)
