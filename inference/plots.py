@@ -194,20 +194,15 @@ def latent_histograms_figure(
     for ax in axes.flat[len(dims) :]:
         ax.axis("off")
     for ax, d, title in zip(axes.flat, dims, titles, strict=False):
-        ax.hist(
-            samples[:, d].numpy(), bins=50, density=True, color="tab:blue", alpha=0.6, label="q(z)"
-        )
+        values = samples[:, d].numpy()
+        prior = prior_samples[:, d].numpy() if prior_samples is not None else values[:0]
+        # Shared bin edges, so the two histograms compare bar for bar.
+        bins = np.histogram_bin_edges(np.concatenate([values, prior]), bins=50)
+        ax.hist(values, bins=bins, density=True, color="tab:blue", alpha=0.6, label="q(z)")
         if prior_density is not None and prior_grid is not None:
             ax.plot(prior_grid.numpy(), prior_density[:, d].numpy(), color="k", label="p(z)")
         elif prior_samples is not None:
-            ax.hist(
-                prior_samples[:, d].numpy(),
-                bins=50,
-                density=True,
-                histtype="step",
-                color="k",
-                label="p(z)",
-            )
+            ax.hist(prior, bins=bins, density=True, histtype="step", color="k", label="p(z)")
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)

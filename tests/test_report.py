@@ -56,6 +56,11 @@ def run_dir(tmp_path_factory):
     return tiny_run(tmp_path_factory.mktemp("report") / "run")
 
 
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("report") / "wide", latent_dim=3)
+
+
 def embedded_pngs(page: str) -> list[bytes]:
     return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
 
@@ -75,8 +80,8 @@ def test_report_is_one_self_contained_page(run_dir):
     assert "at most log N = 3.69" in page  # the mutual information's bound for N = 40
 
 
-def test_report_projects_wider_latents_and_skips_images_for_vectors(tmp_path):
-    run = load_run(tiny_run(tmp_path / "wide", latent_dim=3))
+def test_report_projects_wider_latents_and_skips_images_for_vectors(wide_dir, tmp_path):
+    run = load_run(wide_dir)
     vectors = dataclasses.replace(run, checkpoint={**run.checkpoint, "image_shape": []})
     page = write_report(vectors, path=tmp_path / "r.html", **FAST).read_text()
     assert "not 2-D images" in page
@@ -101,9 +106,8 @@ def test_a_run_compared_with_itself_differs_by_exactly_zero(run_dir):
     assert "baseline" in text and "+0.000 ± 0.000" in text and str(run_dir) in text
 
 
-def test_paired_difference_is_the_mean_of_per_point_differences(run_dir, tmp_path):
-    other = tiny_run(tmp_path / "other", latent_dim=3)
-    comparison = compare_runs([run_dir, other], limit=30, num_samples=30, num_latent_samples=4)
+def test_paired_difference_is_the_mean_of_per_point_differences(run_dir, wide_dir):
+    comparison = compare_runs([run_dir, wide_dir], limit=30, num_samples=30, num_latent_samples=4)
     difference = comparison.log_px[1] - comparison.log_px[0]
     row = comparison.rows[1]
     assert row["delta_log_px"] == pytest.approx(difference.mean().item())
