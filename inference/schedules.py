@@ -9,9 +9,10 @@ while its gradient is that of the annealed objective; nothing is computed twice.
 objective that scores sites by their ``log_prob``, or through ``kl_divergence`` of the guide
 and prior sites (TraceMeanField_ELBO), works under them.
 
-With ``beta`` weighting the KL, the gradient is that of ``E[log p(x|z)] - beta * KL``. For
-an importance-weighted bound the gradient of each particle's latent terms is weighted
-instead, with the particle weights of the true bound.
+With ``beta`` weighting the KL, the gradient is that of ``E[log p(x|z)] - beta * KL`` for a
+reparameterized guide (every guide in ``guides/``); a score-function gradient would not be
+reweighted consistently. For an importance-weighted bound the gradient of each particle's
+latent terms is weighted instead, with the particle weights of the true bound.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from pyro.distributions import Independent, TorchDistribution
+from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import constraints, kl_divergence, register_kl
+from torch.distributions import Independent, constraints, kl_divergence, register_kl
 
 from inference.errors import PyrovaeError
 
