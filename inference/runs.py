@@ -142,6 +142,10 @@ def atomic_write(file: Path, data: bytes) -> None:
     """Writes ``data`` to a temporary file beside ``file``, then renames it over ``file``."""
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
     try:
+        # mkstemp makes the file private; give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
