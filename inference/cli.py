@@ -1,4 +1,4 @@
-"""The ``pyrovae`` command: train, sample, evaluate."""
+"""The ``pyrovae`` command: train, sample, evaluate, report, compare."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from inference.data import load_data
 from inference.errors import PyrovaeError
 from inference.runs import SPEC, Run, atomic_write, create_run, load_run, read_checkpoint
-from inference.spec import Spec, build, build_objective, load_spec
+from inference.spec import Spec, build, build_objective, build_schedule, load_spec
 from inference.train import check_inputs, fit, resolve_device
 
 
@@ -81,7 +81,28 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(command=cmd_evaluate)
+
+    report = commands.add_parser(
+        "report", help="write RUN/report.html: diagnostics of q(z|x) against the prior"
+    )
+    report.add_argument("run", help="run directory")
+    _add_diagnostic_options(report)
+    report.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
+    report.add_argument("--force", action="store_true", help="replace an existing -o file")
+    report.set_defaults(command=cmd_report)
+
+    compare = commands.add_parser("compare", help="compare runs on the same data points")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (two or more)")
+    _add_diagnostic_options(compare)
+    compare.set_defaults(command=cmd_compare)
     return parser
+
+
+def _add_diagnostic_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", default="test", choices=["test", "validation", "train"])
+    parser.add_argument("--limit", type=int, default=500, help="the first N points of the split")
+    parser.add_argument("--num-samples", "-k", type=int, default=500, help="K, draws per point")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -119,6 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         data.train,
         validation=data.validation,
         objective=objective,
+        kl_schedule=build_schedule(spec),
         epochs=spec.train.epochs,
         batch_size=spec.train.batch_size,
         lr=spec.train.lr,
@@ -214,6 +236,45 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     print(f"wrote {run.path / 'evaluation.json'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from inference.report import write_report
+
+    _check_diagnostic_options(args)
+    if args.output and Path(args.output).exists() and not args.force:
+        raise PyrovaeError(
+            f"{args.output} already exists; pass --force to replace it or choose another -o"
+        )
+    path = write_report(
+        args.run,
+        args.split,
+        limit=args.limit,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        path=args.output,
+    )
+    print(f"wrote {path}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from inference.compare import compare_runs, format_comparison
+
+    _check_diagnostic_options(args)
+    if len(args.runs) < 2:
+        raise PyrovaeError("compare needs at least two runs")
+    comparison = compare_runs(
+        args.runs, args.split, limit=args.limit, num_samples=args.num_samples, seed=args.seed
+    )
+    print(format_comparison(comparison))
+
+
+def _check_diagnostic_options(args: argparse.Namespace) -> None:
+    for name in ("num_samples", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise PyrovaeError(f"{flag} must be at least 1, got {value}")
 
 
 def _image_shape(run: Run) -> tuple[int, ...]:

@@ -226,3 +226,38 @@ def test_evaluate_a_trained_mnist_run(tmp_path, capsys, mnist_npz):
     assert saved["features"] == 784 and saved["points"] == 50
     # One epoch of a small VAE on binarized MNIST: far better than uniform pixels (543 nats).
     assert -250 < saved["log_px"] < -80
+
+
+def test_report_and_compare_commands(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    assert train(tmp_path, "--set", "model.latent_dim=3", name="other") == 0
+    run, other = str(tmp_path / "run"), str(tmp_path / "other")
+    capsys.readouterr()
+    assert main(["report", run, "--limit", "40", "-k", "30"]) == 0
+    assert (tmp_path / "run" / "report.html").read_text().startswith("<!DOCTYPE html>")
+    target = tmp_path / "mine.html"
+    target.write_text("mine")
+    one_line_error(capsys, main(["report", run, "-o", str(target)]), "already exists")
+    assert target.read_text() == "mine"
+    assert main(["compare", run, other, "--limit", "40", "-k", "30"]) == 0
+    table = capsys.readouterr().out
+    assert run in table and other in table
+    one_line_error(capsys, main(["compare", run]), "at least two runs")
+    one_line_error(
+        capsys, main(["compare", run, other, "-k", "0"]), "--num-samples must be at least 1"
+    )
+
+
+def test_kl_schedule_from_the_spec_reaches_training(tmp_path, monkeypatch):
+    import inference.cli as cli
+
+    seen = {}
+    real_fit = cli.fit
+
+    def spy(*args, **kwargs):
+        seen["schedule"] = kwargs["kl_schedule"]
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "fit", spy)
+    assert train(tmp_path, "--set", 'train.kl={ kind = "linear", warmup_steps = 30 }') == 0
+    assert seen["schedule"](0) == 0.0 and seen["schedule"](15) == pytest.approx(0.5)
