@@ -74,22 +74,22 @@ def figure_to_base64(fig: Figure, dpi: int = 100) -> str:
 
 
 def training_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
-    """ELBO per epoch (train and validation), and any logged reconstruction or KL columns."""
+    """ELBO per epoch (train and validation), and one panel per logged reconstruction or KL column."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     extra = [k for k in history[0] if "reconstruction" in k or "kl" in k] if history else []
-    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 3.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 1 + len(extra), figsize=(5.5 * (1 + len(extra)), 3.4), squeeze=False
+    )
     ax = axes[0, 0]
     for key in ("train_elbo", "validation_elbo"):
         if history and key in history[0]:
             ax.plot(epochs, [h[key] for h in history], marker=".", label=key.replace("_", " "))
     ax.set(xlabel="epoch", ylabel="ELBO (nats per point)", title="ELBO")
     ax.legend()
-    if extra:
-        for key in extra:
-            axes[0, 1].plot(epochs, [h[key] for h in history], marker=".", label=key)
-        axes[0, 1].set(xlabel="epoch", ylabel="nats per point", title="reconstruction and KL")
-        axes[0, 1].legend()
+    for ax, key in zip(axes[0, 1:], extra, strict=True):
+        ax.plot(epochs, [h[key] for h in history], marker=".", color="tab:green")
+        ax.set(xlabel="epoch", ylabel="nats per point", title=key.replace("_", " "))
     fig.tight_layout()
     return fig
 

@@ -149,19 +149,18 @@ def _training(run: Run, diag: Diagnostics) -> str:
     body += _caption(
         "ELBO per epoch on the training data (averaged during the epoch) and on the "
         "validation data (after it); higher is better. Validation falling while training "
-        "rises means overfitting."
+        "rises means overfitting. The other panels split the validation ELBO into its "
+        "reconstruction term E_q[log p(x|z)] and KL(q(z|x) ‖ p(z)): a KL that falls to 0 "
+        "is posterior collapse."
     )
     if not logged:
-        body += _note(
-            "Reconstruction and KL were not logged per epoch; below are their final values "
-            "per data point, from the diagnostics."
-        )
-        body += _figure(plots.per_point_figure(diag.reconstruction, diag.kl))
-        body += _caption(
-            "How the ELBO splits per point: reconstruction E_q[log p(x|z)] (higher is "
-            "better) and KL(q(z|x) ‖ p(z)), the nats each point's code costs. A KL near 0 "
-            "for every point means the posterior has collapsed onto the prior."
-        )
+        body += _note("Reconstruction and KL were not logged per epoch in this run.")
+    body += _figure(plots.per_point_figure(diag.reconstruction, diag.kl))
+    body += _caption(
+        "How the ELBO splits per point: reconstruction E_q[log p(x|z)] (higher is "
+        "better) and KL(q(z|x) ‖ p(z)), the nats each point's code costs. A KL near 0 "
+        "for every point means the posterior has collapsed onto the prior."
+    )
     return body
 
 

@@ -107,7 +107,10 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, digits, monkeypatch):
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
     rows = (tmp_path / "b" / METRICS).read_text().splitlines()
-    assert rows[0] == "epoch,train_elbo,validation_elbo,seconds,images_per_s" and len(rows) == 5
+    assert rows[0] == (
+        "epoch,train_elbo,validation_elbo,validation_reconstruction,validation_kl,seconds,images_per_s"
+    )
+    assert len(rows) == 5
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
@@ -156,3 +159,22 @@ def test_bad_training_input(digits):
         fit(model, guide, digits.train * 3, epochs=1, progress=False)
     with pytest.raises(Exception, match="patience"):
         fit(model, guide, digits.train, epochs=1, patience=2, progress=False)
+
+
+def test_validation_terms_add_up(digits):
+    pyro.set_rng_seed(0)
+    model, guide = small_vae()
+    history = fit(
+        model,
+        guide,
+        digits.train,
+        validation=digits.validation,
+        epochs=2,
+        transform=torch.bernoulli,
+        progress=False,
+    )
+    for h in history:
+        assert h["validation_elbo"] == pytest.approx(
+            h["validation_reconstruction"] - h["validation_kl"]
+        )
+        assert h["validation_kl"] > 0
