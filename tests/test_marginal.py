@@ -14,6 +14,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from ppca import PPCAPosterior, gaussian_posterior, ppca_log_px
 from torch import Tensor, nn
 
 from guides import AmortizedGuide, DiagonalNormal
@@ -25,46 +26,17 @@ from model.sites import DATA_PLATE, LATENT, OBSERVED
 LATENT_DIM, FEATURES, NOISE = 2, 5, 0.5
 
 
-class PPCAPosterior(nn.Module):
-    """q(z|x) for probabilistic PCA: the exact posterior, optionally shifted and widened."""
-
-    def __init__(self, decoder: nn.Linear, noise: float, shift: float = 0.0, widen: float = 1.0):
-        super().__init__()
-        self.decoder, self.noise, self.shift, self.widen = decoder, noise, shift, widen
-
-    def forward(self, x: Tensor) -> dist.Distribution:
-        loc, scale_tril = _gaussian_posterior(self.decoder, self.noise, 1.0, x)
-        return dist.MultivariateNormal(loc + self.shift, scale_tril=self.widen * scale_tril)
-
-
-def _gaussian_posterior(
-    decoder: nn.Linear, noise: float, prior_var: float, x: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Posterior of z ~ N(0, prior_var I), x|z ~ N(decoder(z), noise² I): loc and scale_tril."""
-    weight, bias = decoder.weight, decoder.bias
-    eye = torch.eye(weight.shape[1], dtype=weight.dtype)
-    cov = torch.linalg.inv(eye / prior_var + weight.T @ weight / noise**2)
-    loc = (x - bias) @ weight @ cov.T / noise**2
-    return loc, torch.linalg.cholesky(cov).expand(len(x), *cov.shape)
-
-
 def _ppca(seed: int = 0) -> tuple[VAE, nn.Linear]:
     torch.manual_seed(seed)
     decoder = nn.Linear(LATENT_DIM, FEATURES).double()
     return VAE(StandardNormal(LATENT_DIM), decoder, Gaussian(scale=NOISE)).double(), decoder
 
 
-def _ppca_log_px(decoder: nn.Linear, x: Tensor, prior_var: float = 1.0) -> Tensor:
-    weight, bias = decoder.weight, decoder.bias
-    cov = prior_var * weight @ weight.T + NOISE**2 * torch.eye(FEATURES, dtype=x.dtype)
-    return dist.MultivariateNormal(bias, cov).log_prob(x)
-
-
 @pytest.fixture
 def ppca() -> tuple[VAE, nn.Linear, Tensor, Tensor]:
     vae, decoder = _ppca()
     x = vae.sample(12, mean=False)
-    return vae, decoder, x, _ppca_log_px(decoder, x)
+    return vae, decoder, x, ppca_log_px(decoder, NOISE, x)
 
 
 def test_exact_posterior_gives_every_weight_log_px(ppca):
@@ -154,7 +126,7 @@ class HierarchicalGuide(nn.Module):
 
     def forward(self, x: Tensor) -> None:
         m = self.model
-        loc, scale_tril = _gaussian_posterior(m.decoder, NOISE, m.prior_var, x)
+        loc, scale_tril = gaussian_posterior(m.decoder, NOISE, m.prior_var, x)
         with pyro.plate(DATA_PLATE, len(x)):
             q2 = dist.MultivariateNormal(loc + self.shift, scale_tril=self.widen * scale_tril)
             z2 = pyro.sample("z2", q2)
@@ -169,7 +141,7 @@ def hierarchical() -> tuple[HierarchicalModel, Tensor, Tensor]:
     z2 = model.prior_var**0.5 * torch.randn(10, LATENT_DIM, dtype=torch.float64)
     with torch.no_grad():
         x = model.decoder(z2) + NOISE * torch.randn(10, FEATURES, dtype=torch.float64)
-        return model, x, _ppca_log_px(model.decoder, x, model.prior_var)
+        return model, x, ppca_log_px(model.decoder, NOISE, x, model.prior_var)
 
 
 def test_hierarchical_model_with_exact_guide_is_exact(hierarchical):

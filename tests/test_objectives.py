@@ -8,7 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from test_spine import ExactPosterior
+from ppca import PPCAPosterior
 from torch import Tensor, nn
 
 from guides import AmortizedGuide, DiagonalNormal
@@ -51,8 +51,7 @@ def gradient_draws(objective, num_rows: int = 20_000, seed: int = 3) -> tuple[Te
     """Per-draw guide gradients ``(N, 2 * latent_dim)`` and the decoder weight's gradient."""
     model, _, sigma = linear_gaussian()
     x = torch.randn(1, FEATURES, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    weight, bias = model.decoder.weight.detach(), model.decoder.bias.detach()
-    posterior = ExactPosterior(weight, bias, sigma)(x)
+    posterior = PPCAPosterior(model.decoder, sigma)(x)
     # A guide off the posterior (which is correlated, so no diagonal guide is exact).
     loc = posterior.loc[0] + 0.3
     scale = posterior.covariance_matrix[0].diagonal().sqrt() * 1.3
@@ -102,8 +101,7 @@ def test_stl_is_biased_for_iwae():
 @pytest.mark.parametrize("num_particles", [1, 5])
 def test_iwae_with_exact_posterior_equals_log_marginal(estimator, num_particles):
     model, marginal, sigma = linear_gaussian(1)
-    weight, bias = model.decoder.weight.detach(), model.decoder.bias.detach()
-    guide = AmortizedGuide(ExactPosterior(weight, bias, sigma))
+    guide = AmortizedGuide(PPCAPosterior(model.decoder, sigma))
     x = torch.randn(11, FEATURES, dtype=torch.float64) * 2
     estimate = -iwae(num_particles, estimator)(model, guide)(x)
     # Every log weight is log p(x) when q is the posterior, so log-mean-exp is too.

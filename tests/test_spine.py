@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from ppca import PPCAPosterior
 from pyro import poutine
 from torch import nn
 
@@ -64,22 +65,6 @@ def test_gaussian_learned_scale_is_a_parameter():
         Gaussian(scale=0.0)
 
 
-class ExactPosterior(nn.Module):
-    """The exact posterior of the linear-Gaussian model x = W z + b + sigma * noise."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, sigma: float) -> None:
-        super().__init__()
-        latent_dim = weight.shape[1]
-        precision = torch.eye(latent_dim, dtype=weight.dtype) + weight.T @ weight / sigma**2
-        self.register_buffer("covariance", torch.linalg.inv(precision))
-        self.register_buffer("gain", self.covariance @ weight.T / sigma**2)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> dist.Distribution:
-        loc = (x - self.bias) @ self.gain.T
-        return dist.MultivariateNormal(loc, covariance_matrix=self.covariance)
-
-
 @pytest.mark.parametrize("objective", [elbo, analytic_kl])
 def test_elbo_with_exact_posterior_equals_log_marginal(objective):
     """Probabilistic PCA: log p(x) = log N(x; b, W W^T + sigma^2 I), and the ELBO is tight."""
@@ -89,7 +74,7 @@ def test_elbo_with_exact_posterior_equals_log_marginal(objective):
     model = VAE(StandardNormal(latent_dim).double(), decoder, Gaussian(scale=sigma).double())
     # The scale the likelihood holds, in float64 (its float32 storage rounds it).
     sigma = model.likelihood(torch.zeros(features, dtype=torch.float64)).variance[0].sqrt().item()
-    guide = AmortizedGuide(ExactPosterior(decoder.weight.detach(), decoder.bias.detach(), sigma))
+    guide = AmortizedGuide(PPCAPosterior(decoder, sigma))
     x = torch.randn(11, features, dtype=torch.float64) * 2
     weight, bias = decoder.weight.detach(), decoder.bias.detach()
     marginal = dist.MultivariateNormal(
