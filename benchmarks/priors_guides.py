@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRIORS = ("standard", "mixture", "vamp", "flow")
 GUIDES = ("diagonal", "fullcov", "iaf")
 RESULTS = ROOT / "benchmarks" / "results" / "priors_guides"
+COLLAPSE_KL = 1.0
+"""Below this test KL (nats) the latents carry almost no information: posterior collapse."""
 EVALUATION = "priors_guides_evaluation.json"
 """Per run: the test figures and the settings they were computed with, reused when equal."""
 BURDA_VAE, BURDA_IWAE = -86.76, -84.78
@@ -54,6 +56,7 @@ BURDA_VAE, BURDA_IWAE = -86.76, -84.78
 
 
 def main() -> None:
+    """Runs the grid, rewriting the results after every pair."""
     args = _parser().parse_args()
     data_path = _find_data(args.data)
     if data_path is None:
@@ -82,12 +85,14 @@ def run_pair(
     run_dir = Path(args.runs) / f"{prior}-{guide}"
     row: dict[str, Any] = {"prior": prior, "guide": guide, "epochs": args.epochs}
     row["probe_seconds_per_step"] = None
-    spec = load_spec(config, [f"data.path={data_path}"])
+    overrides = [f"data.path={data_path}", *args.set]
+    spec = load_spec(config, overrides)
+    row["steps_per_epoch"] = math.ceil(len(data.train) / spec.train.batch_size)
     checkpoint = read_checkpoint(run_dir) if run_dir.is_dir() else None
     finished = checkpoint is not None and checkpoint["epoch"] == args.epochs
     if not finished or args.retrain:
         step = seconds_per_step(spec, data, args.probe_steps)
-        steps = math.ceil(len(data.train) / spec.train.batch_size) * args.epochs
+        steps = row["steps_per_epoch"] * args.epochs
         row["probe_seconds_per_step"] = step
         if step * steps > 60 * args.max_train_minutes:
             row["skipped"] = (
@@ -97,7 +102,7 @@ def run_pair(
                 f"the {args.max_train_minutes:g}-minute limit per run"
             )
             return row
-        train(config, run_dir, args.epochs, data_path)
+        train(config, run_dir, args.epochs, overrides)
     run = load_run(run_dir)
     history = run.history
     row["train_seconds"] = sum(h["seconds"] for h in history)
@@ -159,7 +164,7 @@ def seconds_per_step(spec: Spec, data: Splits, num_steps: int) -> float:
     return min(times[1:])
 
 
-def train(config: Path, run_dir: Path, epochs: int, data_path: Path) -> None:
+def train(config: Path, run_dir: Path, epochs: int, overrides: list[str]) -> None:
     """``pyrovae train`` in a fresh process, so that each run starts from the same state."""
     command = [
         sys.executable,
@@ -173,8 +178,7 @@ def train(config: Path, run_dir: Path, epochs: int, data_path: Path) -> None:
         str(epochs),
         "--no-progress",
         "--force",
-        "--set",
-        f"data.path={data_path}",
+        *(arg for item in overrides for arg in ("--set", item)),
     ]
     print("   " + shlex.join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
@@ -184,7 +188,7 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, output: 
     """Writes the table (markdown) and every figure (JSON)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": shlex.join(["python", *sys.argv]),
+        "command": shlex.join([_relative(Path(sys.executable)), *sys.argv]),
         "epochs": args.epochs,
         "num_test": args.num_test,
         "num_samples": args.num_samples,
@@ -200,6 +204,7 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, output: 
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The results page: what was measured, the table, the command and notes on the rows."""
     lines = [
         "# Prior x guide on dynamically binarized MNIST",
         "",
@@ -212,20 +217,22 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "of points whose K weights have a PSIS Pareto shape above 0.7 (estimate unreliable). "
         "Train s is the sum of the epochs' training time (no validation, no start-up); eval s "
         "is the time of the log p(x) estimate. Times were taken on a CPU shared with other "
-        "jobs, so they vary by a factor of two or more between runs.",
+        "jobs: the same epoch took from 3 s to 55 s with the load, so compare them loosely.",
         "",
         "| prior | guide | epochs | test ELBO | log p(x) | KL | k̂ > 0.7 | train s | eval s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = []
-    probed = [r["probe_seconds_per_step"] for r in rows if "skipped" not in r]
-    probed = [t for t in probed if t is not None]
+    trained = [r for r in rows if "skipped" not in r]
+    per_step = [r["train_seconds"] / (r["epochs"] * r["steps_per_epoch"]) for r in trained]
+    collapsed, unreliable = [], []
     for row in rows:
         if "skipped" in row:
             lines.append(f"| {row['prior']} | {row['guide']} | — | — | — | — | — | see note | — |")
             others = (
-                f" (the trained pairs' fastest steps: median {statistics.median(probed):.3f} s)"
-                if probed
+                f"; the trained pairs averaged {statistics.median(per_step):.3f} s per step "
+                "(median over pairs)"
+                if per_step
                 else ""
             )
             notes.append(f"- {row['prior']} x {row['guide']}: {row['skipped']}{others}.")
@@ -236,10 +243,34 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{100 * row['khat_bad_fraction']:.1f}% | {row['train_seconds']:.0f} | "
             f"{row['eval_seconds']:.0f} |"
         )
+        name = f"{row['prior']} x {row['guide']}"
+        if row["kl"] < COLLAPSE_KL:
+            collapsed.append(name)
+        if row["khat_bad_fraction"] > 0.5:
+            unreliable.append(name)
+    if collapsed:
+        notes.append(
+            f"- Posterior collapse in {', '.join(collapsed)}: KL < {COLLAPSE_KL:g} nat, so the "
+            "decoder ignores z and log p(x) is that of a model without latents. A prior fitted "
+            "to the aggregate posterior can match a constant encoder exactly, and a VampPrior "
+            "does so by construction (its components are the encoder's outputs), which makes "
+            "collapse a stable optimum."
+        )
+    if unreliable:
+        everywhere = len(unreliable) == len(trained) - len(collapsed)
+        where = "every pair without collapse" if everywhere else ", ".join(unreliable)
+        notes.append(
+            f"- k̂ > 0.7 for most points in {where}: the importance weights are "
+            "heavy-tailed, so log p(x) there is a stochastic lower bound of unknown tightness; "
+            "more samples or a better guide would raise it."
+        )
+    total = sum(r["train_seconds"] + r["eval_seconds"] for r in trained)
     lines += [
         "",
         f"Command: `{meta['command']}` ({meta['cpus']} CPU cores, {meta['threads']} torch "
-        f"threads, torch {meta['torch']}, Pyro {meta['pyro']}, {meta['date']}).",
+        f"threads, torch {meta['torch']}, Pyro {meta['pyro']}, {meta['date']}). Training and "
+        f"evaluation of the trained pairs took {total / 60:.1f} minutes in all (the sum of the "
+        "two time columns; start-up and the validation pass after each epoch come on top).",
         "",
         f"For context: Burda et al. (2016) report {BURDA_VAE} nats for the VAE and "
         f"{BURDA_IWAE} for IWAE (k = 50) with this architecture after 3,280 epochs; the "
@@ -248,6 +279,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         *notes,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
 def _find_data(data: str | None) -> Path | None:
@@ -278,6 +313,13 @@ def _parser() -> argparse.ArgumentParser:
         help="report, rather than train, a pair estimated to take longer",
     )
     parser.add_argument("--probe-steps", type=int, default=3, help="steps timed per pair")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a spec override for every pair, as in pyrovae train (use another --runs)",
+    )
     parser.add_argument("--retrain", action="store_true", help="retrain finished runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
     return parser
