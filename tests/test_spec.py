@@ -15,7 +15,11 @@ def test_default_spec_matches_the_documented_contract():
     assert spec.model.latent_dim == 16
     assert spec.model.prior == {"kind": "standard_normal"}
     assert spec.model.decoder == {"kind": "mlp", "hidden": [256, 256], "activation": "relu"}
-    assert spec.guide.encoder == {"kind": "diagonal_normal", "hidden": [256, 256], "activation": "relu"}
+    assert spec.guide.encoder == {
+        "kind": "diagonal_normal",
+        "hidden": [256, 256],
+        "activation": "relu",
+    }
     assert spec.train.objective == {"kind": "elbo", "num_particles": 1}
     assert (spec.train.epochs, spec.train.batch_size, spec.train.lr, spec.train.seed) == (
         50,
