@@ -178,3 +178,23 @@ def test_validation_terms_add_up(digits):
             h["validation_reconstruction"] - h["validation_kl"]
         )
         assert h["validation_kl"] > 0
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_keeps_everything_on_the_device(tmp_path, digits):
+    pyro.set_rng_seed(0)
+    model, guide = small_vae()
+    history = fit(
+        model,
+        guide,
+        digits.train,
+        validation=digits.validation,
+        epochs=2,
+        device="cuda",
+        transform=torch.bernoulli,
+        run_dir=tmp_path,
+        progress=False,
+    )
+    assert all(p.is_cuda for p in model.parameters())
+    assert math.isfinite(history[-1]["validation_elbo"])
+    assert read_checkpoint(tmp_path)["epoch"] == 2
