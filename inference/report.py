@@ -166,10 +166,15 @@ def _training(run: Run, diag: Diagnostics) -> str:
 
 def _units(diag: Diagnostics) -> str:
     body = _figure(plots.units_figure(diag.activity, diag.kl_per_dim, diag.activity_threshold))
+    kl_panel = (
+        " Right: the KL each dimension costs."
+        if diag.kl_per_dim is not None
+        else " The KL does not split by dimension for this guide and prior."
+    )
     body += _caption(
         "Left: how much each dimension's posterior mean varies across data points; a "
         f"dimension above {diag.activity_threshold:g} is active (Burda et al., 2016), below "
-        "it the encoder ignores x in that dimension. Right: the KL each dimension costs."
+        "it the encoder ignores x in that dimension." + kl_panel
     )
     kl = diag.kl_per_dim.mean(0) if diag.kl_per_dim is not None else None
     rows = []
