@@ -61,7 +61,39 @@ class ContinuousBernoulli(nn.Module):
         return dist.ContinuousBernoulli(logits=logits).to_event(1)
 
 
-class Gaussian(nn.Module):
+class _LocationScale(nn.Module):
+    """Independent pixels of a location-scale ``family``: the location from the decoder, one
+    scale fixed or learned (one in all, or one per feature)."""
+
+    family: type[dist.Distribution]
+    num_params = 1
+    support = constraints.real
+
+    def __init__(
+        self,
+        scale: float = 1.0,
+        learn_scale: bool = False,
+        per_feature: bool = False,
+        features: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        if per_feature and not learn_scale:
+            raise ValueError("per_feature needs learn_scale = true (a fixed scale is shared)")
+        if per_feature and not (features and features > 0):
+            raise ValueError(f"per_feature needs the number of features, got {features}")
+        log_scale = torch.full((features,) if per_feature else (), math.log(scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    def forward(self, loc: Tensor) -> dist.Distribution:
+        return self.family(loc, self.log_scale.exp().expand_as(loc)).to_event(1)
+
+
+class Gaussian(_LocationScale):
     """Independent Gaussian pixels with mean given by the decoder.
 
     With a fixed ``scale`` s, ``-log p(x|z) = ||x - mean||^2 / (2 s^2) + F log(s sqrt(2 pi))``:
@@ -80,24 +112,10 @@ class Gaussian(nn.Module):
         features: number of data features F (filled in by the builder).
     """
 
-    num_params = 1
-    support = constraints.real
-
-    def __init__(
-        self,
-        scale: float = 1.0,
-        learn_scale: bool = False,
-        per_feature: bool = False,
-        features: int | None = None,
-    ) -> None:
-        super().__init__()
-        register_log_scale(self, scale, learn_scale, per_feature, features)
-
-    def forward(self, loc: Tensor) -> dist.Distribution:
-        return dist.Normal(loc, self.log_scale.exp().expand_as(loc)).to_event(1)
+    family = dist.Normal
 
 
-class Laplace(nn.Module):
+class Laplace(_LocationScale):
     """Independent Laplace pixels with location given by the decoder: the L1 loss.
 
     With a fixed ``scale`` b, ``-log p(x|z) = ||x - loc||_1 / b + F log(2 b)``; ``scale``
@@ -110,21 +128,7 @@ class Laplace(nn.Module):
         features: number of data features F (filled in by the builder).
     """
 
-    num_params = 1
-    support = constraints.real
-
-    def __init__(
-        self,
-        scale: float = 1.0,
-        learn_scale: bool = False,
-        per_feature: bool = False,
-        features: int | None = None,
-    ) -> None:
-        super().__init__()
-        register_log_scale(self, scale, learn_scale, per_feature, features)
-
-    def forward(self, loc: Tensor) -> dist.Distribution:
-        return dist.Laplace(loc, self.log_scale.exp().expand_as(loc)).to_event(1)
+    family = dist.Laplace
 
 
 class HeteroscedasticGaussian(nn.Module):
@@ -184,35 +188,6 @@ class EightBitLogistic(nn.Module):
         loc, raw_scale = params.chunk(2, dim=-1)
         scale = softplus(raw_scale) + self.min_scale
         return DiscretizedLogistic(loc, scale, self.levels).to_event(1)
-
-
-def register_log_scale(
-    module: nn.Module,
-    scale: float,
-    learn_scale: bool,
-    per_feature: bool,
-    features: int | None,
-) -> None:
-    """Gives ``module`` a ``log_scale``: a parameter when learned, else a buffer.
-
-    Args:
-        module: the likelihood to hold it.
-        scale: the (initial) scale, positive.
-        learn_scale: register a parameter rather than a buffer.
-        per_feature: one scale per feature, shape ``(features,)``; otherwise a scalar.
-        features: number of features, needed with ``per_feature``.
-    """
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-    if per_feature and not learn_scale:
-        raise ValueError("per_feature needs learn_scale = true (a fixed scale is shared)")
-    if per_feature and not (features and features > 0):
-        raise ValueError(f"per_feature needs the number of features, got {features}")
-    log_scale = torch.full((features,) if per_feature else (), math.log(scale))
-    if learn_scale:
-        module.log_scale = nn.Parameter(log_scale)
-    else:
-        module.register_buffer("log_scale", log_scale)
 
 
 def bits_per_dim(log_px: Tensor | float, features: int, levels: int | None = None) -> Tensor:
