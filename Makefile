@@ -1,4 +1,5 @@
-# Two set-up commands: `make demo` (install, train the default spec on digits, sample) and `make test`.
+# Two set-up commands: `make demo` (install, train the default spec on digits, sample,
+# evaluate log p(x) on the test digits) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,6 +20,7 @@ install: $(BIN)/pyrovae
 demo: install
 	$(BIN)/pyrovae train --out runs/demo --force
 	$(BIN)/pyrovae sample runs/demo -n 64 -o runs/demo/samples.png --force
+	$(BIN)/pyrovae evaluate runs/demo --num-samples 1000
 
 test: install
 	$(BIN)/python -m pytest

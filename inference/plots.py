@@ -52,12 +52,12 @@ def save_image_grid(images: Tensor, image_shape: tuple[int, ...], path: str | Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = image_grid(images, image_shape)
+    grid = separated_grid(images, image_shape, math.ceil(math.sqrt(images.shape[0])))
     height, width = grid.shape
     scale = max(1.0, 400 / max(height, width))
     fig = plt.figure(figsize=(width * scale / 100, height * scale / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(grid, cmap=_grey(), vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     fig.savefig(path)
     plt.close(fig)

@@ -261,3 +261,31 @@ def test_kl_schedule_from_the_spec_reaches_training(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "fit", spy)
     assert train(tmp_path, "--set", 'train.kl={ kind = "linear", warmup_steps = 30 }') == 0
     assert seen["schedule"](0) == 0.0 and seen["schedule"](15) == pytest.approx(0.5)
+
+
+def test_image_grid_tiles_row_major():
+    from inference.plots import image_grid
+
+    images = torch.arange(6.0).repeat_interleave(4).reshape(6, 4) / 5  # 6 tiles of 2x2
+    grid = image_grid(images, (2, 2), ncol=3)
+    assert grid.shape == (4, 6)
+    assert grid[0, 0] == 0 and grid[0, 2] == pytest.approx(0.2) and grid[2, 0] == pytest.approx(0.6)
+
+
+def test_image_grid_through_torchvision_matches_numpy(monkeypatch):
+    pytest.importorskip("torchvision")
+    import builtins
+
+    from inference.plots import image_grid
+
+    images = torch.rand(7, 12)
+    with_torchvision = image_grid(images, (3, 4), ncol=3)
+    real_import = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    np.testing.assert_allclose(with_torchvision, image_grid(images, (3, 4), ncol=3))
