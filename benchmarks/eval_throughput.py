@@ -2,7 +2,7 @@
 
 Trains a small MNIST VAE (784-400-50, Bernoulli pixels) for a few epochs, then estimates
 log p(x) on test images twice in the same process, interleaved: through
-``inference.marginal.log_marginal_likelihood`` and through a plain batched PyTorch
+``inference.algorithms.marginal.log_marginal_likelihood`` and through a plain batched PyTorch
 importance sampler (encoder, rsample K x B, BCE-with-logits and Gaussian log densities by
 formula, logsumexp). Prints importance samples per second for both and their ratio
 (target >= 0.9), the peak memory of each at K=500 and K=5000 (each in a fresh
@@ -36,9 +36,9 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from guides import AmortizedGuide, DiagonalNormal  # noqa: E402
-from inference.marginal import log_marginal_likelihood  # noqa: E402
-from model import VAE, Bernoulli, MLPDecoder, StandardNormal  # noqa: E402
+from pyrovae.guides import AmortizedGuide, DiagonalNormal  # noqa: E402
+from pyrovae.inference.algorithms.marginal import log_marginal_likelihood  # noqa: E402
+from pyrovae.model import VAE, Bernoulli, MLPDecoder, StandardNormal  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
 LATENT_DIM, HIDDEN, FEATURES = 50, [400], 784

@@ -38,10 +38,9 @@ from typing import Any
 
 import pyro
 import torch
-
-from inference import Spec, Splits, build, build_objective, load_data, load_run, load_spec
-from inference.marginal import KHAT_THRESHOLD, log_marginal_likelihood
-from inference.runs import read_checkpoint
+from pyrovae.inference import Spec, Splits, build, build_objective, load_data, load_run, load_spec
+from pyrovae.inference.algorithms.marginal import KHAT_THRESHOLD, log_marginal_likelihood
+from pyrovae.inference.experiment.runs import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIORS = ("standard", "mixture", "vamp", "flow")
@@ -169,7 +168,7 @@ def train(config: Path, run_dir: Path, epochs: int, overrides: list[str]) -> Non
     command = [
         sys.executable,
         "-m",
-        "inference.cli",
+        "pyrovae.inference.cli",
         "train",
         str(config),
         "--out",

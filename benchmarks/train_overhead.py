@@ -29,12 +29,11 @@ import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
+from pyrovae.guides import AmortizedGuide, DiagonalNormal
+from pyrovae.inference import fit
+from pyrovae.model import VAE, Bernoulli, MLPDecoder, StandardNormal
 from torch import nn
 from torch.nn import functional as F
-
-from guides import AmortizedGuide, DiagonalNormal
-from inference import fit
-from model import VAE, Bernoulli, MLPDecoder, StandardNormal
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 LATENT, HIDDEN = 50, 400

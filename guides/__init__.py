@@ -1,8 +1,8 @@
 """The inference side of a VAE: encoders q(z|x) and the ``AmortizedGuide`` that samples them."""
 
-from guides.amortized import AmortizedGuide
-from guides.encoders import ENCODERS, DiagonalNormal, FullCovarianceNormal, LowRankNormal
-from guides.flows import FlowEncoder
+from pyrovae.guides.amortized import AmortizedGuide
+from pyrovae.guides.encoders import ENCODERS, DiagonalNormal, FullCovarianceNormal, LowRankNormal
+from pyrovae.guides.flows import FlowEncoder
 
 __all__ = [
     "ENCODERS",

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pyro
+from pyrovae.model.sites import DATA_PLATE, LATENT
 from torch import Tensor, nn
-
-from model.sites import DATA_PLATE, LATENT
 
 
 class AmortizedGuide(nn.Module):
@@ -16,7 +15,7 @@ class AmortizedGuide(nn.Module):
             shape ``(latent_dim,)`` for ``x`` of shape ``(B, F)``.
 
     Example:
-        >>> from guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
         >>> guide = AmortizedGuide(DiagonalNormal(in_features=5, latent_dim=2))
     """
 

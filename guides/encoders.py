@@ -12,12 +12,11 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import SoftplusLowerCholeskyTransform
+from pyrovae.guides.flows import FlowEncoder
+from pyrovae.model.networks import network as build_network
 from torch import Tensor, nn
 from torch.distributions.utils import vec_to_tril_matrix
 from torch.nn.functional import softplus
-
-from guides.flows import FlowEncoder
-from model.networks import network as build_network
 
 
 class DiagonalNormal(nn.Module):

@@ -7,11 +7,10 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import zuko
 from pyro.contrib.zuko import ZukoToPyro
+from pyrovae.model.flows import autoregressive_flow, inverse_flow
+from pyrovae.model.networks import network as build_network
 from torch import Tensor, nn
 from torch.nn.functional import softplus
-
-from model.flows import autoregressive_flow, inverse_flow
-from model.networks import network as build_network
 
 
 class ConditionalDiagNormal(zuko.lazy.LazyDistribution):

@@ -1,15 +1,24 @@
-"""Running VAEs: objectives, schedules, training, marginal likelihood, diagnostics, data, specs."""
+"""Running VAEs, in three layers that import downwards only.
 
-from inference.compare import compare_runs, format_comparison
-from inference.data import Splits, load_data
-from inference.diagnostics import Diagnostics, diagnose
-from inference.errors import PyrovaeError
-from inference.marginal import MarginalLikelihood, log_marginal_likelihood
-from inference.objectives import OBJECTIVES, ParticleBound, analytic_kl, elbo, iwae, log_weights
-from inference.psis import KHAT_THRESHOLD, pareto_khat
-from inference.report import write_report
-from inference.runs import Run, load_run
-from inference.schedules import (
+- :mod:`~pyrovae.inference.algorithms`: objectives, KL schedules, the scoring path, the
+  marginal-likelihood estimator and PSIS diagnostics;
+- :mod:`~pyrovae.inference.experiment`: the spec, data sets, runs and checkpoints, the
+  training loop with its callbacks, and ``train_run`` / ``evaluate_run``;
+- :mod:`~pyrovae.inference.reporting`: diagnostics, figures, the run report and comparisons;
+
+with the ``pyrovae`` command (:mod:`~pyrovae.inference.cli`) on top.
+"""
+
+from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
+from pyrovae.inference.algorithms.objectives import (
+    OBJECTIVES,
+    ParticleBound,
+    analytic_kl,
+    elbo,
+    iwae,
+)
+from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD, khat_bad_fraction, pareto_khat
+from pyrovae.inference.algorithms.schedules import (
     SCHEDULES,
     ConstantBeta,
     CyclicalAnnealing,
@@ -18,24 +27,55 @@ from inference.schedules import (
     KLWeight,
     LinearWarmup,
 )
-from inference.spec import Spec, build, build_objective, build_schedule, load_spec
-from inference.train import TrainingDiverged, fit
+from pyrovae.inference.algorithms.scoring import Scores, score
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.data import Splits, load_data
+from pyrovae.inference.experiment.runs import Checkpoint, Run, load_run
+from pyrovae.inference.experiment.spec import (
+    Spec,
+    build,
+    build_objective,
+    build_schedule,
+    load_spec,
+)
+from pyrovae.inference.experiment.training import (
+    Callback,
+    Checkpointing,
+    EarlyStopping,
+    FitState,
+    ProgressBar,
+    TrainingDiverged,
+    fit,
+)
+from pyrovae.inference.experiment.workflow import Evaluation, evaluate_run, train_run
+from pyrovae.inference.reporting.compare import compare_runs, format_comparison
+from pyrovae.inference.reporting.diagnostics import Diagnostics, SiteDiagnostics, diagnose
+from pyrovae.inference.reporting.report import write_report
 
 __all__ = [
     "KHAT_THRESHOLD",
     "OBJECTIVES",
     "SCHEDULES",
+    "Callback",
+    "Checkpoint",
+    "Checkpointing",
     "ConstantBeta",
     "CyclicalAnnealing",
     "Diagnostics",
+    "EarlyStopping",
+    "Evaluation",
+    "FitState",
     "FreeBits",
     "KLSchedule",
     "KLWeight",
     "LinearWarmup",
     "MarginalLikelihood",
     "ParticleBound",
+    "ProgressBar",
     "PyrovaeError",
     "Run",
+    "Scores",
+    "SiteDiagnostics",
     "Spec",
     "Splits",
     "TrainingDiverged",
@@ -46,14 +86,17 @@ __all__ = [
     "compare_runs",
     "diagnose",
     "elbo",
+    "evaluate_run",
     "fit",
     "format_comparison",
     "iwae",
+    "khat_bad_fraction",
     "load_data",
     "load_run",
     "load_spec",
     "log_marginal_likelihood",
-    "log_weights",
     "pareto_khat",
+    "score",
+    "train_run",
     "write_report",
 ]

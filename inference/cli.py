@@ -11,13 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyro
-import torch
-
-from inference.data import load_data
-from inference.errors import PyrovaeError
-from inference.runs import SPEC, Run, atomic_write, create_run, load_run, read_checkpoint
-from inference.spec import Spec, build, build_objective, build_schedule, load_spec
-from inference.train import check_inputs, fit, resolve_device
+from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.runs import Run, load_run
+from pyrovae.inference.experiment.training import resolve_device
+from pyrovae.inference.experiment.workflow import EVALUATION, evaluate_run, train_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,64 +104,34 @@ def _add_diagnostic_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    if args.resume:
-        if args.spec or args.set or args.out or args.force:
-            raise PyrovaeError(
-                "--resume takes the spec and directory from RUN; drop SPEC, --set, --out, --force"
-            )
-        out = Path(args.resume)
-        if read_checkpoint(out) is None:
-            raise PyrovaeError(f"{out} has no checkpoint to resume; train it afresh instead")
-        spec = load_run(out).spec
-    else:
-        spec = load_spec(args.spec, args.set)
-        out = Path(args.out or Path("runs") / (Path(args.spec).stem if args.spec else "default"))
-    changes = {"epochs": args.epochs, "device": args.device}
-    spec = spec.replace(train={k: v for k, v in changes.items() if v is not None})
-    if spec.train.epochs < 1:
-        raise PyrovaeError(f"train.epochs must be at least 1, got {spec.train.epochs}")
-    device = resolve_device(spec.train.device)
-
-    data = load_data(spec.data.name, spec.data.binarize, spec.data.path, spec.data.validation_size)
-    pyro.set_rng_seed(spec.train.seed)
-    model, guide = build(spec, data.features, data.image_shape)
-    objective = build_objective(spec)
-    check_inputs(model, data.train, data.validation)
-    if args.resume:
-        atomic_write(out / SPEC, spec.to_toml().encode())
-    else:
-        create_run(out, spec, force=args.force)
+    if args.resume and (args.spec or args.set or args.out or args.force):
+        raise PyrovaeError(
+            "--resume takes the spec and directory from RUN; drop SPEC, --set, --out, --force"
+        )
+    overrides = list(args.set)
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
     start = time.perf_counter()
-    history = fit(
-        model,
-        guide,
-        data.train,
-        validation=data.validation,
-        objective=objective,
-        kl_schedule=build_schedule(spec),
-        epochs=spec.train.epochs,
-        batch_size=spec.train.batch_size,
-        lr=spec.train.lr,
-        grad_clip=spec.train.grad_clip,
-        patience=spec.train.patience,
-        transform=torch.bernoulli if data.dynamic else None,
-        device=device,
-        seed=spec.train.seed,
-        run_dir=out,
-        metadata={"features": data.features, "image_shape": list(data.image_shape or [])},
+    run = train_run(
+        args.spec,
+        args.resume or args.out,
+        overrides=overrides,
+        resume=bool(args.resume),
+        force=args.force,
+        device=args.device,
         progress=not args.no_progress,
     )
-    last = history[-1]
+    last = run.history[-1]
     print(
-        f"trained {out}: epoch {last['epoch']}/{spec.train.epochs}, "
+        f"trained {run.path}: epoch {last['epoch']}/{run.spec.train.epochs}, "
         f"train ELBO {last['train_elbo']:.2f}, validation ELBO {last['validation_elbo']:.2f} "
-        f"nats/point, {last['images_per_s']:.0f} images/s on {device}, "
-        f"{time.perf_counter() - start:.1f} s"
+        f"nats/point, {last['images_per_s']:.0f} images/s on "
+        f"{resolve_device(run.spec.train.device)}, {time.perf_counter() - start:.1f} s"
     )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from inference.plots import save_image_grid
+    from pyrovae.inference.reporting.plots import save_image_grid
 
     if args.num_samples < 1:
         raise PyrovaeError(f"-n must be at least 1, got {args.num_samples}")
@@ -181,65 +149,45 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from inference.marginal import KHAT_THRESHOLD, log_marginal_likelihood
-
-    if args.num_samples < 1:
-        raise PyrovaeError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.limit is not None and args.limit < 1:
-        raise PyrovaeError(f"--limit must be at least 1, got {args.limit}")
-    run = load_run(args.run)
-    device = resolve_device(args.device or run.spec.train.device)
-    d = run.spec.data
-    x, _ = load_data(d.name, d.binarize, d.path, d.validation_size).split(args.split)
-    x = x[: args.limit].to(device)
-    run.model.to(device)
-    run.guide.to(device)
-    pyro.set_rng_seed(args.seed)
-    start = time.perf_counter()
-    try:
-        result = log_marginal_likelihood(run.model, run.guide, x, num_samples=args.num_samples)
-    except ValueError as e:
-        raise PyrovaeError(str(e)) from None
-    summary = result.summary()
-    features = x.shape[1]
-    report = {
-        "run": str(run.path),
-        "epoch": run.epoch,
-        "split": args.split,
-        "points": len(x),
-        "num_samples": args.num_samples,
-        "seed": args.seed,
-        "seconds": time.perf_counter() - start,
-        "features": features,
-        "bits_per_dim": -summary["log_px"] / (features * math.log(2)),
-        "khat_threshold": KHAT_THRESHOLD,
-        **summary,
-    }
-    atomic_write(run.path / "evaluation.json", (json.dumps(report, indent=2) + "\n").encode())
+    _check_diagnostic_options(args)
+    evaluation = evaluate_run(
+        args.run,
+        split=args.split,
+        num_samples=args.num_samples,
+        limit=args.limit,
+        seed=args.seed,
+        device=args.device,
+    )
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(evaluation.to_json(), indent=2))
         return
+    summary = evaluation.summary()
+    result = evaluation.result
+    khat_share = summary["khat_bad_fraction"]
     rows = [
         ("ELBO", f"{summary['elbo']:.3f}"),
         ("log p(x)", f"{summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f}"),
-        ("bits/dim", f"{report['bits_per_dim']:.4f}"),
+        ("bits/dim", f"{summary['bits_per_dim']:.4f}"),
         ("reconstruction E[log p(x|z)]", f"{summary['reconstruction']:.3f}"),
         ("KL(q(z|x) || p(z))", f"{summary['kl']:.3f}"),
         *[(f"IWAE k={k}", f"{v.mean().item():.3f}") for k, v in result.iwae.items()],
-        (f"share of points with k̂ > {KHAT_THRESHOLD}", f"{summary['khat_bad_fraction']:.1%}"),
+        (
+            f"share of points with k̂ > {KHAT_THRESHOLD}",
+            "not computed (needs K >= 25)" if math.isnan(khat_share) else f"{khat_share:.1%}",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     print(
-        f"{run.path}: {args.split} split, {len(x)} points, K = {args.num_samples}, "
-        f"{report['seconds']:.1f} s (nats per point)"
+        f"{evaluation.run}: {evaluation.split} split, {evaluation.num_points} points, "
+        f"K = {evaluation.num_samples}, {evaluation.seconds:.1f} s (nats per point)"
     )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    print(f"wrote {run.path / 'evaluation.json'}")
+    print(f"wrote {evaluation.run / EVALUATION}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from inference.report import write_report
+    from pyrovae.inference.reporting.report import write_report
 
     _check_diagnostic_options(args)
     if args.output and Path(args.output).exists() and not args.force:
@@ -258,7 +206,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from inference.compare import compare_runs, format_comparison
+    from pyrovae.inference.reporting.compare import compare_runs, format_comparison
 
     _check_diagnostic_options(args)
     if len(args.runs) < 2:
@@ -278,7 +226,7 @@ def _check_diagnostic_options(args: argparse.Namespace) -> None:
 
 
 def _image_shape(run: Run) -> tuple[int, ...]:
-    shape = tuple(run.checkpoint["image_shape"])
+    shape = tuple(run.image_shape)
     if len(shape) != 2:
         raise PyrovaeError(
             f"{run.path} was trained on data that are not 2-D images; no grid to draw"
@@ -286,7 +234,7 @@ def _image_shape(run: Run) -> tuple[int, ...]:
     return shape
 
 
-__all__ = ["main", "Spec"]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
 """The generative side of a VAE: priors p(z), decoders, likelihoods p(x|z), and ``VAE``."""
 
-from model.decoders import DECODERS, ConvDecoder, MLPDecoder
-from model.distributions import DiscretizedLogistic
-from model.likelihoods import (
+from pyrovae.model.decoders import DECODERS, ConvDecoder, MLPDecoder
+from pyrovae.model.distributions import DiscretizedLogistic
+from pyrovae.model.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
     ContinuousBernoulli,
@@ -12,7 +12,7 @@ from model.likelihoods import (
     Laplace,
     bits_per_dim,
 )
-from model.priors import (
+from pyrovae.model.priors import (
     PRIORS,
     FlowPrior,
     LearnedNormal,
@@ -20,8 +20,8 @@ from model.priors import (
     StandardNormal,
     VampPrior,
 )
-from model.sites import DATA_PLATE, LATENT, OBSERVED
-from model.vae import VAE
+from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
+from pyrovae.model.vae import VAE
 
 __all__ = [
     "DATA_PLATE",

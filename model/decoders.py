@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
+from pyrovae.model import networks
 from torch import Tensor, nn
-
-from model import networks
 
 
 class MLPDecoder(nn.Module):

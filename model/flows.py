@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import zuko
+from pyrovae.model.networks import check_sizes
 from torch import nn
-
-from model.networks import check_sizes
 
 FLOWS: dict[str, type[zuko.flows.Flow]] = {
     "maf": zuko.flows.MAF,

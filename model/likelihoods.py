@@ -5,6 +5,9 @@ and returns a distribution with event shape ``(F,)``, where F is the number of d
 ``num_params`` (default 1 when absent) tells the builder how wide the decoder must be; with
 more than one, parameter j of every feature is ``params.chunk(num_params, dim=-1)[j]``.
 ``support`` is the constraint the training data are checked against once, up front.
+``discrete`` (default False when absent) says that ``log p(x|z)`` is a log-probability of
+discrete values rather than a density, which decides the bits/dim convention
+(:func:`bits_per_dim`).
 """
 
 from __future__ import annotations
@@ -13,11 +16,10 @@ import math
 
 import pyro.distributions as dist
 import torch
+from pyrovae.model.distributions import DiscretizedLogistic
 from torch import Tensor, nn
 from torch.distributions import constraints
 from torch.nn.functional import softplus
-
-from model.distributions import DiscretizedLogistic
 
 
 class Bernoulli(nn.Module):
@@ -30,6 +32,7 @@ class Bernoulli(nn.Module):
 
     num_params = 1
     support = constraints.unit_interval
+    discrete = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -174,6 +177,7 @@ class EightBitLogistic(nn.Module):
 
     num_params = 2
     support = constraints.unit_interval
+    discrete = True
 
     def __init__(self, min_scale: float = 1e-3, levels: int = 256) -> None:
         super().__init__()

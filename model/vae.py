@@ -5,9 +5,8 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
 from torch import Tensor, nn
-
-from model.sites import DATA_PLATE, LATENT, OBSERVED
 
 
 class VAE(nn.Module):
@@ -24,7 +23,7 @@ class VAE(nn.Module):
         likelihood: ``likelihood(params) -> Distribution`` with event shape ``(F,)``.
 
     Example:
-        >>> from model import VAE, StandardNormal, Gaussian
+        >>> from pyrovae.model import VAE, StandardNormal, Gaussian
         >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
         >>> vae.sample(3).shape
         torch.Size([3, 5])

@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from inference.cli import main
-from inference.runs import load_run
+from pyrovae.inference.cli import main
+from pyrovae.inference.experiment.runs import load_run
 
 SMALL = [
     "--set",
@@ -138,7 +137,7 @@ def test_malformed_spec_file(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from inference import PyrovaeError
+    from pyrovae.inference import PyrovaeError
 
     with pytest.raises(PyrovaeError):
         main(["--debug", "train", "--out", str(tmp_path / "r"), "--set", "model.nope=1"])
@@ -149,7 +148,7 @@ def test_console_script_exit_code(tmp_path):
         [
             sys.executable,
             "-m",
-            "inference.cli",
+            "pyrovae.inference.cli",
             "train",
             "--set",
             "model.nope=1",
@@ -249,22 +248,22 @@ def test_report_and_compare_commands(tmp_path, capsys):
 
 
 def test_kl_schedule_from_the_spec_reaches_training(tmp_path, monkeypatch):
-    import inference.cli as cli
+    import pyrovae.inference.experiment.workflow as workflow
 
     seen = {}
-    real_fit = cli.fit
+    real_fit = workflow.fit
 
     def spy(*args, **kwargs):
         seen["schedule"] = kwargs["kl_schedule"]
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "fit", spy)
+    monkeypatch.setattr(workflow, "fit", spy)
     assert train(tmp_path, "--set", 'train.kl={ kind = "linear", warmup_steps = 30 }') == 0
     assert seen["schedule"](0) == 0.0 and seen["schedule"](15) == pytest.approx(0.5)
 
 
 def test_image_grid_tiles_row_major():
-    from inference.plots import image_grid
+    from pyrovae.inference.reporting.plots import image_grid
 
     images = torch.arange(6.0).repeat_interleave(4).reshape(6, 4) / 5  # 6 tiles of 2x2
     grid = image_grid(images, (2, 2), ncol=3)
@@ -276,7 +275,7 @@ def test_image_grid_through_torchvision_matches_numpy(monkeypatch):
     pytest.importorskip("torchvision")
     import builtins
 
-    from inference.plots import image_grid
+    from pyrovae.inference.reporting.plots import image_grid
 
     images = torch.rand(7, 12)
     with_torchvision = image_grid(images, (3, 4), ncol=3)

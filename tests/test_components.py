@@ -16,11 +16,10 @@ import pytest
 import torch
 import zuko
 from pyro.infer import Trace_ELBO
+from pyrovae.guides import ENCODERS, AmortizedGuide
+from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
-
-from guides import ENCODERS, AmortizedGuide
-from model import DECODERS, LIKELIHOODS, PRIORS, VAE
 
 REGISTRIES = {"prior": PRIORS, "encoder": ENCODERS, "decoder": DECODERS, "likelihood": LIKELIHOODS}
 DEFAULTS = {
@@ -146,8 +145,8 @@ def test_signature_is_a_schema(family: str, name: str):
 
 
 def test_public_names():
-    from guides import AmortizedGuide, DiagonalNormal  # noqa: F401
-    from model import Bernoulli, Gaussian, MLPDecoder, StandardNormal  # noqa: F401
+    from pyrovae.guides import AmortizedGuide, DiagonalNormal  # noqa: F401
+    from pyrovae.model import Bernoulli, Gaussian, MLPDecoder, StandardNormal  # noqa: F401
 
     assert {"standard_normal", "learned_normal", "mixture", "vamp", "flow"} <= set(PRIORS)
     assert {"diagonal_normal", "full_covariance_normal", "low_rank_normal", "flow"} <= set(ENCODERS)

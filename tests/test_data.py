@@ -8,10 +8,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from pyrovae.inference import PyrovaeError, load_data
+from pyrovae.inference.experiment.data import check_data
 from torch.distributions import constraints
-
-from inference import PyrovaeError, load_data
-from inference.data import check_data
 
 
 def test_digits_splits_offline():

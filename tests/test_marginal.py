@@ -15,13 +15,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 from ppca import PPCAPosterior, gaussian_posterior, ppca_log_px
+from pyrovae.guides import AmortizedGuide, DiagonalNormal
+from pyrovae.inference.algorithms.marginal import log_marginal_likelihood
+from pyrovae.inference.algorithms.psis import _khat_arviz, _khat_arviz_stats, pareto_khat
+from pyrovae.model import VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
+from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
 from torch import Tensor, nn
-
-from guides import AmortizedGuide, DiagonalNormal
-from inference.marginal import log_marginal_likelihood
-from inference.psis import _khat_arviz, _khat_arviz_stats, pareto_khat
-from model import VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
-from model.sites import DATA_PLATE, LATENT, OBSERVED
 
 LATENT_DIM, FEATURES, NOISE = 2, 5, 0.5
 

@@ -9,12 +9,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 from ppca import PPCAPosterior
+from pyrovae.guides import AmortizedGuide, DiagonalNormal
+from pyrovae.inference import PyrovaeError, Spec, build_objective, load_spec
+from pyrovae.inference.algorithms.objectives import OBJECTIVES, ParticleBound, elbo, iwae
+from pyrovae.model import VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
 from torch import Tensor, nn
-
-from guides import AmortizedGuide, DiagonalNormal
-from inference import PyrovaeError, Spec, build_objective, load_spec
-from inference.objectives import OBJECTIVES, ParticleBound, elbo, iwae, log_weights
-from model import VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
 
 LATENT_DIM, FEATURES = 2, 4
 
@@ -116,8 +115,8 @@ def test_iwae_tightens_with_particles_and_stays_below_log_marginal():
     bounds = []
     with torch.no_grad():
         for k in [1, 5, 50]:
-            traces = ParticleBound(k, importance_weighted=True).traces(model, guide, x)
-            bounds.append(torch.logsumexp(log_weights(*traces), dim=0) - math.log(k))
+            scores = ParticleBound(k, importance_weighted=True).score(model, guide, x)
+            bounds.append(torch.logsumexp(scores.log_weight, dim=0) - math.log(k))
     for bound in bounds:
         assert z_scores(exact[:, None], bound[:, None]) > -3  # no bound above log p(x)
     for lower, upper in zip(bounds, bounds[1:], strict=False):
@@ -211,11 +210,10 @@ def test_every_objective_gives_a_scalar_loss_and_every_gradient(options):
 def test_log_weights_have_a_particle_and_a_point_dimension():
     model, _, _ = linear_gaussian()
     guide = AmortizedGuide(DiagonalNormal(FEATURES, LATENT_DIM, hidden=[3]).double())
-    model_trace, guide_trace = ParticleBound(6).traces(
-        model, guide, torch.zeros(4, FEATURES, dtype=torch.float64)
-    )
-    assert log_weights(model_trace, guide_trace).shape == (6, 4)
-    assert guide_trace.nodes["z"]["value"].shape == (6, 4, LATENT_DIM)
+    scores = ParticleBound(6).score(model, guide, torch.zeros(4, FEATURES, dtype=torch.float64))
+    assert scores.log_weight.shape == (6, 4)
+    assert scores.log_likelihood.shape == scores.log_prior["z"].shape == (6, 4)
+    assert scores.guide_trace.nodes["z"]["value"].shape == (6, 4, LATENT_DIM)
 
 
 def test_sites_outside_the_data_plate_are_refused():
@@ -227,7 +225,7 @@ def test_sites_outside_the_data_plate_are_refused():
     def guide(x):
         pyro.sample("w", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ValueError, match="'w' is outside the 'data' plate"):
+    with pytest.raises(ValueError, match="site 'w' is outside the data plate"):
         iwae(2)(model, guide)(torch.zeros(3))
 
 

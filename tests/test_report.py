@@ -9,12 +9,11 @@ import shutil
 
 import pytest
 import torch
-
-from inference.cli import main
-from inference.compare import compare_runs, format_comparison
-from inference.errors import PyrovaeError
-from inference.report import write_report
-from inference.runs import load_run
+from pyrovae.inference.cli import main
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.runs import Checkpoint, load_run
+from pyrovae.inference.reporting.compare import compare_runs, format_comparison
+from pyrovae.inference.reporting.report import write_report
 
 SECTIONS = (
     "Summary",
@@ -82,7 +81,9 @@ def test_report_is_one_self_contained_page(run_dir):
 
 def test_report_projects_wider_latents_and_skips_images_for_vectors(wide_dir, tmp_path):
     run = load_run(wide_dir)
-    vectors = dataclasses.replace(run, checkpoint={**run.checkpoint, "image_shape": []})
+    vectors = dataclasses.replace(
+        run, checkpoint=dataclasses.replace(run.checkpoint, image_shape=())
+    )
     page = write_report(vectors, path=tmp_path / "r.html", **FAST).read_text()
     assert "not 2-D images" in page
     assert "<h2>Reconstructions</h2>" not in page
@@ -119,7 +120,12 @@ def test_runs_on_different_data_are_refused(run_dir, tmp_path):
     other = tmp_path / "static"
     shutil.copytree(run_dir, other)
     spec = (other / "spec.toml").read_text()
-    (other / "spec.toml").write_text(spec.replace('binarize = "dynamic"', 'binarize = "static"'))
+    edited = spec.replace('binarize = "dynamic"', 'binarize = "static"')
+    (other / "spec.toml").write_text(edited)
+    # The same weights, recorded as trained on statically binarized data.
+    checkpoint = Checkpoint.load(other)
+    checkpoint.spec = edited
+    checkpoint.save(other)
     with pytest.raises(PyrovaeError, match="other data") as error:
         compare_runs([run_dir, other], limit=10, num_samples=10)
     assert "\n" not in str(error.value)

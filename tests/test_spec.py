@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from inference import PyrovaeError, Spec, build, load_spec
-from inference.spec import spec_from_dict
+from pyrovae.inference import PyrovaeError, Spec, build, load_spec
+from pyrovae.inference.experiment.spec import spec_from_dict
 
 
 def test_default_spec_matches_the_documented_contract():

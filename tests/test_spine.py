@@ -10,11 +10,19 @@ import pytest
 import torch
 from ppca import PPCAPosterior
 from pyro import poutine
+from pyrovae.guides import AmortizedGuide, DiagonalNormal
+from pyrovae.inference import analytic_kl, elbo
+from pyrovae.model import (
+    DATA_PLATE,
+    LATENT,
+    OBSERVED,
+    VAE,
+    Bernoulli,
+    Gaussian,
+    MLPDecoder,
+    StandardNormal,
+)
 from torch import nn
-
-from guides import AmortizedGuide, DiagonalNormal
-from inference import analytic_kl, elbo
-from model import DATA_PLATE, LATENT, OBSERVED, VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
 
 
 def test_any_module_that_fits_plugs_in():

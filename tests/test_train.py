@@ -7,11 +7,11 @@ import math
 import pyro
 import pytest
 import torch
-
-from guides import AmortizedGuide, DiagonalNormal
-from inference import TrainingDiverged, fit, load_data
-from inference.runs import CHECKPOINT, METRICS, read_checkpoint
-from model import VAE, Bernoulli, MLPDecoder, StandardNormal
+from interrupt import InterruptAt
+from pyrovae.guides import AmortizedGuide, DiagonalNormal
+from pyrovae.inference import TrainingDiverged, fit, load_data
+from pyrovae.inference.experiment.runs import CHECKPOINT, METRICS, Checkpoint
+from pyrovae.model import VAE, Bernoulli, MLPDecoder, StandardNormal
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +63,10 @@ def test_seeded_cpu_runs_are_reproducible(digits):
         torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
 
 
-def test_checkpoint_resume_matches_uninterrupted(tmp_path, digits, monkeypatch):
-    import inference.train as train_module
-
+def test_checkpoint_resume_matches_uninterrupted(tmp_path, digits):
     x = digits.train[:400]
 
-    def run(run_dir, epochs):
+    def run(run_dir, epochs, callbacks=()):
         pyro.set_rng_seed(0)
         model, guide = small_vae()
         fit(
@@ -79,6 +77,7 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, digits, monkeypatch):
             epochs=epochs,
             transform=torch.bernoulli,
             run_dir=run_dir,
+            callbacks=callbacks,
             progress=False,
         )
         return model
@@ -88,20 +87,9 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, digits, monkeypatch):
     straight = run(tmp_path / "a", 4)
 
     # Kill the second run in the middle of epoch 3; its checkpoint stays at epoch 2.
-    real_epoch = train_module._train_epoch
-    calls = {"n": 0}
-
-    def dying_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_epoch", dying_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", 4)
-    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
-    assert read_checkpoint(tmp_path / "b")["epoch"] == 2
+        run(tmp_path / "b", 4, [InterruptAt(3)])
+    assert Checkpoint.load(tmp_path / "b").epoch == 2
 
     resumed = run(tmp_path / "b", 4)
     for key, value in straight.state_dict().items():
@@ -127,9 +115,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits):
         fit(
             model, guide, digits.train, epochs=3, transform=poison, run_dir=tmp_path, progress=False
         )
-    checkpoint = read_checkpoint(tmp_path)
-    assert checkpoint["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    checkpoint = Checkpoint.load(tmp_path)
+    assert checkpoint.epoch == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint.model.values())
     assert (tmp_path / CHECKPOINT).is_file()
 
 
@@ -197,4 +185,4 @@ def test_fit_on_cuda_keeps_everything_on_the_device(tmp_path, digits):
     )
     assert all(p.is_cuda for p in model.parameters())
     assert math.isfinite(history[-1]["validation_elbo"])
-    assert read_checkpoint(tmp_path)["epoch"] == 2
+    assert Checkpoint.load(tmp_path).epoch == 2

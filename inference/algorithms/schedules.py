@@ -27,14 +27,13 @@ from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
+from pyrovae.inference.errors import PyrovaeError
 from torch import Tensor
 from torch.distributions import Independent, constraints, kl_divergence, register_kl
 
-from inference.errors import PyrovaeError
-
 
 class KLSchedule(Protocol):
-    """What :func:`inference.train.fit` needs of a schedule."""
+    """What :func:`inference.experiment.training.fit` needs of a schedule."""
 
     def handler(self, step: int) -> AbstractContextManager:
         """The handler optimizer step ``step`` runs the loss under."""

@@ -18,14 +18,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyro
 import torch
-from pyro import poutine
-from pyro.distributions.util import scale_and_mask
-from pyro.poutine.util import site_is_subsample
+from pyrovae.inference.algorithms.psis import (
+    FLAT_ULPS,
+    KHAT_THRESHOLD,
+    khat_bad_fraction,
+    pareto_khat,
+)
+from pyrovae.inference.algorithms.scoring import (
+    MAX_PLATE_NESTING,
+    Scores,
+    SiteError,
+    check_sites,
+    score,
+)
 from torch import Tensor
-
-from inference.objectives import MAX_PLATE_NESTING
-from inference.psis import FLAT_ULPS, KHAT_THRESHOLD, pareto_khat
-from model.sites import DATA_PLATE
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -47,7 +53,6 @@ DEFAULT_MAX_MEMORY_ACCELERATOR = 2**30
 """Default budget in bytes on a GPU, where larger passes amortize kernel launches."""
 
 
-_PARTICLE_PLATE = "_marginal_particles"
 # Tensors a pass allocates beyond the sites' own values: decoder activations, the likelihood's
 # elementwise terms. Calibrated on the MNIST VAE in benchmarks/eval_throughput.py.
 _WORKSPACE_FACTOR = 4
@@ -57,10 +62,6 @@ _BYTES_PER_LOG_WEIGHT = 32
 _POINT_FIELDS = ("log_px", "stderr", "ess", "khat", "elbo", "reconstruction", "kl")
 
 Program = Callable[..., Any]
-
-
-class _SiteError(ValueError):
-    """A site the estimator cannot score; passed through as is by the input checks."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class MarginalLikelihood:
         out["log_px_stderr"] = self.stderr.square().sum().sqrt().item() / n
         out["khat"] = self.khat.nanmean().item()
         out["khat_max"] = self.khat.nan_to_num(nan=-math.inf).max().item()
-        out["khat_bad_fraction"] = (self.khat > KHAT_THRESHOLD).double().mean().item()
+        out["khat_bad_fraction"] = khat_bad_fraction(self.khat)
         out.update({f"iwae_{k}": v.mean().item() for k, v in self.iwae.items()})
         return out
 
@@ -183,15 +184,14 @@ def log_marginal_likelihood(
         cpu = x.device.type == "cpu"
         max_memory = DEFAULT_MAX_MEMORY if cpu else DEFAULT_MAX_MEMORY_ACCELERATOR
     ks = _bound_sizes(bounds, num_samples)
-    particle_dim = -(max_plate_nesting + 1)
-    pair_bytes, dtype = _probe(model, guide, x, particle_dim)
+    pair_bytes, dtype = _probe(model, guide, x, max_plate_nesting)
     chunk, batch, group = _plan(len(x), num_samples, pair_bytes, max_memory, chunk_size, batch_size)
     flat_tol = FLAT_ULPS * torch.finfo(dtype).eps
     with torch.no_grad(), pyro.validation_enabled(False):
         groups = []
         for x_group in x.split(group):
             blocks = [
-                _estimate_block(model, guide, x_block, num_samples, chunk, particle_dim)
+                _estimate_block(model, guide, x_block, num_samples, chunk, max_plate_nesting)
                 for x_block in x_group.split(batch)
             ]
             terms = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
@@ -248,7 +248,7 @@ def _bound_sizes(bounds: Sequence[int] | None, num_samples: int) -> tuple[int, .
     return tuple(sorted(set(bounds)))
 
 
-def _probe(model: Program, guide: Program, x: Tensor, particle_dim: int) -> tuple[int, Any]:
+def _probe(model: Program, guide: Program, x: Tensor, max_plate_nesting: int) -> tuple[int, Any]:
     """Runs guide and model once on two points, checks their structure, sizes one pass.
 
     Returns:
@@ -256,18 +256,15 @@ def _probe(model: Program, guide: Program, x: Tensor, particle_dim: int) -> tupl
         log densities are computed in.
     """
     sample, num_particles = x[:2], 2
-    with torch.no_grad():
-        with _input_errors("guide", x, particle_dim):
-            guide_trace = _trace_guide(guide, sample, num_particles, particle_dim)
-        with _input_errors("model", x, particle_dim):
-            model_trace = _trace_model(model, guide_trace, sample, num_particles, particle_dim)
-        guide_latent, _ = _split_sites(guide_trace)
-        model_latent, observed = _split_sites(model_trace)
-        _check_sites(guide_latent, model_latent, observed)
-        with _input_errors("log_prob", x, particle_dim):
-            _log_terms(guide_trace, model_trace, num_particles, particle_dim)
-    sites = [guide_trace.nodes[name] for name in guide_latent]
-    sites += [model_trace.nodes[name] for name in model_latent + observed]
+    with torch.no_grad(), _input_errors(x, max_plate_nesting):
+        scores = _score(model, guide, sample, num_particles, max_plate_nesting)
+    check_sites(scores)
+    sites = [
+        site
+        for trace in (scores.guide_trace, scores.model_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    ]
     numel = sum(math.prod(site["fn"].batch_shape + site["fn"].event_shape) for site in sites)
     item = max(site["value"].element_size() for site in sites)
     pair_bytes = math.ceil(_WORKSPACE_FACTOR * numel * item / (num_particles * len(sample)))
@@ -275,39 +272,19 @@ def _probe(model: Program, guide: Program, x: Tensor, particle_dim: int) -> tupl
     return pair_bytes, next(floats, torch.get_default_dtype())
 
 
-def _check_sites(guide_latent: list[str], model_latent: list[str], observed: list[str]) -> None:
-    if not observed:
-        raise ValueError(
-            "the model has no observed site; observe the data with "
-            "pyro.sample(name, distribution, obs=x) inside the data plate"
-        )
-    missing = [name for name in model_latent if name not in guide_latent]
-    if missing:
-        raise ValueError(
-            f"the guide has no site for the model's latent site(s) {missing}; "
-            "add a guide sample site of the same name for each"
-        )
-    extra = [name for name in guide_latent if name not in model_latent]
-    if extra:
-        raise ValueError(
-            f"the guide samples site(s) {extra} that the model does not; "
-            "remove them or add them to the model"
-        )
-
-
 @contextmanager
-def _input_errors(what: str, x: Tensor, particle_dim: int) -> Iterator[None]:
+def _input_errors(x: Tensor, max_plate_nesting: int) -> Iterator[None]:
     """Turns a failure of the user's program on ``x`` into one clear line."""
     try:
         yield
-    except _SiteError:
+    except SiteError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(
-            f"{what} failed on x of shape {tuple(x.shape)}: {reason}; check that x is "
-            f"(num_points, *features) as the model expects and that it nests at most "
-            f"{-particle_dim - 1} plate(s)"
+            f"the model or guide failed on x of shape {tuple(x.shape)}: {reason}; check that "
+            "x is (num_points, *features) as the model expects and that it nests at most "
+            f"{max_plate_nesting} plate(s)"
         ) from err
 
 
@@ -332,20 +309,21 @@ def _plan(
 
 
 def _estimate_block(
-    model: Program, guide: Program, x: Tensor, num_samples: int, chunk: int, particle_dim: int
+    model: Program,
+    guide: Program,
+    x: Tensor,
+    num_samples: int,
+    chunk: int,
+    max_plate_nesting: int,
 ) -> dict[str, Tensor]:
     """All K log weights of a block of points, and its mean reconstruction and KL terms."""
     log_weights, reconstruction, kl = [], 0.0, 0.0
     for start in range(0, num_samples, chunk):
         num_particles = min(chunk, num_samples - start)
-        guide_trace = _trace_guide(guide, x, num_particles, particle_dim)
-        model_trace = _trace_model(model, guide_trace, x, num_particles, particle_dim)
-        log_weight, log_lik, kl_term = _log_terms(
-            guide_trace, model_trace, num_particles, particle_dim
-        )
-        log_weights.append(log_weight)
-        reconstruction = reconstruction + log_lik.sum(0)
-        kl = kl + kl_term.sum(0)
+        scores = _score(model, guide, x, num_particles, max_plate_nesting)
+        log_weights.append(scores.log_weight.cpu())
+        reconstruction = reconstruction + scores.log_likelihood.sum(0).cpu()
+        kl = kl + scores.kl.sum(0).cpu()
     return {
         "log_weights": torch.cat(log_weights).T.contiguous(),
         "reconstruction": reconstruction / num_samples,
@@ -353,70 +331,19 @@ def _estimate_block(
     }
 
 
-def _trace_guide(guide: Program, x: Tensor, num_particles: int, particle_dim: int) -> poutine.Trace:
-    with pyro.plate(_PARTICLE_PLATE, num_particles, dim=particle_dim):
-        return poutine.trace(guide).get_trace(x)
-
-
-def _trace_model(
-    model: Program, guide_trace: poutine.Trace, x: Tensor, num_particles: int, particle_dim: int
-) -> poutine.Trace:
-    with pyro.plate(_PARTICLE_PLATE, num_particles, dim=particle_dim):
-        return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-
-
-def _log_terms(
-    guide_trace: poutine.Trace, model_trace: poutine.Trace, num_particles: int, particle_dim: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Log weights, log p(x|z) and log q(z|x) - log p(z), each ``(particles, points)`` float64."""
-    guide_latent, _ = _split_sites(guide_trace)
-    model_latent, observed = _split_sites(model_trace)
-    log_q = _sum_sites(guide_trace, guide_latent, particle_dim)
-    log_prior = _sum_sites(model_trace, model_latent, particle_dim)
-    log_lik = _sum_sites(model_trace, observed, particle_dim)
-    shape = (num_particles, log_lik.shape[1])
-    kl = (log_q - log_prior).expand(shape)
-    log_lik = log_lik.expand(shape)
-    return log_lik - kl, log_lik, kl
-
-
-def _split_sites(trace: poutine.Trace) -> tuple[list[str], list[str]]:
-    """Names of the latent and of the observed sample sites, in execution order."""
-    latent, observed = [], []
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            (observed if site["is_observed"] else latent).append(name)
-    return latent, observed
-
-
-def _sum_sites(trace: poutine.Trace, names: list[str], particle_dim: int) -> Tensor:
-    """Sum of the sites' log densities over all but the particle and data dims, in float64."""
-    total = torch.zeros((1, 1), dtype=torch.float64)
-    for i, name in enumerate(names):
-        log_p = _site_log_prob(name, trace.nodes[name], particle_dim)
-        total = log_p if i == 0 else total + log_p
-    return total
-
-
-def _site_log_prob(name: str, site: dict[str, Any], particle_dim: int) -> Tensor:
-    log_p = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
-    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
-    if not data_dims:
-        raise _SiteError(
-            f"site {name!r} is outside the data plate {DATA_PLATE!r}; log p(x) per data "
-            "point needs every sample site inside it (global latents are not supported)"
-        )
-    rank = -particle_dim
-    if log_p.dim() > rank:
-        raise _SiteError(
-            f"site {name!r} has batch shape {tuple(log_p.shape)}, wider than its plates; "
-            "declare event dims with .to_event() or raise max_plate_nesting"
-        )
-    log_p = log_p.reshape((1,) * (rank - log_p.dim()) + log_p.shape)
-    log_p = log_p.movedim((particle_dim, data_dims[0]), (0, 1))
-    if rank > 2:
-        log_p = log_p.reshape(log_p.shape[:2] + (-1,)).sum(-1)
-    return log_p.to("cpu", torch.float64)
+def _score(
+    model: Program, guide: Program, x: Tensor, num_particles: int, max_plate_nesting: int
+) -> Scores:
+    """The unscaled scores of one pass, in float64: the estimate is of the model itself."""
+    return score(
+        model,
+        guide,
+        x,
+        num_particles=num_particles,
+        max_plate_nesting=max_plate_nesting,
+        scaled=False,
+        dtype=torch.float64,
+    )
 
 
 def _weight_statistics(

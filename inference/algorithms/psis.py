@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -15,6 +16,19 @@ KHAT_THRESHOLD = 0.7
 _MIN_PSIS_SAMPLES = 25
 # Log weights that agree to this many ulps of their magnitude are equal: an exact guide.
 FLAT_ULPS = 64
+
+
+def khat_bad_fraction(khat: Tensor) -> float:
+    """The share of points whose Pareto k̂ exceeds :data:`KHAT_THRESHOLD`, among the points
+    that have a k̂; NaN when none has one (k̂ not computed, e.g. K < 25).
+
+    This is the one definition of the figure that tables, JSON and reports show: a NaN k̂
+    means "not computed" and is neither good nor bad.
+    """
+    known = ~torch.isnan(khat)
+    if not known.any():
+        return math.nan
+    return (khat[known] > KHAT_THRESHOLD).double().mean().item()
 
 
 def pareto_khat(log_weights: Tensor, flat_tol: float | None = None) -> Tensor:

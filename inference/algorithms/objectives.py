@@ -13,22 +13,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import pyro
 import torch
-from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBOModule
-from pyro.infer.enum import get_importance_trace
 from pyro.poutine.trace_struct import Trace
+from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, Scores, score
 from torch import Tensor, nn
-
-from model.sites import DATA_PLATE
-
-MAX_PLATE_NESTING = 1
-"""Models and guides use one plate (the data plate); particles are vectorized outside it."""
-
-PARTICLE_PLATE = "particles"
-"""The plate over particles of :class:`ParticleBound`, at dimension ``-(MAX_PLATE_NESTING + 1)``."""
 
 ESTIMATORS = ("reparam", "stl", "dreg")
 """Gradient estimators of :class:`ParticleBound`: reparameterization, sticking-the-landing,
@@ -152,73 +142,34 @@ class ParticleBound:
         self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> Tensor:
         """Minus the bound summed over points, with the estimator's gradient."""
-        model_trace, guide_trace = self.traces(model, guide, *args, **kwargs)
-        log_w = log_weights(model_trace, guide_trace, path_only=self.estimator != "reparam")
+        scores = self.score(model, guide, *args, **kwargs)
+        log_w = scores.log_weight
         if not self.importance_weighted:
             return -log_w.mean(0).sum()
         if self.estimator == "dreg" and log_w.requires_grad:
-            _weight_path_gradients(guide_trace, torch.softmax(log_w.detach(), dim=0))
+            _weight_path_gradients(scores.guide_trace, torch.softmax(log_w.detach(), dim=0))
         return -(torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)).sum()
 
-    def traces(
+    def score(
         self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> tuple[Trace, Trace]:
-        """The model and guide traces under the particle plate, with log densities computed."""
-        return get_importance_trace(
-            "flat",
-            MAX_PLATE_NESTING + 1,
-            self._vectorized(model),
-            self._vectorized(guide),
-            args,
-            kwargs,
+    ) -> Scores:
+        """The pair's :class:`~pyrovae.inference.algorithms.scoring.Scores` under this bound's
+        particles and estimator: ``scores.log_weight`` is ``(k, B)``."""
+        return score(
+            model,
+            guide,
+            *args,
+            num_particles=self.num_particles,
+            path_only=self.estimator != "reparam",
+            **kwargs,
         )
-
-    def _vectorized(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        plate = pyro.plate(PARTICLE_PLATE, self.num_particles, dim=-(MAX_PLATE_NESTING + 1))
-        return plate(fn)
-
-
-def log_weights(model_trace: Trace, guide_trace: Trace, path_only: bool = False) -> Tensor:
-    """``log p(x, z) - log q(z|x)`` per particle and point, shape ``(k, B)``.
-
-    Args:
-        model_trace: the model replayed against the guide, log densities computed (as by
-            ``pyro.infer.enum.get_importance_trace``).
-        guide_trace: the guide, log densities computed.
-        path_only: let each guide log density depend on the parameters only through the
-            sampled value (its value is unchanged).
-
-    Raises:
-        ValueError: a sample site outside the data plate.
-    """
-    total = sum(_point_log_prob(name, site) for name, site in _sample_sites(model_trace))
-    for name, site in _sample_sites(guide_trace):
-        log_q = _point_log_prob(name, site)
-        if path_only:
-            value = site["value"].detach()
-            score = site["fn"].log_prob(value, *site["args"], **site["kwargs"])
-            score = scale_and_mask(score, site["scale"], site["mask"])
-            log_q = log_q + (score.detach() - score)
-        total = total - log_q
-    return total
-
-
-def _sample_sites(trace: Trace) -> list[tuple[str, dict]]:
-    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"]
-
-
-def _point_log_prob(name: str, site: dict) -> Tensor:
-    if not any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"]):
-        raise ValueError(
-            f"sample site {name!r} is outside the {DATA_PLATE!r} plate; a bound per data point "
-            "needs every sample site inside it"
-        )
-    return site["log_prob"]
 
 
 def _weight_path_gradients(guide_trace: Trace, weights: Tensor) -> None:
     """Multiplies the gradient reaching each guide sample by its particle's weight."""
-    for _, site in _sample_sites(guide_trace):
+    for site in guide_trace.nodes.values():
+        if site["type"] != "sample":
+            continue
         value = site["value"]
         if value.requires_grad:
             w = weights.reshape(weights.shape + (1,) * (value.dim() - weights.dim()))

@@ -2,7 +2,7 @@
 
 A spec holds data only. Each component table (``{ kind = "...", option = value }``) names an
 entry of one registry (``model.PRIORS``, ``model.DECODERS``, ``model.LIKELIHOODS``,
-``guides.ENCODERS``, ``inference.objectives.OBJECTIVES``, ``inference.schedules.SCHEDULES``);
+``guides.ENCODERS``, ``inference.algorithms.objectives.OBJECTIVES``, ``inference.algorithms.schedules.SCHEDULES``);
 its other keys are passed to that constructor, whose signature is the schema. Context the
 constructor asks for by name (``latent_dim``, ``in_features``, ``out_features``,
 ``features``, ``image_shape``, ``encoder``) is filled in by :func:`build`.
@@ -21,12 +21,11 @@ from typing import Any
 
 import tomli_w
 import tomllib
-
-from guides import ENCODERS, AmortizedGuide
-from inference.errors import PyrovaeError
-from inference.objectives import OBJECTIVES
-from inference.schedules import SCHEDULES, KLSchedule
-from model import DECODERS, LIKELIHOODS, PRIORS, VAE
+from pyrovae.guides import ENCODERS, AmortizedGuide
+from pyrovae.inference.algorithms.objectives import OBJECTIVES
+from pyrovae.inference.algorithms.schedules import SCHEDULES, KLSchedule
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE
 
 
 def _table(**entries: Any) -> Any:
@@ -110,6 +109,17 @@ def load_spec(path: str | Path | None = None, overrides: Iterable[str] = ()) -> 
             raise PyrovaeError(f"spec file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise PyrovaeError(f"spec file {path} is not valid TOML: {e}") from None
+    return with_overrides(spec_from_dict(raw), overrides)
+
+
+def with_overrides(spec: Spec, overrides: Iterable[str] = ()) -> Spec:
+    """A copy of ``spec`` with ``KEY=VALUE`` overrides applied (as ``--set`` takes them),
+    checked against the registries.
+
+    Raises:
+        PyrovaeError: a malformed override, or an unknown key, kind or option.
+    """
+    raw = spec.to_dict()
     for item in overrides:
         raw = _merge(raw, _override(item))
     spec = spec_from_dict(raw)
@@ -221,11 +231,18 @@ def _constructor(
 
 
 def _parameters(constructor: Callable[..., Any]) -> list[str]:
-    return [
-        name
-        for name, p in inspect.signature(constructor).parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    """The keyword names a constructor takes; a class whose ``__init__`` passes ``**kwargs``
+    on to its base (zuko's ``NSF(MAF)`` pattern) takes the base's names too."""
+    names, passes_on = [], False
+    for name, p in inspect.signature(constructor).parameters.items():
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.append(name)
+        passes_on |= p.kind == p.VAR_KEYWORD
+    if passes_on and isinstance(constructor, type):
+        bases = [b for b in constructor.__mro__[1:] if "__init__" in vars(b)]
+        if bases and bases[0] is not object:
+            names += [n for n in _parameters(bases[0]) if n not in names]
+    return names
 
 
 def _components(spec: Spec) -> list[tuple[Mapping[str, Callable[..., Any]], dict, str]]:
@@ -335,4 +352,5 @@ __all__ = [
     "component",
     "load_spec",
     "spec_from_dict",
+    "with_overrides",
 ]

@@ -1,6 +1,6 @@
 """Comparing runs on the same data points: bounds, log p(x) and the paired difference.
 
-Every run is evaluated on the same points of one split (:func:`inference.diagnostics.diagnose`
+Every run is evaluated on the same points of one split (:func:`inference.reporting.diagnostics.diagnose`
 with importance-sampled log p(x)). Differences of log p(x) are paired: for each point the
 difference between a run and the first, then their mean and standard error sd / sqrt(n).
 Pairing removes the spread between points that both runs share (some digits are hard for
@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.runs import Run, load_run
+from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.reporting.diagnostics import diagnose
 from torch import Tensor
-
-from inference.data import load_data
-from inference.diagnostics import diagnose
-from inference.errors import PyrovaeError
-from inference.runs import Run, load_run
 
 __all__ = ["Comparison", "compare_runs", "format_comparison"]
 
@@ -91,13 +90,12 @@ def compare_runs(
     first = runs[0]
     for run in runs[1:]:
         ours, theirs = run.spec.data, first.spec.data
-        if ours != theirs or run.checkpoint["features"] != first.checkpoint["features"]:
+        if ours != theirs or run.checkpoint.features != first.checkpoint.features:
             raise PyrovaeError(
                 f"{run.path} was trained on other data than {first.path} ({_describe(run)} "
                 f"against {_describe(first)}); compare runs trained on the same data set"
             )
-    spec = first.spec.data
-    x, _ = load_data(spec.name, spec.binarize, spec.path, spec.validation_size).split(split)
+    x, _ = load_run_data(first.spec).split(split)
     x = x[:limit]
     if len(x) < 2:
         raise PyrovaeError(f"the {split} split has {len(x)} points; a comparison needs two")
@@ -174,4 +172,4 @@ def format_comparison(comparison: Comparison) -> str:
 
 def _describe(run: Run) -> str:
     spec = run.spec.data
-    return f"{spec.name}, binarize={spec.binarize}, {run.checkpoint['features']} features"
+    return f"{spec.name}, binarize={spec.binarize}, {run.checkpoint.features} features"

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pyrovae.inference.errors import PyrovaeError
 from torch import Tensor
 from torch.distributions.constraints import Constraint
-
-from inference.errors import PyrovaeError
 
 BINARIZE = ("none", "dynamic", "static")
 NAMED = ("digits", "mnist", "fashion-mnist")

@@ -1,7 +1,7 @@
 """The run report: one self-contained HTML page of figures and diagnostics for a trained run.
 
 ``write_report(RUN)`` evaluates the run on a data split (diagnostics and importance-sampled
-log p(x), :mod:`inference.diagnostics`) and writes ``RUN/report.html``: training curves,
+log p(x), :mod:`inference.reporting.diagnostics`) and writes ``RUN/report.html``: training curves,
 reconstructions, samples from the prior beside samples from the aggregate posterior, latent
 traversals, the latent space coloured by label, the aggregate posterior against the prior per
 dimension, Pareto k̂ and the tables. Images are embedded as base64 PNGs, so the file can be
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.data import Splits
+from pyrovae.inference.experiment.runs import Run, atomic_write, load_run
+from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.reporting import plots
+from pyrovae.inference.reporting.diagnostics import Diagnostics, diagnose, univariate_factors
 from torch import Tensor
-
-from inference import plots
-from inference.data import Splits, load_data
-from inference.diagnostics import Diagnostics, diagnose, univariate_factors
-from inference.errors import PyrovaeError
-from inference.marginal import KHAT_THRESHOLD
-from inference.runs import Run, atomic_write, load_run
 
 __all__ = ["REPORT", "write_report"]
 
@@ -47,7 +47,7 @@ def write_report(
     """Evaluates a run on a data split and writes its report as one HTML file.
 
     Args:
-        run: a loaded :class:`~inference.runs.Run` or a run directory.
+        run: a loaded :class:`~inference.experiment.runs.Run` or a run directory.
         data_split: ``"train"``, ``"validation"`` or ``"test"``.
         limit: the first ``limit`` points of the split are evaluated (None: all).
         num_samples: K, importance samples per point for log p(x) and k̂ (0 skips them).
@@ -65,12 +65,11 @@ def write_report(
     """
     run = run if isinstance(run, Run) else load_run(run)
     if data is None:
-        spec = run.spec.data
-        data = load_data(spec.name, spec.binarize, spec.path, spec.validation_size)
+        data = load_run_data(run.spec)
     x, labels = data.split(data_split)
-    if x.shape[1] != run.checkpoint["features"]:
+    if x.shape[1] != run.checkpoint.features:
         raise PyrovaeError(
-            f"{run.path} was trained on {run.checkpoint['features']} features but the data "
+            f"{run.path} was trained on {run.checkpoint.features} features but the data "
             f"have {x.shape[1]}"
         )
     x, labels = x[:limit], None if labels is None else labels[:limit]
@@ -80,7 +79,7 @@ def write_report(
     diag = diagnose(
         run.model, run.guide, x, num_samples=num_samples, num_latent_samples=num_latent_samples
     )
-    shape = tuple(run.checkpoint.get("image_shape") or ())
+    shape = tuple(run.image_shape)
     sections = [
         ("Summary", _summary(run, diag, data_split)),
         ("Training curves", _training(run, diag)),
@@ -322,7 +321,7 @@ def _histograms(run: Run, diag: Diagnostics) -> str:
                 "prior_density": density.double().expand(-1, len(diag.activity)),
             }
         else:
-            kwargs = {"prior_samples": prior(torch.Size((samples.shape[0],))).double()}
+            kwargs = {"prior_samples": diag.prior_samples}
     fig = plots.latent_histograms_figure(samples, order, titles, **kwargs)
     shown = (
         f"the {len(order)} most active of {len(diag.activity)} dimensions"

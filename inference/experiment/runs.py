@@ -1,0 +1,286 @@
+"""Run directories (``spec.toml``, ``checkpoint.pt``, ``metrics.csv``) and the checkpoint.
+
+:class:`Checkpoint` is the only code that knows the checkpoint file's layout: it holds state
+dicts and plain values, is written with ``torch.save`` to a temporary file that is then
+renamed over the old one (a run killed mid-write keeps its previous checkpoint), and is read
+with ``torch.load(..., weights_only=True)``. Objects are never pickled: a run is reloaded by
+building its model and guide from ``spec.toml`` and loading the state dicts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.spec import Spec, build, load_spec
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT",
+    "METRICS",
+    "SPEC",
+    "Checkpoint",
+    "Run",
+    "atomic_write",
+    "create_run",
+    "load_run",
+]
+
+SPEC = "spec.toml"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+FORMAT = 1
+"""Version of the checkpoint layout, stored in every file."""
+
+
+@dataclass
+class Checkpoint:
+    """The state of a run after an epoch.
+
+    Attributes:
+        epoch: epochs finished.
+        model: the model's state dict.
+        guide: the guide's state dict.
+        optimizer: the optimizer's state dict.
+        rng: random number generator states (``torch`` and, where present, ``cuda``).
+        history: one dict of floats per epoch (the metrics ``fit`` returns).
+        features: number of data features the model was built for.
+        image_shape: ``(H, W)`` of image data, ``()`` for plain feature vectors.
+        spec: the resolved spec the run was built from, as TOML, or None for a run made
+            by ``fit`` alone.
+    """
+
+    epoch: int
+    model: dict[str, Any]
+    guide: dict[str, Any]
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    features: int | None = None
+    image_shape: tuple[int, ...] = ()
+    spec: str | None = None
+
+    @property
+    def spec_hash(self) -> str | None:
+        """SHA-256 of the spec the checkpoint was written with."""
+        return None if self.spec is None else hashlib.sha256(self.spec.encode()).hexdigest()
+
+    def to_state(self) -> dict[str, Any]:
+        """The checkpoint as plain values and tensors, for ``torch.save``."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["image_shape"] = list(self.image_shape)
+        return {"format": FORMAT, **state}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Checkpoint:
+        """The inverse of :meth:`to_state`.
+
+        Raises:
+            PyrovaeError: the state is not a checkpoint of this layout.
+        """
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in ("epoch", "model", "guide") if n not in state]
+        if not isinstance(state, Mapping) or missing:
+            raise PyrovaeError(f"not a pyrovae checkpoint (missing {', '.join(missing)})")
+        values = {k: v for k, v in state.items() if k in names}
+        values["image_shape"] = tuple(values.get("image_shape") or ())
+        return cls(**values)
+
+    def save(self, run_dir: str | Path) -> None:
+        """Writes ``checkpoint.pt`` and ``metrics.csv`` into ``run_dir``, each atomically."""
+        run_dir = Path(run_dir)
+        buffer = io.BytesIO()
+        torch.save(self.to_state(), buffer)
+        atomic_write(run_dir / CHECKPOINT, buffer.getvalue())
+        if self.history:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=list(self.history[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.history)
+            atomic_write(run_dir / METRICS, text.getvalue().encode())
+
+    @classmethod
+    def load(
+        cls, run_dir: str | Path, map_location: str | torch.device = "cpu"
+    ) -> Checkpoint | None:
+        """The checkpoint in ``run_dir``, or None when it has none.
+
+        Raises:
+            PyrovaeError: the file exists but cannot be read.
+        """
+        file = Path(run_dir) / CHECKPOINT
+        if not file.is_file():
+            return None
+        try:
+            state = torch.load(file, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise PyrovaeError(f"cannot read {file}: {e}") from None
+        return cls.from_state(state)
+
+    def restore(
+        self,
+        model: nn.Module,
+        guide: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        where: str | Path = "the checkpoint",
+    ) -> None:
+        """Loads the state dicts into ``model``, ``guide`` and ``optimizer``.
+
+        Raises:
+            PyrovaeError: the state dicts do not fit the modules (e.g. an edited spec).
+        """
+        try:
+            model.load_state_dict(self.model)
+            guide.load_state_dict(self.guide)
+            if optimizer is not None and self.optimizer:
+                optimizer.load_state_dict(self.optimizer)
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise PyrovaeError(
+                f"{where} does not match the model it is loaded into ({first}); "
+                "was the spec edited after training?"
+            ) from None
+
+
+@dataclass
+class Run:
+    """A trained run loaded from disk.
+
+    Attributes:
+        path: the run directory.
+        spec: its resolved spec.
+        model, guide: built from the spec with the checkpoint's parameters, in eval mode.
+        checkpoint: the :class:`Checkpoint` they were loaded from.
+    """
+
+    path: Path
+    spec: Spec
+    model: nn.Module
+    guide: nn.Module
+    checkpoint: Checkpoint
+
+    @property
+    def epoch(self) -> int:
+        return self.checkpoint.epoch
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.checkpoint.history
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.checkpoint.image_shape
+
+
+def create_run(path: str | Path, spec: Spec, force: bool = False) -> Path:
+    """Makes a fresh run directory holding ``spec.toml``.
+
+    Raises:
+        PyrovaeError: the directory exists and ``force`` is not set.
+    """
+    path = Path(path)
+    if path.exists():
+        if not force:
+            raise PyrovaeError(
+                f"run directory {path} already exists; pass --force to replace it, "
+                f"--resume {path} to continue it, or --out to choose another"
+            )
+        if not (path / SPEC).is_file() and any(path.iterdir()):
+            raise PyrovaeError(
+                f"{path} is not empty and holds no {SPEC}; refusing to replace a directory "
+                "that is not a pyrovae run, even with --force"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    atomic_write(path / SPEC, spec.to_toml().encode())
+    return path
+
+
+def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
+    """Builds the model and guide of a run from its spec and loads its checkpoint.
+
+    Raises:
+        PyrovaeError: the directory, spec or checkpoint is missing, or they do not match.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise PyrovaeError(f"run directory {path} does not exist")
+    checkpoint = Checkpoint.load(path, map_location)
+    if not (path / SPEC).is_file():
+        if checkpoint is not None and checkpoint.spec is None:
+            raise PyrovaeError(
+                f"{path} holds a checkpoint written by fit(run_dir=...) without a spec; "
+                "build the model and guide yourself and call "
+                "Checkpoint.load(path).restore(model, guide)"
+            )
+        raise PyrovaeError(f"{path} is not a pyrovae run: {path / SPEC} does not exist")
+    spec = load_spec(path / SPEC)
+    if checkpoint is None:
+        raise PyrovaeError(f"{path} has no {CHECKPOINT} yet; train it first")
+    _check_spec_matches(path, spec, checkpoint)
+    model, guide = build(spec, checkpoint.features, checkpoint.image_shape)
+    checkpoint.restore(model, guide, where=f"{path / CHECKPOINT} (with {path / SPEC})")
+    model.eval()
+    guide.eval()
+    return Run(path, spec, model, guide, checkpoint)
+
+
+def _check_spec_matches(path: Path, spec: Spec, checkpoint: Checkpoint) -> None:
+    """Refuses a ``spec.toml`` whose data, model or guide differ from the checkpoint's spec;
+    training settings may differ (a resumed run changes ``train.epochs``)."""
+    if checkpoint.spec is None:
+        return
+    try:
+        saved = tomllib.loads(checkpoint.spec)
+    except tomllib.TOMLDecodeError:
+        return
+    current = spec.to_dict()
+    differ = [
+        key
+        for section in ("data", "model", "guide")
+        for key in _differing(saved.get(section, {}), current.get(section, {}), section)
+    ]
+    if differ:
+        raise PyrovaeError(
+            f"{path / SPEC} does not match the spec {path / CHECKPOINT} was trained with: "
+            f"{', '.join(differ)} differ; undo the edit or train a new run"
+        )
+
+
+def _differing(a: Any, b: Any, where: str) -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [
+            k
+            for key in sorted({*a, *b})
+            for k in _differing(a.get(key), b.get(key), f"{where}.{key}")
+        ]
+    return [] if a == b else [where]
+
+
+def atomic_write(file: Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``file``, then renames it over ``file``."""
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    try:
+        # mkstemp makes the file private; give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

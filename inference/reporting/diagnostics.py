@@ -1,0 +1,513 @@
+"""Diagnostics of a model/guide pair: where the KL goes, which units are used, how q(z) fits p(z).
+
+For any Pyro model and guide whose sample sites sit in the data plate (a VAE, a stack of
+latent layers, a hand-written pair), :func:`diagnose` scores N data points with S draws from
+the guide through the one scoring path (:func:`pyrovae.inference.algorithms.scoring.score`)
+and computes, per latent site:
+
+- KL(q(z|x) || p(z)) per point, analytic where torch has it (per dimension when q and p both
+  factorize into univariate distributions), else a Monte Carlo mean over the draws; for a
+  site whose prior or guide depends on other latents, the KL given the drawn parents;
+- active units: dimension d is active when Var_x(E_q[z_d|x]) exceeds 0.01 (Burda et al.);
+- the aggregate posterior q(z) = (1/N) sum_n q(z|x_n): its moments against the prior's, and,
+  for a site whose guide depends on x alone and whose prior on no other latent, the split of
+  the average KL into mutual information and marginal KL (Hoffman and Johnson):
+  ``mean_n KL(q(z|x_n) || p(z)) = I(x; z) + KL(q(z) || p(z))``;
+
+and, over all sites, the reconstruction term E_q[log p(x|z)] per point and optionally the
+importance-sampling estimate of log p(x) with its Pareto k̂.
+
+The aggregate terms are exact for the N-point mixture, up to the Monte Carlo error of the
+outer expectation: with z drawn from q(z|x_n), ``log q(z) = logsumexp_j log q(z|x_j) - log N``
+is the mixture's own log density, computed in chunks of z so memory stays bounded. As
+estimates of the same quantities for the data distribution they are biased for finite N: the
+mixture of N components is lumpier than the population's aggregate posterior, so the mutual
+information is biased down (it is the InfoNCE bound, at most log N) and the marginal KL up by
+the same amount, since their sum, the average KL, is unbiased. The bias shrinks as N grows;
+with N = 500 points, an MI near log 500 ≈ 6.2 nats means the bound is saturated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
+from pyrovae.inference.algorithms.psis import khat_bad_fraction
+from pyrovae.inference.algorithms.scoring import (
+    MAX_PLATE_NESTING,
+    PARTICLE_PLATE,
+    Scores,
+    check_sites,
+    score,
+)
+from pyrovae.model.sites import LATENT
+from torch import Tensor
+from torch.distributions import Distribution, kl_divergence
+
+__all__ = [
+    "ACTIVITY_THRESHOLD",
+    "Diagnostics",
+    "SiteDiagnostics",
+    "diagnose",
+    "khat_bad_fraction",
+    "univariate_factors",
+]
+
+ACTIVITY_THRESHOLD = 0.01
+"""A unit is active when the variance over x of its posterior mean exceeds this (Burda et al.)."""
+
+_PRIOR_MOMENT_SAMPLES = 10_000
+_DEFAULT_MAX_MEMORY = 64 * 2**20
+
+Program = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class SiteDiagnostics:
+    """Diagnostics of one latent site on N points; every tensor is float64 on the CPU.
+
+    Attributes:
+        name: the sample site.
+        kl: ``(N,)`` KL(q || p) of this site per point (given the drawn parents, if any).
+        kl_per_dim: ``(N, D)`` the analytic KL per dimension, or None where q and p do not
+            both factorize into univariate distributions with a closed-form KL.
+        kl_method: ``"analytic per dimension"``, ``"analytic"`` or ``"monte carlo"``.
+        posterior_mean: ``(N, D)`` E_q[z|x] (sample means where q has no closed form).
+        posterior_variance: ``(N, D)`` Var_q[z_d|x], likewise.
+        samples: ``(S, N, D)`` draws z ~ q(z|x_n): S N draws from the aggregate posterior.
+        prior_mean: ``(D,)`` the prior's mean (from ancestral draws where it has no closed
+            form or depends on other latents).
+        prior_variance: ``(D,)`` the prior's marginal variances, likewise.
+        prior_samples: ``(M, D)`` draws from the prior's marginal of this site.
+        pointwise_information: ``(N,)`` E_{q(z|x_n)}[log q(z|x_n) - log q(z)], or None
+            where the aggregate posterior is not computed for this site.
+        mutual_information: I(x; z) under the N-point aggregate (NaN where not computed).
+        marginal_kl: KL(q(z) || p(z)), Monte Carlo over the same draws (NaN likewise).
+        activity_threshold: the variance of the posterior mean above which a unit is active.
+    """
+
+    name: str
+    kl: Tensor
+    kl_per_dim: Tensor | None
+    kl_method: str
+    posterior_mean: Tensor
+    posterior_variance: Tensor
+    samples: Tensor
+    prior_mean: Tensor
+    prior_variance: Tensor
+    prior_samples: Tensor
+    pointwise_information: Tensor | None
+    mutual_information: float
+    marginal_kl: float
+    activity_threshold: float = ACTIVITY_THRESHOLD
+
+    @property
+    def latent_dim(self) -> int:
+        return self.posterior_mean.shape[1]
+
+    @property
+    def activity(self) -> Tensor:
+        """``(D,)`` Var_x(E_q[z_d|x]), the variance over points of each posterior mean."""
+        return self.posterior_mean.var(0)
+
+    @property
+    def active(self) -> Tensor:
+        """``(D,)`` bool, whether each unit is active."""
+        return self.activity > self.activity_threshold
+
+    @property
+    def aggregate_mean(self) -> Tensor:
+        """``(D,)`` the mean of the aggregate posterior q(z)."""
+        return self.posterior_mean.mean(0)
+
+    @property
+    def aggregate_variance(self) -> Tensor:
+        """``(D,)`` the variance of q(z): mean posterior variance plus variance of the means."""
+        return self.posterior_variance.mean(0) + self.posterior_mean.var(0, correction=0)
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """Per-point and per-site diagnostics of a model and guide on N points.
+
+    The single-site views (``kl_per_dim``, ``posterior_mean``, ``activity``, ...) are those
+    of :attr:`primary`, the site the VAE panels of a report draw: ``"z"`` where the model has
+    it, else the model's first latent site.
+
+    Attributes:
+        reconstruction: ``(N,)`` E_q[log p(x|z)], a Monte Carlo mean over the draws.
+        sites: latent site name -> :class:`SiteDiagnostics`, in the model's order.
+        primary: the site of the single-site views.
+        marginal: the importance-sampling result for the same points, or None.
+        notes: plain-language remarks on how the figures were computed.
+
+    References:
+        Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016);
+        ELBO surgery: yet another way to carve up the variational evidence lower bound
+        (Hoffman and Johnson, 2016)
+    """
+
+    reconstruction: Tensor
+    sites: dict[str, SiteDiagnostics]
+    primary: str
+    marginal: MarginalLikelihood | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def kl(self) -> Tensor:
+        """``(N,)`` the KL over all latent sites per point."""
+        return sum(site.kl for site in self.sites.values())
+
+    @property
+    def elbo(self) -> Tensor:
+        """``(N,)`` the ELBO per point, reconstruction minus KL."""
+        return self.reconstruction - self.kl
+
+    def __getattr__(self, name: str) -> Any:
+        # The single-site views: kl_per_dim, posterior_mean, activity, mutual_information...
+        if name.startswith("_") or name not in _SITE_VIEWS:
+            raise AttributeError(name)
+        return getattr(self.sites[self.primary], name)
+
+    def summary(self) -> dict[str, float]:
+        """Dataset-level figures as plain floats, for tables and JSON.
+
+        ``mutual_information`` and ``marginal_kl`` are those of the primary site; with more
+        than one latent site, ``kl[NAME]`` and ``active_units[NAME]`` give each site's share.
+        ``log_px_se`` is the standard error of the mean log p(x) over the points (their
+        spread), ``log_px_mc_stderr`` the importance sampler's Monte Carlo error of it.
+        """
+        n = len(self.reconstruction)
+        primary = self.sites[self.primary]
+        out = {
+            "num_points": float(n),
+            "latent_dim": float(sum(s.latent_dim for s in self.sites.values())),
+            "elbo": self.elbo.mean().item(),
+            "reconstruction": self.reconstruction.mean().item(),
+            "kl": self.kl.mean().item(),
+            "mutual_information": primary.mutual_information,
+            "mutual_information_bound": math.log(n),
+            "marginal_kl": primary.marginal_kl,
+            "active_units": float(sum(s.active.sum().item() for s in self.sites.values())),
+        }
+        if len(self.sites) > 1:
+            for name, site in self.sites.items():
+                out[f"kl[{name}]"] = site.kl.mean().item()
+                out[f"active_units[{name}]"] = float(site.active.sum().item())
+        if self.marginal is not None:
+            ml = self.marginal.summary()
+            out["log_px"] = ml["log_px"]
+            out["log_px_se"] = _standard_error(self.marginal.log_px)
+            out["log_px_mc_stderr"] = ml["log_px_stderr"]
+            out["ess"] = ml["ess"]
+            out["khat_max"] = ml["khat_max"]
+            out["khat_bad_fraction"] = ml["khat_bad_fraction"]
+            out["num_samples"] = float(self.marginal.num_samples)
+        return out
+
+
+_SITE_VIEWS = {
+    "kl_per_dim",
+    "kl_method",
+    "posterior_mean",
+    "posterior_variance",
+    "samples",
+    "prior_mean",
+    "prior_variance",
+    "prior_samples",
+    "pointwise_information",
+    "mutual_information",
+    "marginal_kl",
+    "activity_threshold",
+    "latent_dim",
+    "activity",
+    "active",
+    "aggregate_mean",
+    "aggregate_variance",
+}
+
+
+def diagnose(
+    model: Program,
+    guide: Program,
+    x: Tensor,
+    *,
+    num_samples: int = 500,
+    num_latent_samples: int = 16,
+    marginal: MarginalLikelihood | None = None,
+    activity_threshold: float = ACTIVITY_THRESHOLD,
+    batch_size: int = 256,
+    max_memory: int = _DEFAULT_MAX_MEMORY,
+) -> Diagnostics:
+    """Diagnoses a model and guide on the data points ``x``.
+
+    Args:
+        model: a Pyro model ``model(x)``, every sample site in the data plate.
+        guide: a Pyro guide ``guide(x)`` with a site for each latent site of the model.
+        x: ``(N, *features)`` data points; N > 1.
+        num_samples: K, importance samples per point for log p(x) and k̂; 0 skips it.
+        num_latent_samples: S, draws per point for the reconstruction term, the Monte Carlo
+            KL, the aggregate posterior and non-Gaussian moments.
+        marginal: an importance-sampling result for the same ``x`` to reuse, instead of
+            running the estimator.
+        activity_threshold: the variance of the posterior mean above which a unit is active.
+        batch_size: points scored at a time (times S draws).
+        max_memory: approximate budget in bytes of the ``(z, point)`` log-density matrix
+            of one chunk of the aggregate posterior.
+
+    Returns:
+        The :class:`Diagnostics`.
+
+    Raises:
+        ValueError: fewer than two points, a non-positive S or batch size, or a pair whose
+            sites cannot be scored per point.
+
+    References:
+        ELBO surgery: yet another way to carve up the variational evidence lower bound
+        (Hoffman and Johnson, 2016)
+
+    Example:
+        >>> d = diagnose(run.model, run.guide, data.test[:500], num_samples=500)
+        >>> d.summary()["active_units"], d.summary()["mutual_information"]
+    """
+    if x.dim() < 2 or len(x) < 2:
+        raise ValueError(f"x must be (N, *features) with N >= 2, got shape {tuple(x.shape)}")
+    for name, value in (("num_latent_samples", num_latent_samples), ("batch_size", batch_size)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if marginal is None and num_samples > 0:
+        marginal = log_marginal_likelihood(model, guide, x, num_samples=num_samples)
+    if marginal is not None and len(marginal.log_px) != len(x):
+        raise ValueError(f"marginal has {len(marginal.log_px)} points but x has {len(x)}")
+
+    notes: list[str] = []
+    with torch.no_grad(), pyro.validation_enabled(False):
+        blocks = [
+            _score_block(model, guide, block, num_latent_samples) for block in x.split(batch_size)
+        ]
+        check_sites(blocks[0][0])
+        names = blocks[0][0].latent_sites
+        own_guide, root_prior = _independent_sites(model, guide, x[:2], names)
+        guide_fns = _trace(guide, x)
+        prior_draws = _prior_draws(model, x, names)
+        reconstruction = torch.cat([_cpu(scores.log_likelihood.mean(0)) for scores, _ in blocks])
+        sites = {}
+        for name in names:
+            aggregate = None
+            if name in own_guide and name in root_prior:
+                aggregate = guide_fns.nodes[name]["fn"]
+            sites[name] = _site(
+                name, blocks, aggregate, prior_draws[name], max_memory, activity_threshold, notes
+            )
+        missing = [n for n in names if n not in own_guide or n not in root_prior]
+        if missing:
+            notes.append(
+                f"mutual information and marginal KL are not computed for {', '.join(missing)}: "
+                "the aggregate posterior of a site whose guide or prior depends on other "
+                "latents has no closed form here."
+            )
+    primary = LATENT if LATENT in sites else names[0]
+    return Diagnostics(reconstruction, sites, primary, marginal, tuple(notes))
+
+
+def _score_block(
+    model: Program, guide: Program, x: Tensor, num_particles: int
+) -> tuple[Scores, dict[str, Any]]:
+    scores = score(model, guide, x, num_particles=num_particles, scaled=False)
+    sites = {
+        name: (scores.guide_trace.nodes[name], scores.model_trace.nodes[name])
+        for name in scores.latent_sites
+    }
+    return scores, sites
+
+
+def _site(
+    name: str,
+    blocks: list[tuple[Scores, dict[str, Any]]],
+    aggregate: Distribution | None,
+    prior_draws: Tensor,
+    max_memory: int,
+    activity_threshold: float,
+    notes: list[str],
+) -> SiteDiagnostics:
+    """One site's diagnostics from the scored blocks of points."""
+    kls, per_dims, means, variances, samples, methods = [], [], [], [], [], set()
+    for scores, sites in blocks:
+        guide_site, model_site = sites[name]
+        q, p = guide_site["fn"], model_site["fn"]
+        z = _flat(guide_site["value"])
+        kl, per_dim, method = _kl(q, p, scores.site_kl(name))
+        methods.add(method)
+        kls.append(kl.mean(0))
+        per_dims.append(None if per_dim is None else per_dim.mean(0))
+        mean, variance = _moments(q)
+        if mean is None:
+            mean, variance = z.mean(0), z.var(0)
+        else:
+            mean, variance = _flat(mean), _flat(variance)
+            mean, variance = mean.mean(0), variance.mean(0) + mean.var(0, correction=0)
+        means.append(mean)
+        variances.append(variance)
+        samples.append(z)
+    method = methods.pop() if len(methods) == 1 else "monte carlo"
+    num_draws = samples[0].shape[0]
+    if method == "monte carlo":
+        notes.append(
+            f"KL(q({name}|x) || p({name})) is a Monte Carlo mean over {num_draws} draws: torch "
+            "has no closed form for this guide and prior, and since they do not both "
+            "factorize over dimensions there is no per-dimension KL."
+        )
+    elif method == "analytic":
+        notes.append(
+            f"KL(q({name}|x) || p({name})) is analytic but q and p do not both factorize over "
+            "dimensions, so there is no per-dimension KL."
+        )
+    if _moments(blocks[0][1][name][0]["fn"])[0] is None:
+        notes.append(
+            f"q({name}|x) has no closed-form moments; posterior means and variances are "
+            f"sample moments of {num_draws} draws."
+        )
+    z = torch.cat(samples, 1)
+    prior_mean, prior_variance = _prior_moments(blocks[0][1][name][1]["fn"], prior_draws)
+    if prior_mean is None:
+        prior_mean, prior_variance = prior_draws.mean(0), prior_draws.var(0)
+        notes.append(
+            f"prior moments of {name} are sample moments of {len(prior_draws)} ancestral draws."
+        )
+    pointwise = mutual_information = marginal_kl = None
+    if aggregate is not None:
+        log_q = torch.cat([scores.log_guide[name] for scores, _ in blocks], 1)
+        log_p = torch.cat([scores.log_prior[name] for scores, _ in blocks], 1)
+        log_qz = _aggregate_log_prob(aggregate, z, max_memory)
+        pointwise = _cpu(log_q - log_qz).mean(0)
+        mutual_information = pointwise.mean().item()
+        marginal_kl = _cpu(log_qz - log_p).mean().item()
+    latent_dim = z.shape[-1]
+    return SiteDiagnostics(
+        name=name,
+        kl=torch.cat([_cpu(k) for k in kls]),
+        kl_per_dim=None if None in per_dims else torch.cat([_cpu(k) for k in per_dims]),
+        kl_method=method,
+        posterior_mean=_cpu(torch.cat(means)),
+        posterior_variance=_cpu(torch.cat(variances)),
+        samples=_cpu(z),
+        prior_mean=_cpu(prior_mean).expand(latent_dim),
+        prior_variance=_cpu(prior_variance).expand(latent_dim),
+        prior_samples=_cpu(prior_draws),
+        pointwise_information=pointwise,
+        mutual_information=math.nan if mutual_information is None else mutual_information,
+        marginal_kl=math.nan if marginal_kl is None else marginal_kl,
+        activity_threshold=activity_threshold,
+    )
+
+
+def _trace(program: Program, x: Tensor) -> Any:
+    return poutine.trace(program).get_trace(x)
+
+
+def _independent_sites(
+    model: Program, guide: Program, x: Tensor, names: list[str]
+) -> tuple[set[str], set[str]]:
+    """The sites whose guide distribution depends on x alone, and those whose prior depends
+    on no other latent: two independent runs give them the same density at a fixed value."""
+
+    def same(first: Any, second: Any) -> bool:
+        value = first["value"]
+        return torch.allclose(first["fn"].log_prob(value), second["fn"].log_prob(value))
+
+    guides = [_trace(guide, x) for _ in range(2)]
+    models = [_trace(poutine.replay(model, trace=g), x) for g in guides]
+    own_guide = {n for n in names if same(guides[0].nodes[n], guides[1].nodes[n])}
+    root_prior = {n for n in names if same(models[0].nodes[n], models[1].nodes[n])}
+    return own_guide, root_prior
+
+
+def _prior_draws(model: Program, x: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """About 10,000 ancestral draws of every latent site: the model run with its data
+    unobserved, under a particle plate."""
+    num_particles = math.ceil(_PRIOR_MOMENT_SAMPLES / len(x))
+    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(MAX_PLATE_NESTING + 1)):
+        trace = _trace(poutine.uncondition(model), x)
+    return {name: _flat(trace.nodes[name]["value"]).flatten(0, 1) for name in names}
+
+
+def _prior_moments(p: Distribution, draws: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Closed-form moments of a prior that is the same for every point and draw."""
+    mean, variance = _moments(p)
+    if mean is None:
+        return None, None
+    mean, variance = _flat(mean), _flat(variance)
+    first = mean.reshape(-1, mean.shape[-1])[0]
+    if not torch.allclose(mean, first.expand_as(mean)):
+        return None, None  # a conditional prior: its marginal needs the ancestral draws
+    return first, variance.reshape(-1, variance.shape[-1])[0]
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A site tensor as ``(S, B, D)``: particles, points, flattened event."""
+    return t.reshape(*t.shape[:2], -1) if t.dim() > 2 else t.unsqueeze(-1)
+
+
+def _cpu(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float64)
+
+
+def _standard_error(values: Tensor) -> float:
+    return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan
+
+
+def univariate_factors(d: Distribution) -> Distribution | None:
+    """The univariate base of a distribution independent over its last dim, else None.
+
+    ``Normal(loc, scale).to_event(1)`` gives ``Normal(loc, scale)``, whose batch shape ends
+    in the latent dimension; a multivariate or flow distribution gives None.
+    """
+    base = getattr(d, "base_dist", None)
+    if getattr(d, "reinterpreted_batch_ndims", None) == 1 and base is not None:
+        return base if base.event_shape == () else None
+    return None
+
+
+def _kl(q: Distribution, p: Distribution, monte_carlo: Tensor) -> tuple[Tensor, Tensor | None, str]:
+    """KL(q || p) per draw and point, per dimension where defined, and how it was computed."""
+    q_base, p_base = univariate_factors(q), univariate_factors(p)
+    if q_base is not None and p_base is not None:
+        try:
+            per_dim = kl_divergence(q_base, p_base)
+            return per_dim.sum(-1).expand_as(monte_carlo), per_dim, "analytic per dimension"
+        except NotImplementedError:
+            pass
+    try:
+        return kl_divergence(q, p).expand_as(monte_carlo), None, "analytic"
+    except NotImplementedError:
+        return monte_carlo, None, "monte carlo"
+
+
+def _moments(d: Distribution) -> tuple[Tensor | None, Tensor | None]:
+    """Closed-form mean and variance, or (None, None) where the distribution has none."""
+    try:
+        return d.mean, d.variance
+    except (NotImplementedError, AttributeError):
+        return None, None
+
+
+def _aggregate_log_prob(q: Distribution, z: Tensor, max_memory: int) -> Tensor:
+    """log q(z) = logsumexp_j log q(z|x_j) - log N for draws ``z`` of shape ``(S, N, D)``,
+    with ``q`` of batch shape ``(N,)``."""
+    num_points, latent_dim = z.shape[1], z.shape[2]
+    flat = z.reshape(-1, latent_dim)
+    event_shape = q.event_shape
+    # Each z of a chunk is scored against all N components: (chunk, N, D) elementwise terms.
+    chunk = max(1, max_memory // (num_points * latent_dim * flat.element_size() * 4))
+    log_qz = [
+        torch.logsumexp(q.log_prob(part.reshape(-1, 1, *event_shape)), dim=-1)
+        - math.log(num_points)
+        for part in flat.split(chunk)
+    ]
+    return torch.cat(log_qz).reshape(z.shape[:2])
