@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from pyrovae.guides import AmortizedGuide, DiagonalNormal  # noqa: E402
 from pyrovae.inference.algorithms.marginal import log_marginal_likelihood  # noqa: E402
-from pyrovae.model import VAE, Bernoulli, MLPDecoder, StandardNormal  # noqa: E402
+from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
 LATENT_DIM, HIDDEN, FEATURES = 50, [400], 784
@@ -50,8 +50,8 @@ LOG_2PI = math.log(2 * math.pi)
 
 def build() -> tuple[VAE, AmortizedGuide]:
     """The benchmark's VAE and its amortized diagonal-Gaussian guide."""
-    vae = VAE(StandardNormal(LATENT_DIM), MLPDecoder(LATENT_DIM, FEATURES, HIDDEN), Bernoulli())
-    return vae, AmortizedGuide(DiagonalNormal(FEATURES, LATENT_DIM, HIDDEN))
+    vae = VAE(StandardNormal(LATENT_DIM), Decoder(LATENT_DIM, FEATURES, HIDDEN), Bernoulli())
+    return vae, AmortizedGuide(DiagonalNormal(FEATURES, LATENT_DIM, hidden=HIDDEN))
 
 
 def load_images(split: str, device: torch.device) -> Tensor:

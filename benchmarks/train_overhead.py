@@ -31,7 +31,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import fit
-from pyrovae.model import VAE, Bernoulli, MLPDecoder, StandardNormal
+from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 from torch import nn
 from torch.nn import functional as F
 
@@ -125,10 +125,10 @@ def main() -> None:
     ).float()
 
     def modules() -> tuple[VAE, AmortizedGuide]:
-        model = VAE(
-            StandardNormal(LATENT), MLPDecoder(LATENT, 784, [HIDDEN], "softplus"), Bernoulli()
+        model = VAE(StandardNormal(LATENT), Decoder(LATENT, 784, [HIDDEN], "softplus"), Bernoulli())
+        return model, AmortizedGuide(
+            DiagonalNormal(784, LATENT, hidden=[HIDDEN], activation="softplus")
         )
-        return model, AmortizedGuide(DiagonalNormal(784, LATENT, [HIDDEN], "softplus"))
 
     torch.manual_seed(0)
     model, guide = modules()

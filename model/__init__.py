@@ -1,6 +1,6 @@
 """The generative side of a VAE: priors p(z), decoders, likelihoods p(x|z), and ``VAE``."""
 
-from pyrovae.model.decoders import DECODERS, ConvDecoder, MLPDecoder
+from pyrovae.model.decoders import DECODERS, Decoder
 from pyrovae.model.distributions import DiscretizedLogistic
 from pyrovae.model.likelihoods import (
     LIKELIHOODS,
@@ -33,7 +33,6 @@ __all__ = [
     "VAE",
     "Bernoulli",
     "ContinuousBernoulli",
-    "ConvDecoder",
     "DiscretizedLogistic",
     "EightBitLogistic",
     "FlowPrior",
@@ -41,7 +40,7 @@ __all__ = [
     "HeteroscedasticGaussian",
     "Laplace",
     "LearnedNormal",
-    "MLPDecoder",
+    "Decoder",
     "MixtureOfNormals",
     "StandardNormal",
     "VampPrior",

@@ -2,7 +2,9 @@
 
 :data:`NETWORKS` maps a name to a builder with one signature,
 ``(in_features, out_features, hidden, activation, image_shape)``, that returns a module from
-``(B, in_features)`` to ``(B, out_features)``: encoders pick theirs with a ``network`` option.
+``(..., in_features)`` to ``(..., out_features)`` for images or vectors coming in;
+:data:`GENERATIVE_NETWORKS` does the same for images going out. Encoders and decoders both
+pick theirs with a ``network`` option, ``"mlp"`` or ``"conv"``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
-from torch import nn
+from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -97,11 +99,86 @@ def conv(
     return nn.Sequential(*layers)
 
 
+class _TransposedConv(nn.Module):
+    """Transposed convolutions from a vector to per-pixel outputs; see :func:`deconv`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int],
+        activation_name: str,
+        image_shape: Sequence[int] | None,
+    ) -> None:
+        super().__init__()
+        channels = check_sizes(hidden, "conv channels")
+        if not channels:
+            raise ValueError("a conv network needs at least one channel size in hidden")
+        self.height, self.width = image_size(image_shape)
+        pixels = self.height * self.width
+        if out_features % pixels:
+            raise ValueError(f"out_features {out_features} is not a multiple of {pixels} pixels")
+        # Each transposed convolution doubles the side, so start at ceil(side / 2**n) and crop.
+        scale = 2 ** len(channels)
+        side = (-(-self.height // scale), -(-self.width // scale))
+        layers: list[nn.Module] = [
+            nn.Linear(in_features, channels[0] * side[0] * side[1]),
+            activation(activation_name),
+            nn.Unflatten(-1, (channels[0], *side)),
+        ]
+        for c_in, c_out in pairwise([*channels, out_features // pixels]):
+            layers += [
+                nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
+                activation(activation_name),
+            ]
+        self.net = nn.Sequential(*layers[:-1])
+
+    def forward(self, z: Tensor) -> Tensor:
+        maps = self.net(z.reshape(-1, z.shape[-1]))[..., : self.height, : self.width]
+        return maps.reshape(*z.shape[:-1], -1)
+
+
+def deconv(
+    in_features: int,
+    out_features: int,
+    hidden: Sequence[int] = (64, 32),
+    activation_name: str = "relu",
+    image_shape: Sequence[int] | None = None,
+) -> nn.Module:
+    """A transposed-convolution network from a vector to per-pixel outputs.
+
+    A ``Linear`` layer maps the input to ``hidden[0]`` feature maps of side
+    ``ceil(H / 2**n)`` (n = ``len(hidden)``); each following transposed convolution (kernel 4,
+    stride 2, padding 1) doubles the side exactly, the last one emitting
+    ``out_features // (H * W)`` channels; the result is cropped to ``(H, W)`` and flattened
+    channel-major. Leading dimensions of the input (particles, batch) are kept.
+
+    Args:
+        in_features: size of the input.
+        out_features: ``H * W`` times the outputs per pixel.
+        hidden: channels of the feature maps from the coarsest to the finest (at least one).
+        activation_name: a key of :data:`ACTIVATIONS`.
+        image_shape: ``(H, W)``; required.
+
+    References:
+        Unsupervised Representation Learning with Deep Convolutional Generative Adversarial
+        Networks (Radford et al., 2016)
+    """
+    return _TransposedConv(in_features, out_features, hidden, activation_name, image_shape)
+
+
 NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "conv": conv,
 }
-"""Network name -> builder ``(in_features, out_features, hidden, activation, image_shape)``."""
+"""Network name -> builder from data to a vector,
+``(in_features, out_features, hidden, activation, image_shape)``."""
+
+GENERATIVE_NETWORKS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "conv": deconv,
+}
+"""Network name -> builder from a vector to data, with the same signature."""
 
 
 def network(
@@ -111,8 +188,9 @@ def network(
     hidden: Sequence[int],
     activation_name: str,
     image_shape: Sequence[int] | None = None,
+    generative: bool = False,
 ) -> nn.Module:
-    """Builds the network :data:`NETWORKS` names, checking the name first.
+    """Builds the network :data:`NETWORKS` (or :data:`GENERATIVE_NETWORKS`) names.
 
     Args:
         name: a key of :data:`NETWORKS`.
@@ -121,10 +199,12 @@ def network(
         hidden: hidden layer sizes (units for ``mlp``, channels for ``conv``).
         activation_name: a key of :data:`ACTIVATIONS`.
         image_shape: ``(H, W)`` for image data, else None.
+        generative: build the network from a vector to data (a decoder's).
     """
-    if name not in NETWORKS:
-        raise ValueError(f"unknown network {name!r}; valid: {', '.join(NETWORKS)}")
-    return NETWORKS[name](in_features, out_features, hidden, activation_name, image_shape)
+    builders = GENERATIVE_NETWORKS if generative else NETWORKS
+    if name not in builders:
+        raise ValueError(f"unknown network {name!r}; valid: {', '.join(builders)}")
+    return builders[name](in_features, out_features, hidden, activation_name, image_shape)
 
 
 def image_size(image_shape: Sequence[int] | None, features: int | None = None) -> tuple[int, int]:

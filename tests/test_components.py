@@ -8,7 +8,6 @@ scikit-learn's 8x8 digits, quantized to 8-bit levels so that every likelihood ac
 
 from __future__ import annotations
 
-import inspect
 import io
 import math
 
@@ -17,6 +16,7 @@ import torch
 import zuko
 from pyro.infer import Trace_ELBO
 from pyrovae.guides import ENCODERS, AmortizedGuide
+from pyrovae.inference.experiment.spec import schema
 from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ REGISTRIES = {"prior": PRIORS, "encoder": ENCODERS, "decoder": DECODERS, "likeli
 DEFAULTS = {
     "prior": "standard_normal",
     "encoder": "diagonal_normal",
-    "decoder": "mlp",
+    "decoder": "feedforward",
     "likelihood": "bernoulli",
 }
 CONTEXT_NAMES = {"latent_dim", "in_features", "out_features", "features", "image_shape", "encoder"}
@@ -37,7 +37,7 @@ VARIANTS = [
     ("encoder", "flow", {"flow": "nsf"}),
     ("encoder", "diagonal_normal", {"network": "conv"}),
     ("encoder", "flow", {"network": "conv", "hidden": (4, 8)}),
-    ("decoder", "conv", {"hidden": (8, 4)}),
+    ("decoder", "feedforward", {"network": "conv", "hidden": (8, 4)}),
     ("likelihood", "gaussian", {"learn_scale": True}),
     ("likelihood", "gaussian", {"learn_scale": True, "per_feature": True, "scale": 0.2}),
     ("likelihood", "laplace", {"learn_scale": True, "per_feature": True}),
@@ -66,7 +66,7 @@ def by_family(*families: str) -> list:
 def construct(constructor, options: dict, **context):
     """Calls ``constructor`` as the spec builder does: the options plus the context arguments
     its signature names (and ``SMALL`` sizes for options the case leaves unset)."""
-    names = inspect.signature(constructor).parameters
+    names = schema(constructor)
     small = {k: v for k, v in SMALL.items() if k in names and k not in options}
     injected = {k: v for k, v in context.items() if k in names}
     return constructor(**small, **options, **injected)
@@ -127,8 +127,7 @@ def elbo_loss(vae: VAE, guide: AmortizedGuide, num_particles: int = 1) -> nn.Mod
 def test_signature_is_a_schema(family: str, name: str):
     """Every option is a real keyword with a default; the entry builds from context alone."""
     constructor = REGISTRIES[family][name]
-    parameters = inspect.signature(constructor).parameters.values()
-    assert all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in parameters)
+    parameters = schema(constructor).values()
     options = [p for p in parameters if p.name not in CONTEXT_NAMES]
     assert all(p.default is not p.empty for p in options), "options need defaults"
     encoder = ENCODERS[DEFAULTS["encoder"]](in_features=FEATURES, latent_dim=2)
@@ -146,11 +145,11 @@ def test_signature_is_a_schema(family: str, name: str):
 
 def test_public_names():
     from pyrovae.guides import AmortizedGuide, DiagonalNormal  # noqa: F401
-    from pyrovae.model import Bernoulli, Gaussian, MLPDecoder, StandardNormal  # noqa: F401
+    from pyrovae.model import Bernoulli, Decoder, Gaussian, StandardNormal  # noqa: F401
 
     assert {"standard_normal", "learned_normal", "mixture", "vamp", "flow"} <= set(PRIORS)
     assert {"diagonal_normal", "full_covariance_normal", "low_rank_normal", "flow"} <= set(ENCODERS)
-    assert {"mlp", "conv"} <= set(DECODERS)
+    assert {"feedforward"} <= set(DECODERS)
     assert {"bernoulli", "gaussian", "continuous_bernoulli", "laplace"} <= set(LIKELIHOODS)
 
 
@@ -387,7 +386,7 @@ def vamp(name: str, options: dict, latent_dim: int = 2) -> tuple[VAE, AmortizedG
     context = {"in_features": FEATURES, "latent_dim": latent_dim, "image_shape": IMAGE_SHAPE}
     encoder = construct(ENCODERS[name], options, **context)
     prior = construct(PRIORS["vamp"], {}, **context, encoder=encoder)
-    decoder = construct(DECODERS["mlp"], {}, **context, out_features=FEATURES)
+    decoder = construct(DECODERS["feedforward"], {}, **context, out_features=FEATURES)
     return VAE(prior, decoder, LIKELIHOODS["bernoulli"]()), AmortizedGuide(encoder)
 
 
@@ -497,8 +496,12 @@ def test_vamp_prior_rejects_an_encoder_without_a_batch_of_components():
 @pytest.mark.parametrize("hidden", [(8,), (8, 4, 4)])
 def test_conv_networks_fit_the_image(image_shape: tuple[int, int], hidden: tuple[int, ...]):
     pixels = image_shape[0] * image_shape[1]
-    decoder = DECODERS["conv"](
-        latent_dim=3, out_features=2 * pixels, image_shape=image_shape, hidden=hidden
+    decoder = DECODERS["feedforward"](
+        latent_dim=3,
+        out_features=2 * pixels,
+        image_shape=image_shape,
+        hidden=hidden,
+        network="conv",
     )
     assert decoder(torch.randn(P, B, 3)).shape == (P, B, 2 * pixels)
     encoder = ENCODERS["diagonal_normal"](
@@ -531,20 +534,31 @@ BAD = [
         {**_ENC, "network": "conv", "image_shape": (7, 7)},
         "does not match",
     ),
-    ("decoder", "conv", {"latent_dim": 2, "out_features": FEATURES}, "image_shape"),
     (
         "decoder",
-        "conv",
-        {"latent_dim": 2, "out_features": 100, "image_shape": IMAGE_SHAPE},
+        "feedforward",
+        {"latent_dim": 2, "out_features": FEATURES, "network": "conv"},
+        "image",
+    ),
+    (
+        "decoder",
+        "feedforward",
+        {"latent_dim": 2, "out_features": 100, "image_shape": IMAGE_SHAPE, "network": "conv"},
         "multiple",
     ),
     (
         "decoder",
-        "conv",
-        {"latent_dim": 2, "out_features": FEATURES, "image_shape": IMAGE_SHAPE, "hidden": ()},
+        "feedforward",
+        {"latent_dim": 2, "out_features": FEATURES, "image_shape": IMAGE_SHAPE, "hidden": ()}
+        | {"network": "conv"},
         "at least one",
     ),
-    ("decoder", "mlp", {"latent_dim": 2, "out_features": FEATURES, "hidden": (0,)}, "hidden"),
+    (
+        "decoder",
+        "feedforward",
+        {"latent_dim": 2, "out_features": FEATURES, "hidden": (0,)},
+        "hidden",
+    ),
     ("likelihood", "gaussian", {"scale": 0.0}, "scale"),
     ("likelihood", "gaussian", {"per_feature": True, "features": FEATURES}, "learn_scale"),
     ("likelihood", "laplace", {"learn_scale": True, "per_feature": True}, "features"),

@@ -18,7 +18,7 @@ from ppca import PPCAPosterior, gaussian_posterior, ppca_log_px
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference.algorithms.marginal import log_marginal_likelihood
 from pyrovae.inference.algorithms.psis import _khat_arviz, _khat_arviz_stats, pareto_khat
-from pyrovae.model import VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
+from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
 from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
 from torch import Tensor, nn
 
@@ -199,7 +199,7 @@ def test_memory_budget_bounds_every_pass(ppca):
 
 def test_real_vae_parts_and_dataset_export():
     torch.manual_seed(0)
-    vae = VAE(StandardNormal(3), MLPDecoder(3, 8, hidden=[16]), Bernoulli())
+    vae = VAE(StandardNormal(3), Decoder(3, 8, hidden=[16]), Bernoulli())
     guide = AmortizedGuide(DiagonalNormal(8, 3, hidden=[16]))
     x = torch.bernoulli(torch.full((6, 8), 0.3))
     result = log_marginal_likelihood(vae, guide, x, 50, bounds=[1, 5], return_log_weights=True)

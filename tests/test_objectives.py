@@ -12,7 +12,7 @@ from ppca import PPCAPosterior
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import PyrovaeError, Spec, build_objective, load_spec
 from pyrovae.inference.algorithms.objectives import OBJECTIVES, ParticleBound, elbo, iwae
-from pyrovae.model import VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
+from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
 from torch import Tensor, nn
 
 LATENT_DIM, FEATURES = 2, 4
@@ -197,7 +197,7 @@ def test_stl_and_dreg_match_their_formulas_with_detached_guide_parameters(num_pa
 def test_every_objective_gives_a_scalar_loss_and_every_gradient(options):
     assert options["kind"] in OBJECTIVES
     objective = build_objective(Spec().replace(train={"objective": options}))
-    model = VAE(StandardNormal(3), MLPDecoder(3, 6, hidden=[4]), Bernoulli())
+    model = VAE(StandardNormal(3), Decoder(3, 6, hidden=[4]), Bernoulli())
     guide = AmortizedGuide(DiagonalNormal(6, 3, hidden=[4]))
     x = torch.bernoulli(torch.full((5, 6), 0.5))
     loss = objective(model, guide)(x)

@@ -22,7 +22,7 @@ from pyrovae.inference.algorithms.schedules import (
 )
 from pyrovae.inference.experiment.runs import Checkpoint
 from pyrovae.inference.experiment.spec import build_schedule
-from pyrovae.model import VAE, Bernoulli, Gaussian, MLPDecoder, StandardNormal
+from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
@@ -189,8 +189,8 @@ def test_every_schedule_keeps_the_loss_value_and_gives_gradients(kind):
 
 
 def small_vae(features=64, latent_dim=4, hidden=(32,)):
-    model = VAE(StandardNormal(latent_dim), MLPDecoder(latent_dim, features, hidden), Bernoulli())
-    guide = AmortizedGuide(DiagonalNormal(features, latent_dim, hidden))
+    model = VAE(StandardNormal(latent_dim), Decoder(latent_dim, features, hidden), Bernoulli())
+    guide = AmortizedGuide(DiagonalNormal(features, latent_dim, hidden=hidden))
     return model, guide
 
 

@@ -13,9 +13,15 @@ def test_default_spec_matches_the_documented_contract():
     assert spec.data.name == "digits" and spec.data.binarize == "dynamic"
     assert spec.model.latent_dim == 16
     assert spec.model.prior == {"kind": "standard_normal"}
-    assert spec.model.decoder == {"kind": "mlp", "hidden": [256, 256], "activation": "relu"}
+    assert spec.model.decoder == {
+        "kind": "feedforward",
+        "network": "mlp",
+        "hidden": [256, 256],
+        "activation": "relu",
+    }
     assert spec.guide.encoder == {
         "kind": "diagonal_normal",
+        "network": "mlp",
         "hidden": [256, 256],
         "activation": "relu",
     }
@@ -31,7 +37,7 @@ def test_default_spec_matches_the_documented_contract():
 def test_file_and_overrides(tmp_path):
     file = tmp_path / "s.toml"
     file.write_text(
-        '[model]\nlatent_dim = 4\ndecoder = { kind = "mlp", hidden = [8] }\n[train]\nepochs = 3\n'
+        '[model]\nlatent_dim = 4\ndecoder = { kind = "feedforward", hidden = [8] }\n[train]\nepochs = 3\n'
     )
     spec = load_spec(
         file,
@@ -43,7 +49,12 @@ def test_file_and_overrides(tmp_path):
         ],
     )
     assert spec.model.latent_dim == 2
-    assert spec.model.decoder == {"kind": "mlp", "hidden": [8], "activation": "relu"}
+    assert spec.model.decoder == {
+        "kind": "feedforward",
+        "network": "mlp",
+        "hidden": [8],
+        "activation": "relu",
+    }
     assert spec.data.name == "mnist"  # a bare word that is not TOML is a string
     assert spec.train.lr == 0.01 and spec.train.epochs == 3
 
@@ -76,7 +87,7 @@ def test_build_gives_matching_shapes():
         ('model.prior.kind="nope"', "unknown model.prior.kind 'nope'; valid: standard_normal"),
         (
             "model.decoder.hiden=[3]",
-            "unknown option model.decoder.hiden for kind 'mlp'; valid: hidden, activation",
+            "unknown option model.decoder.hiden for kind 'feedforward'; valid: hidden, activation, network",
         ),
         ("train.objective.particles=2", "unknown option train.objective.particles"),
         ('train.epochs="x"', "train.epochs must be of type int"),

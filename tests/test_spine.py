@@ -18,8 +18,8 @@ from pyrovae.model import (
     OBSERVED,
     VAE,
     Bernoulli,
+    Decoder,
     Gaussian,
-    MLPDecoder,
     StandardNormal,
 )
 from torch import nn
@@ -41,7 +41,7 @@ def test_any_module_that_fits_plugs_in():
 
 
 def test_vectorized_particles_shapes():
-    vae = VAE(StandardNormal(3), MLPDecoder(3, 6, hidden=[4]), Bernoulli())
+    vae = VAE(StandardNormal(3), Decoder(3, 6, hidden=[4]), Bernoulli())
     guide = AmortizedGuide(DiagonalNormal(6, 3, hidden=[4]))
     x = torch.bernoulli(torch.full((5, 6), 0.5))
     loss = elbo(num_particles=7)(vae, guide)(x)

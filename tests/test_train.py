@@ -11,7 +11,7 @@ from interrupt import InterruptAt
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import TrainingDiverged, fit, load_data
 from pyrovae.inference.experiment.runs import CHECKPOINT, METRICS, Checkpoint
-from pyrovae.model import VAE, Bernoulli, MLPDecoder, StandardNormal
+from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,8 @@ def digits():
 
 
 def small_vae(features=64, latent_dim=4, hidden=(32,)):
-    model = VAE(StandardNormal(latent_dim), MLPDecoder(latent_dim, features, hidden), Bernoulli())
-    guide = AmortizedGuide(DiagonalNormal(features, latent_dim, hidden))
+    model = VAE(StandardNormal(latent_dim), Decoder(latent_dim, features, hidden), Bernoulli())
+    guide = AmortizedGuide(DiagonalNormal(features, latent_dim, hidden=hidden))
     return model, guide
 
 

@@ -45,13 +45,15 @@ class ModelSpec:
     latent_dim: int = 16
     prior: dict = _table(kind="standard_normal")
     # ReLU: with softplus the default budget on digits ends in posterior collapse.
-    decoder: dict = _table(kind="mlp", hidden=[256, 256], activation="relu")
+    decoder: dict = _table(kind="feedforward", network="mlp", hidden=[256, 256], activation="relu")
     likelihood: dict = _table(kind="bernoulli")
 
 
 @dataclass(frozen=True)
 class GuideSpec:
-    encoder: dict = _table(kind="diagonal_normal", hidden=[256, 256], activation="relu")
+    encoder: dict = _table(
+        kind="diagonal_normal", network="mlp", hidden=[256, 256], activation="relu"
+    )
 
 
 @dataclass(frozen=True)
@@ -230,19 +232,27 @@ def _constructor(
     return constructor, options
 
 
-def _parameters(constructor: Callable[..., Any]) -> list[str]:
-    """The keyword names a constructor takes; a class whose ``__init__`` passes ``**kwargs``
-    on to its base (zuko's ``NSF(MAF)`` pattern) takes the base's names too."""
-    names, passes_on = [], False
+def schema(constructor: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    """The keyword parameters a constructor takes, by name: the spec's schema for its entry.
+
+    A class whose ``__init__`` passes ``**kwargs`` on to its base (zuko's ``NSF(MAF)``
+    pattern, the encoders' shared trunk) takes the base's keywords too.
+    """
+    params: dict[str, inspect.Parameter] = {}
+    passes_on = False
     for name, p in inspect.signature(constructor).parameters.items():
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            names.append(name)
+            params[name] = p
         passes_on |= p.kind == p.VAR_KEYWORD
     if passes_on and isinstance(constructor, type):
         bases = [b for b in constructor.__mro__[1:] if "__init__" in vars(b)]
         if bases and bases[0] is not object:
-            names += [n for n in _parameters(bases[0]) if n not in names]
-    return names
+            params = {**schema(bases[0]), **params}
+    return params
+
+
+def _parameters(constructor: Callable[..., Any]) -> list[str]:
+    return list(schema(constructor))
 
 
 def _components(spec: Spec) -> list[tuple[Mapping[str, Callable[..., Any]], dict, str]]:
@@ -351,6 +361,7 @@ __all__ = [
     "check",
     "component",
     "load_spec",
+    "schema",
     "spec_from_dict",
     "with_overrides",
 ]
