@@ -30,15 +30,13 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
+from pyrovae.guides import AmortizedGuide, DiagonalNormal
+from pyrovae.inference import log_marginal_likelihood
+from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 from torch import Tensor
 from torch.nn.functional import binary_cross_entropy_with_logits
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pyrovae.guides import AmortizedGuide, DiagonalNormal  # noqa: E402
-from pyrovae.inference.algorithms.marginal import log_marginal_likelihood  # noqa: E402
-from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
 LATENT_DIM, HIDDEN, FEATURES = 50, [400], 784

@@ -2,7 +2,7 @@
 
 Every pair of {standard, mixture, vamp, flow} priors and {diagonal, fullcov, iaf} guides is
 trained from ``configs/mnist-<prior>-<guide>.toml`` (the one-layer 784-200-200-50 tanh
-architecture of Burda et al.) for the same number of epochs with ``pyrovae train``, then
+architecture of Burda et al.) for the same number of epochs with ``train_run``, then
 scored on the first ``--num-test`` test points (binarized once with the fixed seed) by
 importance sampling with ``--num-samples`` draws from the guide. The table goes to
 ``benchmarks/results/priors_guides.md`` and every figure to ``priors_guides.json``.
@@ -30,7 +30,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,9 +37,19 @@ from typing import Any
 
 import pyro
 import torch
-from pyrovae.inference import Spec, Splits, build, build_objective, load_data, load_run, load_spec
-from pyrovae.inference.algorithms.marginal import KHAT_THRESHOLD, log_marginal_likelihood
-from pyrovae.inference.experiment.runs import read_checkpoint
+from pyrovae.inference import (
+    Checkpoint,
+    Run,
+    Spec,
+    Splits,
+    build,
+    build_objective,
+    evaluate_run,
+    load_data,
+    load_run,
+    load_spec,
+    train_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIORS = ("standard", "mixture", "vamp", "flow")
@@ -87,8 +96,8 @@ def run_pair(
     overrides = [f"data.path={data_path}", *args.set]
     spec = load_spec(config, overrides)
     row["steps_per_epoch"] = math.ceil(len(data.train) / spec.train.batch_size)
-    checkpoint = read_checkpoint(run_dir) if run_dir.is_dir() else None
-    finished = checkpoint is not None and checkpoint["epoch"] == args.epochs
+    checkpoint = Checkpoint.load(run_dir) if run_dir.is_dir() else None
+    finished = checkpoint is not None and checkpoint.epoch == args.epochs
     if not finished or args.retrain:
         step = seconds_per_step(spec, data, args.probe_steps)
         steps = row["steps_per_epoch"] * args.epochs
@@ -101,7 +110,14 @@ def run_pair(
                 f"the {args.max_train_minutes:g}-minute limit per run"
             )
             return row
-        train(config, run_dir, args.epochs, overrides)
+        print(f"   training {config.name} into {run_dir}", flush=True)
+        train_run(
+            config,
+            run_dir,
+            overrides=[*overrides, f"train.epochs={args.epochs}"],
+            force=True,
+            progress=False,
+        )
     run = load_run(run_dir)
     history = run.history
     row["train_seconds"] = sum(h["seconds"] for h in history)
@@ -113,30 +129,29 @@ def run_pair(
         saved = json.loads(cache.read_text())
         if saved["settings"] == settings and saved["epoch"] == run.epoch:
             return {**row, **saved["figures"]}
-    figures = evaluate(run.model, run.guide, data.test[: args.num_test], args)
+    figures = evaluate(run, args)
     cache.write_text(json.dumps({"settings": settings, "epoch": run.epoch, "figures": figures}))
     return {**row, **figures}
 
 
-def evaluate(
-    model: torch.nn.Module, guide: torch.nn.Module, x_test: torch.Tensor, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Test figures of one run from ``log_marginal_likelihood`` with K = ``--num-samples``."""
-    row: dict[str, Any] = {}
-    pyro.set_rng_seed(args.seed)
-    start = time.perf_counter()
-    result = log_marginal_likelihood(model, guide, x_test, num_samples=args.num_samples)
-    row["eval_seconds"] = time.perf_counter() - start
+def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """Test figures of one run from ``evaluate_run`` with K = ``--num-samples``."""
+    evaluation = evaluate_run(
+        run, num_samples=args.num_samples, limit=args.num_test, seed=args.seed
+    )
+    summary, result = evaluation.summary(), evaluation.result
     log_px = result.log_px
-    row["test_elbo"] = result.elbo.mean().item()
-    row["log_px"] = log_px.mean().item()
-    row["log_px_se_points"] = (log_px.std() / math.sqrt(len(log_px))).item()
-    row["log_px_mc_stderr"] = result.stderr.square().sum().sqrt().item() / len(log_px)
-    row["kl"] = result.kl.mean().item()
-    row["khat_bad_fraction"] = (result.khat > KHAT_THRESHOLD).double().mean().item()
-    row["khat_median"] = result.khat.nanmedian().item()
-    row["iwae_bounds"] = {str(k): v.mean().item() for k, v in result.iwae.items()}
-    return row
+    return {
+        "eval_seconds": evaluation.seconds,
+        "test_elbo": summary["elbo"],
+        "log_px": summary["log_px"],
+        "log_px_se_points": (log_px.std() / math.sqrt(len(log_px))).item(),
+        "log_px_mc_stderr": summary["log_px_stderr"],
+        "kl": summary["kl"],
+        "khat_bad_fraction": summary["khat_bad_fraction"],
+        "khat_median": result.khat.nanmedian().item(),
+        "iwae_bounds": {str(k): v.mean().item() for k, v in result.iwae.items()},
+    }
 
 
 def seconds_per_step(spec: Spec, data: Splits, num_steps: int) -> float:
@@ -161,26 +176,6 @@ def seconds_per_step(spec: Spec, data: Splits, num_steps: int) -> float:
             optimizer.step()
             times.append(time.perf_counter() - start)
     return min(times[1:])
-
-
-def train(config: Path, run_dir: Path, epochs: int, overrides: list[str]) -> None:
-    """``pyrovae train`` in a fresh process, so that each run starts from the same state."""
-    command = [
-        sys.executable,
-        "-m",
-        "pyrovae.inference.cli",
-        "train",
-        str(config),
-        "--out",
-        str(run_dir),
-        "--epochs",
-        str(epochs),
-        "--no-progress",
-        "--force",
-        *(arg for item in overrides for arg in ("--set", item)),
-    ]
-    print("   " + shlex.join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
 
 
 def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, output: Path) -> None:

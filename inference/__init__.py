@@ -29,6 +29,13 @@ from pyrovae.inference.algorithms.schedules import (
 )
 from pyrovae.inference.algorithms.scoring import Scores, score
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.callbacks import (
+    Callback,
+    Checkpointing,
+    EarlyStopping,
+    FitState,
+    ProgressBar,
+)
 from pyrovae.inference.experiment.data import Splits, load_data
 from pyrovae.inference.experiment.runs import Checkpoint, Run, load_run
 from pyrovae.inference.experiment.spec import (
@@ -38,15 +45,7 @@ from pyrovae.inference.experiment.spec import (
     build_schedule,
     load_spec,
 )
-from pyrovae.inference.experiment.training import (
-    Callback,
-    Checkpointing,
-    EarlyStopping,
-    FitState,
-    ProgressBar,
-    TrainingDiverged,
-    fit,
-)
+from pyrovae.inference.experiment.training import TrainingDiverged, fit
 from pyrovae.inference.experiment.workflow import Evaluation, evaluate_run, train_run
 from pyrovae.inference.reporting.compare import compare_runs, format_comparison
 from pyrovae.inference.reporting.diagnostics import Diagnostics, SiteDiagnostics, diagnose

@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pyro
 import pyro.distributions as dist
+import pyrovae
 import pytest
 import torch
-from torch import Tensor, nn
-
-import pyrovae
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import (
     Callback,
@@ -37,6 +35,7 @@ from pyrovae.inference import (
     train_run,
 )
 from pyrovae.model import DATA_PLATE, OBSERVED
+from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -263,7 +262,12 @@ def test_callbacks_see_every_step_and_epoch_and_can_stop(digits):
     model, guide = small_vae()
     recorder = Recorder()
     history = fit(
-        model, guide, digits.train[:300], epochs=5, batch_size=100, callbacks=[recorder],
+        model,
+        guide,
+        digits.train[:300],
+        epochs=5,
+        batch_size=100,
+        callbacks=[recorder],
         progress=False,
     )
     assert len(history) == 2
@@ -281,7 +285,12 @@ def test_early_stopping_is_a_callback(digits):
     model, guide = small_vae()
     stopper = EarlyStopping(patience=1, monitor="train_elbo")
     history = fit(
-        model, guide, digits.train[:200], epochs=40, lr=0.5, callbacks=[stopper],
+        model,
+        guide,
+        digits.train[:200],
+        epochs=40,
+        lr=0.5,
+        callbacks=[stopper],
         progress=False,
     )
     assert len(history) < 40
@@ -312,7 +321,9 @@ def test_fit_trains_plain_pyro_functions_on_numpy_arrays(digits):
     data = digits.train.round().numpy().astype(np.float64)  # float64 NumPy input
     history = fit(model, guide, data, validation=data[:200], epochs=5, progress=False)
     pyro.get_param_store().clear()
-    assert not torch.equal(before[0], decoder.weight) and not torch.equal(before[1], encoder.net[0].weight)
+    assert not torch.equal(before[0], decoder.weight) and not torch.equal(
+        before[1], encoder.net[0].weight
+    )
     assert history[-1]["validation_elbo"] > history[0]["validation_elbo"]
     with pytest.raises(PyrovaeError, match="integer dtype"):
         fit(model, guide, (data * 255).astype(np.uint8), epochs=1, progress=False)
@@ -334,9 +345,7 @@ class TwoLayerModel(nn.Module):
         with pyro.plate(DATA_PLATE, len(x)):
             z2 = pyro.sample("z2", dist.Normal(x.new_zeros(len(x), self.top), 1.0).to_event(1))
             loc, raw = self.middle(z2).chunk(2, -1)
-            z1 = pyro.sample(
-                "z1", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1)
-            )
+            z1 = pyro.sample("z1", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
             pyro.sample(OBSERVED, dist.Bernoulli(logits=self.bottom(z1)).to_event(1), obs=x)
 
 

@@ -1,9 +1,7 @@
 """The training loop: ``objective(model, guide)`` minimised with a plain ``torch.optim`` optimizer.
 
-:func:`fit` is the loop and nothing else; what happens around it (checkpoints, early stopping,
-the progress bar, logging) is a :class:`Callback`, in the manner of Lightning's
-``Callback.on_train_epoch_end``: each hook gets the :class:`FitState` and may read or change
-it (``state.stop = True`` ends training after the epoch).
+:func:`fit` is the loop and nothing else; checkpoints, early stopping, the progress bar and
+logging are callbacks (:mod:`pyrovae.inference.experiment.callbacks`).
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +20,18 @@ from pyrovae.inference.algorithms.marginal import log_marginal_likelihood
 from pyrovae.inference.algorithms.objectives import elbo
 from pyrovae.inference.algorithms.schedules import KLSchedule
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.callbacks import (
+    Callback,
+    Checkpointing,
+    EarlyStopping,
+    FitState,
+    ProgressBar,
+    device_of,
+)
 from pyrovae.inference.experiment.data import check_data
-from pyrovae.inference.experiment.runs import Checkpoint
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 __all__ = [
-    "Callback",
-    "Checkpointing",
-    "EarlyStopping",
-    "FitState",
-    "ProgressBar",
     "TrainingDiverged",
     "check_inputs",
     "fit",
@@ -43,176 +41,6 @@ __all__ = [
 
 class TrainingDiverged(PyrovaeError):
     """The loss became NaN or infinite; the run keeps its last good checkpoint."""
-
-
-@dataclass
-class FitState:
-    """What the callbacks of :func:`fit` see and may change.
-
-    Attributes:
-        model, guide: the programs being trained.
-        loss_fn: ``objective(model, guide)``, the loss module.
-        optimizer: the optimizer.
-        epochs: the total number of epochs asked for.
-        steps_per_epoch: optimizer steps in one epoch.
-        batch_size: points per step.
-        history: one dict per finished epoch; a callback restoring a run fills it in
-            :meth:`Callback.on_fit_start`, and the loop continues after its last epoch.
-        epoch: the epoch running or last finished (0 before the first).
-        stop: set by a callback to end training after the current epoch.
-    """
-
-    model: Any
-    guide: Any
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    epochs: int
-    steps_per_epoch: int
-    batch_size: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    epoch: int = 0
-    stop: bool = False
-
-
-class Callback:
-    """Hooks of the training loop; subclass and override the ones you need."""
-
-    def on_fit_start(self, state: FitState) -> None:
-        """Before the first epoch (after seeding): restore state, open files or bars."""
-
-    def on_step_end(self, state: FitState, step: int, loss: Tensor) -> None:
-        """After optimizer step ``step`` of the epoch; ``loss`` is the batch's summed loss,
-        detached and still on the device (reading it syncs)."""
-
-    def on_epoch_end(self, state: FitState) -> None:
-        """After an epoch and its validation, with ``state.history[-1]`` its metrics."""
-
-    def on_fit_end(self, state: FitState) -> None:
-        """After the last epoch, also when training stops early or fails."""
-
-
-class Checkpointing(Callback):
-    """Writes a :class:`~pyrovae.inference.experiment.runs.Checkpoint` after every epoch
-    and, with ``resume``, continues from the one already in ``run_dir``.
-
-    Args:
-        run_dir: an existing directory.
-        features, image_shape, spec: stored in every checkpoint (the spec as TOML).
-        resume: restore model, guide, optimizer, RNG states and history at the start.
-    """
-
-    def __init__(
-        self,
-        run_dir: str | Path,
-        *,
-        features: int | None = None,
-        image_shape: Sequence[int] = (),
-        spec: str | None = None,
-        resume: bool = True,
-    ) -> None:
-        self.run_dir = Path(run_dir)
-        if not self.run_dir.is_dir():
-            raise PyrovaeError(f"run directory {self.run_dir} does not exist; create it first")
-        self.features = features
-        self.image_shape = tuple(image_shape)
-        self.spec = spec
-        self.resume = resume
-        self.latest: Checkpoint | None = None
-
-    def on_fit_start(self, state: FitState) -> None:
-        if not self.resume:
-            return
-        checkpoint = Checkpoint.load(self.run_dir, _device_of(state.loss_fn))
-        if checkpoint is None:
-            return
-        checkpoint.restore(state.model, state.guide, state.optimizer, self.run_dir)
-        _set_rng_state(checkpoint.rng)
-        state.history[:] = checkpoint.history
-        state.epoch = checkpoint.epoch
-        self.latest = checkpoint
-
-    def on_epoch_end(self, state: FitState) -> None:
-        self.latest = Checkpoint(
-            epoch=state.epoch,
-            model=state.model.state_dict(),
-            guide=state.guide.state_dict(),
-            optimizer=state.optimizer.state_dict(),
-            rng=_rng_state(),
-            history=list(state.history),
-            features=self.features,
-            image_shape=self.image_shape,
-            spec=self.spec,
-        )
-        self.latest.save(self.run_dir)
-
-
-class EarlyStopping(Callback):
-    """Stops when the validation ELBO has not improved for ``patience`` epochs.
-
-    Args:
-        patience: epochs without improvement to wait, at least 1.
-        monitor: the history key to maximise.
-    """
-
-    def __init__(self, patience: int, monitor: str = "validation_elbo") -> None:
-        if isinstance(patience, bool) or int(patience) != patience or patience < 1:
-            raise PyrovaeError(f"patience must be an integer of at least 1, got {patience!r}")
-        self.patience = int(patience)
-        self.monitor = monitor
-
-    def _epochs_since_best(self, history: list[dict[str, float]]) -> int:
-        scores = [h[self.monitor] for h in history]
-        if not scores:
-            return 0
-        best_at = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        return len(scores) - 1 - best_at
-
-    def on_fit_start(self, state: FitState) -> None:
-        state.stop = state.stop or self._epochs_since_best(state.history) >= self.patience
-
-    def on_epoch_end(self, state: FitState) -> None:
-        state.stop = state.stop or self._epochs_since_best(state.history) >= self.patience
-
-
-class ProgressBar(Callback):
-    """A tqdm bar over the optimizer steps with the running ELBO; none when the output is
-    not a terminal (logs, CI)."""
-
-    def __init__(self) -> None:
-        self.bar: tqdm | None = None
-        self._total: Tensor | None = None
-
-    def on_fit_start(self, state: FitState) -> None:
-        remaining = state.steps_per_epoch * max(0, state.epochs - len(state.history))
-        self.bar = tqdm(total=remaining, unit="batch", disable=None)
-        # Reading the running loss syncs with the device: a few times per epoch only.
-        self.refresh = max(1, state.steps_per_epoch // 10)
-
-    def on_step_end(self, state: FitState, step: int, loss: Tensor) -> None:
-        if self.bar is None or self.bar.disable:
-            return
-        if step == 0:
-            self.bar.set_description(f"epoch {state.epoch}/{state.epochs}")
-            self._total = torch.zeros_like(loss)
-        self._total += loss
-        if (step + 1) % self.refresh == 0:
-            running = -self._total.item() / ((step + 1) * state.batch_size)
-            self.bar.set_postfix(elbo=f"{running:.2f}", refresh=False)
-            self.bar.update(self.refresh)
-
-    def on_epoch_end(self, state: FitState) -> None:
-        if self.bar is None:
-            return
-        done = state.steps_per_epoch // self.refresh * self.refresh
-        self.bar.update(state.steps_per_epoch - done)
-        last = state.history[-1]
-        self.bar.set_postfix(
-            elbo=f"{last['train_elbo']:.2f}", validation=f"{last['validation_elbo']:.2f}"
-        )
-
-    def on_fit_end(self, state: FitState) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -432,7 +260,7 @@ def _train_epoch(
     loss_fn, optimizer = state.loss_fn, state.optimizer
     loss_fn.train()
     n = x_train.shape[0]
-    device = _device_of(loss_fn, x_train.device)
+    device = device_of(loss_fn, x_train.device)
     order = torch.randperm(n, device=x_train.device)
     first_step = (state.epoch - 1) * state.steps_per_epoch
     total = torch.zeros((), device=device)
@@ -502,26 +330,6 @@ def _place(x: Tensor, device: torch.device) -> Tensor:
     if x.numel() * x.element_size() < free // 2:
         return x.to(device)
     return x.pin_memory()
-
-
-def _device_of(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device(default)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _diverged(epoch: int, callbacks: list[Callback]) -> str:

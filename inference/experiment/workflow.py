@@ -19,6 +19,7 @@ import torch
 from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.callbacks import Callback, Checkpointing
 from pyrovae.inference.experiment.data import Splits, load_data
 from pyrovae.inference.experiment.runs import (
     SPEC,
@@ -36,13 +37,7 @@ from pyrovae.inference.experiment.spec import (
     load_spec,
     with_overrides,
 )
-from pyrovae.inference.experiment.training import (
-    Callback,
-    Checkpointing,
-    check_inputs,
-    fit,
-    resolve_device,
-)
+from pyrovae.inference.experiment.training import check_inputs, fit, resolve_device
 from pyrovae.model.likelihoods import bits_per_dim
 
 __all__ = ["EVALUATION", "Evaluation", "evaluate_run", "load_run_data", "train_run"]
