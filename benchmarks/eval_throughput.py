@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
+from torch import Tensor
+from torch.nn.functional import binary_cross_entropy_with_logits
+
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import log_marginal_likelihood
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
-from torch import Tensor
-from torch.nn.functional import binary_cross_entropy_with_logits
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import pyro
 import torch
+
 from pyrovae.inference import (
     Checkpoint,
     Run,

@@ -29,11 +29,12 @@ import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
+from torch import nn
+from torch.nn import functional as F
+
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import fit
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
-from torch import nn
-from torch.nn import functional as F
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 LATENT, HIDDEN = 50, 400

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pyro
-from pyrovae.model.sites import DATA_PLATE, LATENT
 from torch import Tensor, nn
+
+from pyrovae.model.distributions import as_pyro
+from pyrovae.model.sites import DATA_PLATE, LATENT
 
 
 class AmortizedGuide(nn.Module):
@@ -25,4 +27,4 @@ class AmortizedGuide(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with pyro.plate(DATA_PLATE, x.shape[0]):
-            return pyro.sample(LATENT, self.encoder(x))
+            return pyro.sample(LATENT, as_pyro(self.encoder(x)))

@@ -17,10 +17,11 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import SoftplusLowerCholeskyTransform
-from pyrovae.model.networks import network as build_network
 from torch import Tensor, nn
 from torch.distributions.utils import vec_to_tril_matrix
 from torch.nn.functional import softplus
+
+from pyrovae.model.networks import network as build_network
 
 
 class Encoder(nn.Module):

@@ -8,10 +8,11 @@ from typing import Any
 import pyro.distributions as dist
 import zuko
 from pyro.contrib.zuko import ZukoToPyro
-from pyrovae.guides.encoders import Encoder
-from pyrovae.model.flows import autoregressive_flow, inverse_flow
 from torch import Tensor, nn
 from torch.nn.functional import softplus
+
+from pyrovae.guides.encoders import Encoder
+from pyrovae.model.flows import autoregressive_flow, inverse_flow
 
 
 class ConditionalDiagNormal(zuko.lazy.LazyDistribution):

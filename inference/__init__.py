@@ -37,6 +37,7 @@ from pyrovae.inference.experiment.callbacks import (
     ProgressBar,
 )
 from pyrovae.inference.experiment.data import Splits, load_data
+from pyrovae.inference.experiment.evaluation import Evaluation, evaluate_run
 from pyrovae.inference.experiment.runs import Checkpoint, Run, load_run
 from pyrovae.inference.experiment.spec import (
     Spec,
@@ -46,7 +47,7 @@ from pyrovae.inference.experiment.spec import (
     load_spec,
 )
 from pyrovae.inference.experiment.training import TrainingDiverged, fit
-from pyrovae.inference.experiment.workflow import Evaluation, evaluate_run, train_run
+from pyrovae.inference.experiment.workflow import train_run
 from pyrovae.inference.reporting.compare import compare_runs, format_comparison
 from pyrovae.inference.reporting.diagnostics import Diagnostics, SiteDiagnostics, diagnose
 from pyrovae.inference.reporting.report import write_report

@@ -5,34 +5,64 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pyro
+
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import Interrupted, PyrovaeError
+from pyrovae.inference.experiment.evaluation import (
+    EVALUATION,
+    Evaluation,
+    check_evaluation_target,
+    evaluate_run,
+)
 from pyrovae.inference.experiment.runs import Run, load_run
 from pyrovae.inference.experiment.training import resolve_device
-from pyrovae.inference.experiment.workflow import EVALUATION, evaluate_run, train_run
+from pyrovae.inference.experiment.workflow import train_run
+
+UNRELIABLE_SHARE = 0.2
+"""Above this share of points with k̂ > 0.7, ``evaluate`` warns that log p(x) is a bound."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pyrovae`` command; returns the exit code."""
+    """Entry point of the ``pyrovae`` command; returns the exit code.
+
+    Every problem with the user's input, files or environment is one line on stderr and
+    exit code 2 (130 for an interruption); ``--debug`` shows the traceback instead.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         args.command(args)
-    except PyrovaeError as e:
+    except BrokenPipeError:
+        # The reader went away (| head): stop writing to it, without a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("pyrovae: error: the output pipe closed early; printing stopped", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"pyrovae: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("pyrovae: interrupted", file=sys.stderr)
+        return 130
+    except (PyrovaeError, OSError) as e:
         if args.debug:
             raise
-        print(f"pyrovae: error: {e}", file=sys.stderr)
+        print(f"pyrovae: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pyrovae: interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
-        return 130
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="write an image grid of samples from a run")
     sample.add_argument("run", help="run directory")
     sample.add_argument("-n", "--num-samples", type=int, default=64)
-    sample.add_argument("-o", "--output", default="samples.png", help="image file to write")
+    sample.add_argument("-o", "--output", help="image file to write (default: RUN/samples.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z), not its mean")
     sample.add_argument("--force", action="store_true", help="replace an existing output file")
@@ -78,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.add_argument(
+        "-o", "--output", help="JSON file to write (default: RUN/evaluation.json)"
+    )
+    evaluate.add_argument(
+        "--force", action="store_true", help="replace an evaluation made with other settings"
+    )
     evaluate.set_defaults(command=cmd_evaluate)
 
     report = commands.add_parser(
@@ -131,16 +167,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from pyrovae.inference.reporting.plots import save_image_grid
+    from pyrovae.inference.reporting.plots import check_image_path, save_image_grid
 
     if args.num_samples < 1:
         raise PyrovaeError(f"-n must be at least 1, got {args.num_samples}")
-    output = Path(args.output)
+    run = load_run(args.run)
+    output = Path(args.output) if args.output else run.path / "samples.png"
     if output.exists() and not args.force:
         raise PyrovaeError(
             f"{output} already exists; pass --force to replace it or choose another -o"
         )
-    run = load_run(args.run)
+    check_image_path(output)
     shape = _image_shape(run)
     pyro.set_rng_seed(args.seed)
     images = run.model.sample(args.num_samples, mean=not args.draw)
@@ -150,30 +187,50 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _check_diagnostic_options(args)
-    evaluation = evaluate_run(
-        args.run,
-        split=args.split,
-        num_samples=args.num_samples,
-        limit=args.limit,
-        seed=args.seed,
-        device=args.device,
-    )
-    if args.json:
-        print(json.dumps(evaluation.to_json(), indent=2))
-        return
+    run = load_run(args.run)
+    target = Path(args.output) if args.output else run.path / EVALUATION
+    settings = {
+        "split": args.split,
+        "num_samples": args.num_samples,
+        "limit": args.limit,
+        "seed": args.seed,
+    }
+    check_evaluation_target(target, settings, args.force)
+    evaluation = evaluate_run(run, **settings, device=args.device, write=False, progress=True)
+    try:
+        if args.json:
+            print(json.dumps(evaluation.to_json(), indent=2))
+        else:
+            _print_evaluation(evaluation, target)
+    finally:
+        # Printed first, then written: a failed write still leaves the table on screen,
+        # and a closed pipe still gets the results written.
+        evaluation.write(target)
+    share = evaluation.summary()["khat_bad_fraction"]
+    if share > UNRELIABLE_SHARE:
+        print(
+            f"pyrovae: warning: {share:.0%} of points have k̂ > {KHAT_THRESHOLD}, so log p(x) "
+            "is a lower bound of unknown tightness; raise -k, use a richer guide, or both",
+            file=sys.stderr,
+        )
+
+
+def _print_evaluation(evaluation: Evaluation, target: Path) -> None:
     summary = evaluation.summary()
-    result = evaluation.result
-    khat_share = summary["khat_bad_fraction"]
+    share = summary["khat_bad_fraction"]
     rows = [
         ("ELBO", f"{summary['elbo']:.3f}"),
-        ("log p(x)", f"{summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f}"),
+        (
+            "log p(x) ± MC error of the mean",
+            f"{summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f}",
+        ),
         ("bits/dim", f"{summary['bits_per_dim']:.4f}"),
         ("reconstruction E[log p(x|z)]", f"{summary['reconstruction']:.3f}"),
         ("KL(q(z|x) || p(z))", f"{summary['kl']:.3f}"),
-        *[(f"IWAE k={k}", f"{v.mean().item():.3f}") for k, v in result.iwae.items()],
+        *[(f"IWAE k={k}", f"{v.mean().item():.3f}") for k, v in evaluation.result.iwae.items()],
         (
             f"share of points with k̂ > {KHAT_THRESHOLD}",
-            "not computed (needs K >= 25)" if math.isnan(khat_share) else f"{khat_share:.1%}",
+            "not computed (k̂ needs K >= 25)" if math.isnan(share) else f"{share:.1%}",
         ),
     ]
     width = max(len(name) for name, _ in rows)
@@ -183,7 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    print(f"wrote {evaluation.run / EVALUATION}")
+    print(f"writing {target}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -201,6 +258,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         num_samples=args.num_samples,
         seed=args.seed,
         path=args.output,
+        progress=True,
     )
     print(f"wrote {path}")
 
@@ -212,7 +270,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if len(args.runs) < 2:
         raise PyrovaeError("compare needs at least two runs")
     comparison = compare_runs(
-        args.runs, args.split, limit=args.limit, num_samples=args.num_samples, seed=args.seed
+        args.runs,
+        args.split,
+        limit=args.limit,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        progress=True,
     )
     print(format_comparison(comparison))
 

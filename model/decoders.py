@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyrovae.model import networks
 from torch import Tensor, nn
+
+from pyrovae.model import networks
 
 
 class Decoder(nn.Module):

@@ -9,6 +9,56 @@ from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 from torch.nn.functional import logsigmoid
 
+_SCALAR = Size()
+
+
+class TorchToPyro(dist.TorchDistribution):
+    """A ``torch.distributions`` object as a Pyro distribution (what ``ZukoToPyro`` is for
+    zuko): sampling, densities and moments are the wrapped distribution's own.
+
+    Args:
+        base: any ``torch.distributions.Distribution``.
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(self, base: torch.distributions.Distribution) -> None:
+        self.base_dist = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    def expand(self, batch_shape: Size, _instance: TorchToPyro | None = None) -> TorchToPyro:
+        return type(self)(self.base_dist.expand(batch_shape))
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base_dist.has_rsample
+
+    @constraints.dependent_property
+    def support(self) -> constraints.Constraint:
+        return self.base_dist.support
+
+    @property
+    def mean(self) -> Tensor:
+        return self.base_dist.mean
+
+    @property
+    def variance(self) -> Tensor:
+        return self.base_dist.variance
+
+    def sample(self, sample_shape: Size = _SCALAR) -> Tensor:
+        return self.base_dist.sample(sample_shape)
+
+    def rsample(self, sample_shape: Size = _SCALAR) -> Tensor:
+        return self.base_dist.rsample(sample_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self.base_dist.log_prob(value)
+
+
+def as_pyro(d: torch.distributions.Distribution) -> dist.TorchDistribution:
+    """``d`` itself when it is a Pyro distribution, else wrapped in :class:`TorchToPyro`."""
+    return d if isinstance(d, dist.torch_distribution.TorchDistributionMixin) else TorchToPyro(d)
+
 
 class DiscretizedLogistic(dist.TorchDistribution):
     """A logistic distribution rounded to ``levels`` equally spaced values on [0, 1].

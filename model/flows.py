@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import zuko
-from pyrovae.model.networks import check_sizes
 from torch import nn
+
+from pyrovae.model.networks import check_sizes
 
 FLOWS: dict[str, type[zuko.flows.Flow]] = {
     "maf": zuko.flows.MAF,

@@ -16,10 +16,11 @@ import math
 
 import pyro.distributions as dist
 import torch
-from pyrovae.model.distributions import DiscretizedLogistic
 from torch import Tensor, nn
 from torch.distributions import constraints
 from torch.nn.functional import softplus
+
+from pyrovae.model.distributions import DiscretizedLogistic
 
 
 class Bernoulli(nn.Module):

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from pyro.contrib.zuko import ZukoToPyro
-from pyrovae.model.flows import autoregressive_flow
 from torch import Tensor, nn
 from torch.distributions import constraints
+
+from pyrovae.model.flows import autoregressive_flow
 
 
 class StandardNormal(nn.Module):

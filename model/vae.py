@@ -5,8 +5,10 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
 from torch import Tensor, nn
+
+from pyrovae.model.distributions import as_pyro
+from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
 
 
 class VAE(nn.Module):
@@ -17,7 +19,8 @@ class VAE(nn.Module):
     protocols below plug in; nothing checks their classes.
 
     Args:
-        prior: ``prior() -> Distribution`` with event shape ``(latent_dim,)``.
+        prior: ``prior() -> Distribution`` with event shape ``(latent_dim,)``; a plain
+            ``torch.distributions`` object is wrapped for Pyro.
         decoder: ``decoder(z) -> Tensor``, mapping ``(..., latent_dim)`` to likelihood
             parameters ``(..., F * num_params)``.
         likelihood: ``likelihood(params) -> Distribution`` with event shape ``(F,)``.
@@ -37,11 +40,11 @@ class VAE(nn.Module):
 
     def decode(self, z: Tensor) -> dist.Distribution:
         """The likelihood p(x|z) for latents ``z`` of shape ``(..., latent_dim)``."""
-        return self.likelihood(self.decoder(z))
+        return as_pyro(self.likelihood(self.decoder(z)))
 
     def forward(self, x: Tensor) -> Tensor:
         with pyro.plate(DATA_PLATE, x.shape[0]):
-            z = pyro.sample(LATENT, self.prior())
+            z = pyro.sample(LATENT, as_pyro(self.prior()))
             pyro.sample(OBSERVED, self.decode(z), obs=x)
         return z
 
@@ -58,6 +61,6 @@ class VAE(nn.Module):
             A tensor of shape ``(num_samples, F)``.
         """
         with pyro.plate(DATA_PLATE, num_samples):
-            z = pyro.sample(LATENT, self.prior())
+            z = pyro.sample(LATENT, as_pyro(self.prior()))
         px = self.decode(z)
         return px.mean if mean else px.sample()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pyrovae.inference import Callback, FitState
 from torch import Tensor
+
+from pyrovae.inference import Callback, FitState
 
 
 class InterruptAt(Callback):

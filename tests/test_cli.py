@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from pyrovae.inference.cli import main
 from pyrovae.inference.experiment.runs import load_run
 
@@ -39,7 +40,12 @@ def one_line_error(capsys, code, *fragments):
 def test_train_sample_round_trip(tmp_path, capsys):
     assert train(tmp_path) == 0
     run = tmp_path / "run"
-    assert {p.name for p in run.iterdir()} == {"spec.toml", "checkpoint.pt", "metrics.csv"}
+    assert {p.name for p in run.iterdir()} == {
+        ".pyrovae-run",
+        "spec.toml",
+        "checkpoint.pt",
+        "metrics.csv",
+    }
     assert "trained" in capsys.readouterr().out
     loaded = load_run(run)
     assert loaded.epoch == 2 and loaded.spec.model.latent_dim == 2
@@ -66,7 +72,7 @@ def test_existing_run_needs_force(tmp_path, capsys):
 def test_force_never_replaces_a_foreign_directory(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "thesis.tex").write_text("precious")
-    one_line_error(capsys, train(tmp_path, "--force"), "not a pyrovae run")
+    one_line_error(capsys, train(tmp_path, "--force"), "not created by pyrovae as a run")
     assert (tmp_path / "run" / "thesis.tex").read_text() == "precious"
 
 
@@ -176,9 +182,16 @@ def test_evaluate_round_trip(tmp_path, capsys):
     # The importance-sampling estimate sits above the ELBO, and the bounds climb with k.
     assert saved["elbo"] <= saved["iwae_10"] <= saved["iwae_100"] <= saved["log_px"] + 1e-9
     assert saved["bits_per_dim"] == pytest.approx(-saved["log_px"] / (64 * np.log(2)))
-    assert main(["evaluate", run, "-k", "50", "--split", "train", "--limit", "5"]) == 0
+    # Other settings do not silently replace that evaluation: --force, or --output.
+    other = ["evaluate", run, "-k", "50", "--split", "train", "--limit", "5"]
+    one_line_error(capsys, main(other), "other settings", "num_samples 200 -> 50", "--force")
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text()) == saved
+    assert main([*other, "--output", str(tmp_path / "train.json")]) == 0
     out = capsys.readouterr().out
     assert "log p(x)" in out and "k̂ > 0.7" in out
+    assert json.loads((tmp_path / "train.json").read_text())["split"] == "train"
+    assert main([*other, "--force"]) == 0
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["num_samples"] == 50
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,12 @@ import pytest
 import torch
 import zuko
 from pyro.infer import Trace_ELBO
+from sklearn.datasets import load_digits
+from torch import Tensor, nn
+
 from pyrovae.guides import ENCODERS, AmortizedGuide
 from pyrovae.inference.experiment.spec import schema
 from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE
-from sklearn.datasets import load_digits
-from torch import Tensor, nn
 
 REGISTRIES = {"prior": PRIORS, "encoder": ENCODERS, "decoder": DECODERS, "likelihood": LIKELIHOODS}
 DEFAULTS = {

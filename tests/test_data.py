@@ -8,9 +8,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch.distributions import constraints
+
 from pyrovae.inference import PyrovaeError, load_data
 from pyrovae.inference.experiment.data import check_data
-from torch.distributions import constraints
 
 
 def test_digits_splits_offline():

@@ -7,10 +7,11 @@ import math
 import pyro.distributions as dist
 import pytest
 import torch
+from torch import Tensor, nn
+
 from pyrovae.guides import AmortizedGuide
 from pyrovae.inference.reporting.diagnostics import diagnose, khat_bad_fraction
 from pyrovae.model import VAE, Gaussian, StandardNormal
-from torch import Tensor, nn
 
 FEATURES, SIGMA = 6, 0.5
 # Orthogonal decoder columns make the exact posterior factorize; the third unit is unused.

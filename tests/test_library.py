@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyro
 import pyro.distributions as dist
-import pyrovae
 import pytest
 import torch
+from torch import Tensor, nn
+
+import pyrovae
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import (
     Callback,
@@ -35,7 +38,6 @@ from pyrovae.inference import (
     train_run,
 )
 from pyrovae.model import DATA_PLATE, OBSERVED
-from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -84,11 +86,21 @@ def test_api_imports_beside_a_users_own_model_guides_and_inference_modules(tmp_p
     assert done.stdout.split() == ["True", "True"]
 
 
+IGNORE = shutil.ignore_patterns("__pycache__")
+
+
 def test_a_regular_install_holds_only_the_pyrovae_package(tmp_path):
     """The wheel a regular install uses: pyrovae/model/..., never a top-level model/."""
+    source = tmp_path / "source"  # built from a copy: a build writes into its source tree
+    for name in ("pyproject.toml", "README.md", "__init__.py", "model", "guides", "inference"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=IGNORE)
+        else:
+            source.mkdir(exist_ok=True)
+            shutil.copy(REPO / name, source / name)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(tmp_path), str(REPO)],
+        + ["-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
     )

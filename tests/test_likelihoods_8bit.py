@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from pyrovae.model import DiscretizedLogistic, EightBitLogistic, bits_per_dim
 from torch.distributions import AffineTransform, SigmoidTransform, TransformedDistribution, Uniform
+
+from pyrovae.model import DiscretizedLogistic, EightBitLogistic, bits_per_dim
 
 LOC = torch.tensor([0.3, -2.0, 0.5, 1.5, 0.999, 0.5, 0.0])
 SCALE = torch.tensor([1e-3, 0.1, 50.0, 0.02, 1e-4, 0.05, 3e-4])

@@ -15,12 +15,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 from ppca import PPCAPosterior, gaussian_posterior, ppca_log_px
+from torch import Tensor, nn
+
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference.algorithms.marginal import log_marginal_likelihood
 from pyrovae.inference.algorithms.psis import _khat_arviz, _khat_arviz_stats, pareto_khat
 from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
 from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
-from torch import Tensor, nn
 
 LATENT_DIM, FEATURES, NOISE = 2, 5, 0.5
 

@@ -9,11 +9,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 from ppca import PPCAPosterior
+from torch import Tensor, nn
+
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import PyrovaeError, Spec, build_objective, load_spec
 from pyrovae.inference.algorithms.objectives import OBJECTIVES, ParticleBound, elbo, iwae
 from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
-from torch import Tensor, nn
 
 LATENT_DIM, FEATURES = 2, 4
 

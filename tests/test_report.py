@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+
 from pyrovae.inference.cli import main
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.runs import Checkpoint, load_run

@@ -9,6 +9,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 from interrupt import InterruptAt
+from torch import Tensor, nn
+from torch.distributions import kl_divergence
+
 from pyrovae.guides import AmortizedGuide, DiagonalNormal, FullCovarianceNormal
 from pyrovae.inference import PyrovaeError, Spec, fit, load_data, load_spec
 from pyrovae.inference.algorithms.objectives import analytic_kl, elbo, iwae
@@ -23,8 +26,6 @@ from pyrovae.inference.algorithms.schedules import (
 from pyrovae.inference.experiment.runs import Checkpoint
 from pyrovae.inference.experiment.spec import build_schedule
 from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
-from torch import Tensor, nn
-from torch.distributions import kl_divergence
 
 LATENT_DIM, FEATURES, BATCH = 3, 4, 6
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pyrovae.inference import PyrovaeError, Spec, build, load_spec
 from pyrovae.inference.experiment.spec import spec_from_dict
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from ppca import PPCAPosterior
 from pyro import poutine
+from torch import nn
+
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import analytic_kl, elbo
 from pyrovae.model import (
@@ -22,7 +24,6 @@ from pyrovae.model import (
     Gaussian,
     StandardNormal,
 )
-from torch import nn
 
 
 def test_any_module_that_fits_plugs_in():

@@ -8,6 +8,7 @@ import pyro
 import pytest
 import torch
 from interrupt import InterruptAt
+
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import TrainingDiverged, fit, load_data
 from pyrovae.inference.experiment.runs import CHECKPOINT, METRICS, Checkpoint

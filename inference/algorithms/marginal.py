@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyro
 import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
 from pyrovae.inference.algorithms.psis import (
     FLAT_ULPS,
     KHAT_THRESHOLD,
@@ -31,7 +34,6 @@ from pyrovae.inference.algorithms.scoring import (
     check_sites,
     score,
 )
-from torch import Tensor
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -140,6 +142,7 @@ def log_marginal_likelihood(
     bounds: Sequence[int] | None = None,
     max_plate_nesting: int = MAX_PLATE_NESTING,
     return_log_weights: bool = False,
+    progress: bool = False,
 ) -> MarginalLikelihood:
     """Estimates log p(x) for every row of ``x`` by importance sampling from the guide.
 
@@ -163,6 +166,7 @@ def log_marginal_likelihood(
         bounds: the k of the IWAE bounds to report; default 1, 10, 100, ... and K.
         max_plate_nesting: plates the model and guide nest; particles go in the next dim.
         return_log_weights: keep the ``(N, K)`` log weights in the result.
+        progress: show a progress bar over the points (only on a terminal).
 
     Returns:
         A :class:`MarginalLikelihood` of per-point tensors.
@@ -180,6 +184,7 @@ def log_marginal_likelihood(
         >>> result.log_px.mean(), (result.khat > 0.7).sum()
     """
     _check_arguments(x, num_samples, chunk_size, batch_size, max_memory, max_plate_nesting)
+    x = _in_model_dtype(x, model, guide)
     if max_memory is None:
         cpu = x.device.type == "cpu"
         max_memory = DEFAULT_MAX_MEMORY if cpu else DEFAULT_MAX_MEMORY_ACCELERATOR
@@ -187,13 +192,16 @@ def log_marginal_likelihood(
     pair_bytes, dtype = _probe(model, guide, x, max_plate_nesting)
     chunk, batch, group = _plan(len(x), num_samples, pair_bytes, max_memory, chunk_size, batch_size)
     flat_tol = FLAT_ULPS * torch.finfo(dtype).eps
-    with torch.no_grad(), pyro.validation_enabled(False):
+    bar = tqdm(total=len(x), unit="point", disable=None if progress else True, leave=False)
+    with torch.no_grad(), pyro.validation_enabled(False), bar:
         groups = []
         for x_group in x.split(group):
-            blocks = [
-                _estimate_block(model, guide, x_block, num_samples, chunk, max_plate_nesting)
-                for x_block in x_group.split(batch)
-            ]
+            blocks = []
+            for x_block in x_group.split(batch):
+                blocks.append(
+                    _estimate_block(model, guide, x_block, num_samples, chunk, max_plate_nesting)
+                )
+                bar.update(len(x_block))
             terms = {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
             terms.update(_weight_statistics(terms["log_weights"], ks, flat_tol))
             if not return_log_weights:
@@ -232,6 +240,22 @@ def _check_arguments(
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); pass at least one data point")
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values; clean or impute the data first")
+
+
+def _in_model_dtype(x: Tensor, *programs: Program) -> Tensor:
+    """Floating data in the dtype of the programs' parameters (float64 data for a float32
+    model, say); integer data are refused, since their scale is unknown."""
+    if not x.is_floating_point():
+        raise ValueError(
+            f"x has integer dtype {x.dtype}; pass floats in the scale the model was trained on "
+            "(e.g. x / 255.0 for 8-bit images)"
+        )
+    for program in programs:
+        if isinstance(program, torch.nn.Module):
+            for p in program.parameters():
+                if p.is_floating_point():
+                    return x.to(p.dtype)
+    return x
 
 
 def _is_positive_int(value: object) -> bool:

@@ -17,8 +17,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBOModule
 from pyro.poutine.trace_struct import Trace
-from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, Scores, score
 from torch import Tensor, nn
+
+from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, Scores, score
 
 ESTIMATORS = ("reparam", "stl", "dreg")
 """Gradient estimators of :class:`ParticleBound`: reparameterization, sticking-the-landing,

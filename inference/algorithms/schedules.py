@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
-from pyrovae.inference.errors import PyrovaeError
 from torch import Tensor
-from torch.distributions import Independent, constraints, kl_divergence, register_kl
+from torch.distributions import Independent, kl_divergence, register_kl
+
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.model.distributions import TorchToPyro
 
 
 class KLSchedule(Protocol):
@@ -244,49 +245,21 @@ def kl_per_dimension(guide: Any, prior: Any, name: str = "z") -> Tensor:
     )
 
 
-_SCALAR = torch.Size()
-
-
-class _Reweighted(TorchDistribution):
+class _Reweighted(TorchToPyro):
     """``base`` whose ``log_prob`` keeps its value, its gradient times ``scale``, plus the
     gradient of ``shift`` (a scalar whose value is not added)."""
 
-    arg_constraints: dict = {}
-
     def __init__(self, base: Any, scale: float, shift: Tensor | None = None) -> None:
-        self.base_dist = base
+        super().__init__(base)
         self.scale = scale
         self.shift = shift
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
     def expand(self, batch_shape: torch.Size, _instance: Any = None) -> _Reweighted:
         return _Reweighted(self.base_dist.expand(batch_shape), self.scale, self.shift)
 
-    @property
-    def has_rsample(self) -> bool:
-        return self.base_dist.has_rsample
-
-    @constraints.dependent_property
-    def support(self) -> Any:
-        return self.base_dist.support
-
-    @property
-    def mean(self) -> Tensor:
-        return self.base_dist.mean
-
-    @property
-    def variance(self) -> Tensor:
-        return self.base_dist.variance
-
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         # The base's own call: zuko flows cache the log density of what they draw there.
         return self.base_dist(*args, **kwargs)
-
-    def sample(self, sample_shape: torch.Size = _SCALAR) -> Tensor:
-        return self.base_dist.sample(sample_shape)
-
-    def rsample(self, sample_shape: torch.Size = _SCALAR) -> Tensor:
-        return self.base_dist.rsample(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
         return _reweight(self.base_dist.log_prob(value), self.scale, self.shift)

@@ -24,8 +24,9 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
 from pyro.poutine.trace_struct import Trace
-from pyrovae.model.sites import DATA_PLATE
 from torch import Tensor
+
+from pyrovae.model.sites import DATA_PLATE
 
 __all__ = [
     "MAX_PLATE_NESTING",

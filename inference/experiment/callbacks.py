@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pyrovae.inference.errors import PyrovaeError
-from pyrovae.inference.experiment.runs import Checkpoint
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.runs import Checkpoint
 
 __all__ = ["Callback", "Checkpointing", "EarlyStopping", "FitState", "ProgressBar"]
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pyrovae.inference.errors import PyrovaeError
 from torch import Tensor
 from torch.distributions.constraints import Constraint
+
+from pyrovae.inference.errors import PyrovaeError
 
 BINARIZE = ("none", "dynamic", "static")
 NAMED = ("digits", "mnist", "fashion-mnist")
@@ -47,6 +48,8 @@ class Splits:
         train_labels, validation_labels, test_labels: integer labels, or None.
         image_shape: ``(H, W)`` for images, None for plain feature vectors.
         dynamic: whether training batches are binarized afresh each time.
+        source: the absolute path of the file or folder the data were read from (None for
+            the bundled digits and for torchvision's download).
     """
 
     train: Tensor
@@ -57,6 +60,7 @@ class Splits:
     test_labels: Tensor | None
     image_shape: tuple[int, ...] | None
     dynamic: bool = False
+    source: Path | None = None
 
     @property
     def features(self) -> int:
@@ -101,19 +105,22 @@ def load_data(
     """
     if binarize not in BINARIZE:
         raise PyrovaeError(f"unknown data.binarize {binarize!r}; valid: {', '.join(BINARIZE)}")
+    source = None
     if name == "digits":
         arrays = _digits()
     elif name in _NPZ_NAMES:
-        arrays = _mnist_like(name, path)
+        arrays, source = _mnist_like(name, path)
     elif name.endswith((".npz", ".npy")):
-        arrays = _user_file(Path(path or name))
+        source = Path(path or name)
+        arrays = _user_file(source)
+        source = source.resolve()
     else:
         raise PyrovaeError(
             f"unknown data.name {name!r}; valid: {', '.join(NAMED)}, or a path to .npz/.npy"
         )
     if validation_size is None:
         validation_size = 10_000 if name in _NPZ_NAMES else 0.1
-    splits = _split(arrays, validation_size)
+    splits = replace(_split(arrays, validation_size), source=source)
     return _binarize(splits, binarize)
 
 
@@ -164,7 +171,7 @@ def _digits() -> dict[str, np.ndarray]:
     }
 
 
-def _mnist_like(name: str, path: str | None) -> dict[str, np.ndarray]:
+def _mnist_like(name: str, path: str | None) -> tuple[dict[str, np.ndarray], Path | None]:
     looked: list[str] = []
     candidates = [Path(path)] if path else []
     if os.environ.get("PYROVAE_DATA"):
@@ -174,29 +181,31 @@ def _mnist_like(name: str, path: str | None) -> dict[str, np.ndarray]:
         if found is not None:
             return found
         looked.append(str(candidate))
-    arrays = _torchvision(name)
+    arrays, why = _torchvision(name)
     if arrays is not None:
-        return arrays
+        return arrays, None
     where = ", ".join(looked) if looked else "nowhere (no data.path, PYROVAE_DATA unset)"
     raise PyrovaeError(
-        f"{name} not found: looked in {where} and torchvision could not fetch it; put a "
-        f"Keras-layout {_NPZ_NAMES[name]} (x_train, y_train, x_test, y_test) or the IDX files "
-        "in a directory and set data.path or PYROVAE_DATA to it"
+        f"{name} not found: looked in {where}, and {why}; put a Keras-layout "
+        f"{_NPZ_NAMES[name]} (x_train, y_train, x_test, y_test) or the IDX files in a "
+        "directory and set data.path or PYROVAE_DATA to it"
     )
 
 
-def _read_local(candidate: Path, name: str) -> dict[str, np.ndarray] | None:
+def _read_local(candidate: Path, name: str) -> tuple[dict[str, np.ndarray], Path] | None:
+    """The arrays found at ``candidate`` (a file or a directory) and the file or folder they
+    came from, or None."""
     if candidate.is_file():
-        return _user_file(candidate)
+        return _user_file(candidate), candidate.resolve()
     if not candidate.is_dir():
         return None
     npz = candidate / _NPZ_NAMES[name]
     if npz.is_file():
-        return _user_file(npz)
+        return _user_file(npz), npz.resolve()
     for folder in (candidate, candidate / name, candidate / name.replace("-", "_").upper() / "raw"):
         files = {k: _idx_path(folder, v) for k, v in _IDX_FILES.items()}
         if all(f is not None for f in files.values()):
-            return {k: _read_idx(f) for k, f in files.items()}
+            return {k: _read_idx(f) for k, f in files.items()}, folder.resolve()
     return None
 
 
@@ -217,24 +226,28 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _torchvision(name: str) -> dict[str, np.ndarray] | None:
+def _torchvision(name: str) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The data set through torchvision's downloader, or None and why not."""
     try:
         from torchvision import datasets
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
+    except ImportError:
+        return None, "torchvision, which could download it, is not installed"
+    except Exception as e:  # noqa: BLE001 - a broken install is reported the same way
+        return None, f"torchvision does not import ({type(e).__name__})"
     root = Path(os.environ.get("PYROVAE_DATA", Path.home() / ".cache" / "pyrovae"))
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     try:
         train = cls(root, train=True, download=True)
         test = cls(root, train=False, download=True)
     except Exception:  # noqa: BLE001 - offline or blocked: fall through to the error message
-        return None
-    return {
+        return None, "torchvision could not download it (offline?)"
+    arrays = {
         "x_train": train.data.numpy(),
         "y_train": train.targets.numpy(),
         "x_test": test.data.numpy(),
         "y_test": test.targets.numpy(),
     }
+    return arrays, ""
 
 
 def _user_file(path: Path) -> dict[str, np.ndarray]:
@@ -309,6 +322,14 @@ def _labels(y: np.ndarray | None, n: int, what: str) -> Tensor | None:
         return None
     if y.shape != (n,):
         raise PyrovaeError(f"{what} have shape {y.shape}; expected ({n},), one per point")
+    integral = np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)
+    if not integral and np.issubdtype(y.dtype, np.floating):
+        integral = bool(np.all(np.isfinite(y)) and np.all(y == np.round(y)))
+    if not integral:
+        raise PyrovaeError(
+            f"{what} have dtype {y.dtype}; labels must be integers (class indices 0..C-1), "
+            "e.g. np.unique(labels, return_inverse=True)[1]"
+        )
     return torch.from_numpy(y.astype(np.int64))
 
 

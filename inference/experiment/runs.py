@@ -15,28 +15,37 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import tomllib
 import torch
+from torch import nn
+
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.spec import Spec, build, load_spec
-from torch import nn
 
 __all__ = [
     "CHECKPOINT",
+    "MARKER",
     "METRICS",
     "SPEC",
     "Checkpoint",
     "Run",
     "atomic_write",
+    "check_replaceable",
+    "check_writable",
     "create_run",
     "load_run",
+    "promote_run",
+    "stage_run",
 ]
 
+MARKER = ".pyrovae-run"
+"""The file pyrovae writes into every run directory it creates: only such a directory is ever
+replaced (``--force``)."""
 SPEC = "spec.toml"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -183,11 +192,78 @@ class Run:
         return self.checkpoint.image_shape
 
 
-def create_run(path: str | Path, spec: Spec, force: bool = False) -> Path:
-    """Makes a fresh run directory holding ``spec.toml``.
+def check_writable(path: Path, what: str) -> None:
+    """Refuses, up front, a ``path`` that cannot be written: its nearest existing folder is
+    missing write permission, or something other than a folder stands in the way.
 
     Raises:
-        PyrovaeError: the directory exists and ``force`` is not set.
+        PyrovaeError: one line naming the path and the problem.
+    """
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists():
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PyrovaeError(f"cannot write {what} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PyrovaeError(f"cannot write {what} {path}: {folder} is not writable")
+    longest = max((len(part.encode()) for part in path.parts), default=0)
+    if longest > 255:
+        raise PyrovaeError(f"cannot write {what} {path}: a name in it is longer than 255 bytes")
+
+
+def check_replaceable(path: Path, keep: Iterable[Path] = ()) -> None:
+    """Refuses to replace ``path`` unless pyrovae created it as a run (it holds the marker
+    file) and it holds none of the files in ``keep`` (the spec and data being used).
+
+    Raises:
+        PyrovaeError: one line saying why the directory stays.
+    """
+    if not path.is_dir():
+        raise PyrovaeError(f"{path} exists and is not a directory; choose another --out")
+    if not (path / MARKER).is_file():
+        raise PyrovaeError(
+            f"{path} was not created by pyrovae as a run (no {MARKER} in it); refusing to "
+            "replace it, even with --force: choose another --out"
+        )
+    inside = [k for k in keep if k.resolve().is_relative_to(path.resolve())]
+    if inside:
+        raise PyrovaeError(
+            f"{path} holds {inside[0]}, which this run reads; refusing to replace it, even with "
+            "--force: move that file or choose another --out"
+        )
+
+
+def stage_run(path: Path, spec: Spec) -> Path:
+    """Makes a hidden staging directory beside ``path`` holding the marker and ``spec.toml``;
+    :func:`promote_run` moves it to ``path`` once it holds a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    os.chmod(staging, 0o777 & ~_umask())
+    (staging / MARKER).write_text("a pyrovae run directory\n")
+    atomic_write(staging / SPEC, spec.to_toml().encode())
+    return staging
+
+
+def promote_run(staging: Path, path: Path) -> None:
+    """Puts the staged run at ``path``, replacing the run there: the old run is renamed
+    aside first and deleted only once the new one is in place."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.replaced-"))
+        os.replace(path, old / path.name)
+    os.replace(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def create_run(path: str | Path, spec: Spec, force: bool = False) -> Path:
+    """Makes a fresh run directory holding the marker and ``spec.toml`` (replacing a run
+    pyrovae made, with ``force``).
+
+    Raises:
+        PyrovaeError: the directory exists and may not be replaced.
     """
     path = Path(path)
     if path.exists():
@@ -196,15 +272,16 @@ def create_run(path: str | Path, spec: Spec, force: bool = False) -> Path:
                 f"run directory {path} already exists; pass --force to replace it, "
                 f"--resume {path} to continue it, or --out to choose another"
             )
-        if not (path / SPEC).is_file() and any(path.iterdir()):
-            raise PyrovaeError(
-                f"{path} is not empty and holds no {SPEC}; refusing to replace a directory "
-                "that is not a pyrovae run, even with --force"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    atomic_write(path / SPEC, spec.to_toml().encode())
+        check_replaceable(path)
+    check_writable(path, "run directory")
+    promote_run(stage_run(path, spec), path)
     return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
@@ -273,9 +350,7 @@ def atomic_write(file: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
     try:
         # mkstemp makes the file private; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,7 @@ from typing import Any
 
 import tomli_w
 import tomllib
+
 from pyrovae.guides import ENCODERS, AmortizedGuide
 from pyrovae.inference.algorithms.objectives import OBJECTIVES
 from pyrovae.inference.algorithms.schedules import SCHEDULES, KLSchedule
@@ -32,17 +34,55 @@ def _table(**entries: Any) -> Any:
     return field(default_factory=lambda: dict(entries))
 
 
+MAX_LATENT_DIM = 4096
+"""The largest ``model.latent_dim`` a spec may ask for."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric spec key may take: finite, between ``low`` and ``high``."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    """``low`` itself is excluded."""
+
+    def check(self, value: float, path: str) -> None:
+        ok = math.isfinite(value)
+        what = "an integer" if isinstance(value, int) else "a finite number"
+        if ok and self.low is not None:
+            ok = value > self.low if self.above else value >= self.low
+        if ok and self.high is not None:
+            ok = value <= self.high
+        if not ok:
+            raise PyrovaeError(f"{path} must be {what}{self}, got {value!r}")
+
+    def __str__(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.above else '>='} {self.low}")
+        if self.high is not None:
+            parts.append(f"<= {self.high}")
+        return " " + " and ".join(parts) if parts else ""
+
+
+def _ranged(
+    default: Any, low: float | None = None, high: float | None = None, above: bool = False
+) -> Any:
+    return field(default=default, metadata={"range": Range(low, high, above)})
+
+
 @dataclass(frozen=True)
 class DataSpec:
     name: str = "digits"
     binarize: str = "dynamic"
     path: str | None = None
-    validation_size: int | float | None = None
+    validation_size: int | float | None = _ranged(None, 0, above=True)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    latent_dim: int = 16
+    latent_dim: int = _ranged(16, 1, MAX_LATENT_DIM)
     prior: dict = _table(kind="standard_normal")
     # ReLU: with softplus the default budget on digits ends in posterior collapse.
     decoder: dict = _table(kind="feedforward", network="mlp", hidden=[256, 256], activation="relu")
@@ -60,12 +100,12 @@ class GuideSpec:
 class TrainSpec:
     objective: dict = _table(kind="elbo", num_particles=1)
     kl: dict = _table(kind="constant", beta=1.0)
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    grad_clip: float | None = None
-    patience: int | None = None
+    epochs: int = _ranged(50, 1)
+    batch_size: int = _ranged(128, 1)
+    lr: float = _ranged(1e-3, 0, above=True)
+    seed: int = _ranged(0, 0, 2**32 - 1)  # NumPy seeds take 32 bits
+    grad_clip: float | None = _ranged(None, 0, above=True)
+    patience: int | None = _ranged(None, 1)
     device: str = "auto"
 
 
@@ -271,7 +311,8 @@ def _section(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, Mapping):
         raise PyrovaeError(f"{name} must be a table, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
+    ranges = {f.name: f.metadata.get("range") for f in dataclasses.fields(cls)}
+    fields = list(ranges)
     unknown = [k for k in raw if k not in fields]
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
@@ -284,6 +325,8 @@ def _section(cls: type, raw: Any, where: str) -> Any:
             values[key] = _section(hint, value, path)
         else:
             values[key] = _checked(value, hint, path)
+            if ranges[key] is not None and values[key] is not None:
+                ranges[key].check(values[key], path)
     return cls(**values)
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from torch import Tensor, nn
+
 from pyrovae.inference.algorithms.marginal import log_marginal_likelihood
 from pyrovae.inference.algorithms.objectives import elbo
 from pyrovae.inference.algorithms.schedules import KLSchedule
@@ -29,7 +31,6 @@ from pyrovae.inference.experiment.callbacks import (
     device_of,
 )
 from pyrovae.inference.experiment.data import check_data
-from torch import Tensor, nn
 
 __all__ = [
     "TrainingDiverged",

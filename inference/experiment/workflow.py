@@ -6,28 +6,27 @@ Python program, a notebook or a benchmark gets exactly what the command line get
 
 from __future__ import annotations
 
-import json
-import math
-import time
+import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
-from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
-from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
-from pyrovae.inference.errors import PyrovaeError
-from pyrovae.inference.experiment.callbacks import Callback, Checkpointing
-from pyrovae.inference.experiment.data import Splits, load_data
+
+from pyrovae.inference.errors import Interrupted, PyrovaeError
+from pyrovae.inference.experiment.callbacks import Callback, Checkpointing, FitState
+from pyrovae.inference.experiment.data import Splits, check_data, load_data
 from pyrovae.inference.experiment.runs import (
     SPEC,
     Checkpoint,
     Run,
     atomic_write,
-    create_run,
+    check_replaceable,
+    check_writable,
     load_run,
+    promote_run,
+    stage_run,
 )
 from pyrovae.inference.experiment.spec import (
     Spec,
@@ -37,13 +36,14 @@ from pyrovae.inference.experiment.spec import (
     load_spec,
     with_overrides,
 )
-from pyrovae.inference.experiment.training import check_inputs, fit, resolve_device
-from pyrovae.model.likelihoods import bits_per_dim
+from pyrovae.inference.experiment.training import (
+    TrainingDiverged,
+    check_inputs,
+    fit,
+    resolve_device,
+)
 
-__all__ = ["EVALUATION", "Evaluation", "evaluate_run", "load_run_data", "train_run"]
-
-EVALUATION = "evaluation.json"
-"""Where :func:`evaluate_run` writes its results in the run directory by default."""
+__all__ = ["load_run_data", "train_run"]
 
 _RESUMABLE = ("train.epochs", "train.device")
 """The only keys a resumed run may change: the model and its data stay what they were."""
@@ -90,22 +90,7 @@ def train_run(
     """
     overrides = list(overrides)
     if resume:
-        if out is None:
-            raise PyrovaeError("resume needs the run directory to continue (out)")
-        if spec is not None or force:
-            raise PyrovaeError("resume takes the spec from the run; drop the spec and force")
-        out = Path(out)
-        if not out.is_dir():
-            raise PyrovaeError(f"run directory {out} does not exist; nothing to resume")
-        if Checkpoint.load(out) is None:
-            raise PyrovaeError(f"{out} has no checkpoint to resume; train it afresh instead")
-        other = [o for o in overrides if o.partition("=")[0].strip() not in _RESUMABLE]
-        if other:
-            raise PyrovaeError(
-                f"a resumed run keeps its spec; only {', '.join(_RESUMABLE)} may change, "
-                f"not {other[0]!r}"
-            )
-        resolved = with_overrides(load_spec(out / SPEC), overrides)
+        out, resolved, done = _resumed_spec(spec, out, overrides, force)
     else:
         resolved = (
             with_overrides(spec, overrides)
@@ -113,192 +98,157 @@ def train_run(
             else load_spec(spec, overrides)
         )
         if out is None:
-            stem = Path(spec).stem if isinstance(spec, str | Path) else "default"
-            out = Path("runs") / stem
-        out = Path(out)
+            out = Path("runs") / (Path(spec).stem if isinstance(spec, str | Path) else "default")
+        out, done = Path(out), 0
+        if out.exists() and not force:
+            raise PyrovaeError(
+                f"run directory {out} already exists; pass --force to replace it, "
+                f"--resume {out} to continue it, or --out to choose another"
+            )
     if device is not None:
         resolved = resolved.replace(train={"device": device})
     train = resolved.train
+    if train.epochs <= done:
+        raise PyrovaeError(
+            f"{out} has already trained {done} epoch(s); train.epochs (--epochs) is the total, "
+            f"so ask for more than {done}"
+        )
     device_ = resolve_device(train.device)
+
+    # Everything is checked before anything on disk changes: data, model, one probe step.
     data = load_run_data(resolved)
+    if data.source is not None:
+        resolved = resolved.replace(data={"path": str(data.source)})
     pyro.set_rng_seed(train.seed)
     model, guide = build(resolved, data.features, data.image_shape)
     objective = build_objective(resolved)
     schedule = build_schedule(resolved)
     check_inputs(model, data.train, data.validation)
+    check_data(data.test, "test data", getattr(getattr(model, "likelihood", None), "support", None))
+    _probe_step(model, guide, objective, schedule, data, train.batch_size)
     if resume:
-        atomic_write(out / SPEC, resolved.to_toml().encode())
+        check_writable(out / SPEC, "run")
+        staging = None
     else:
-        create_run(out, resolved, force=force)
+        if out.exists():
+            check_replaceable(
+                out, keep=[p for p in (spec, data.source) if isinstance(p, Path | str)]
+            )
+        check_writable(out, "run directory")
+        staging = stage_run(out, resolved)
+
     checkpointing = Checkpointing(
-        out,
+        staging or out,
         features=data.features,
         image_shape=data.image_shape or (),
         spec=resolved.to_toml(),
     )
-    fit(
-        model,
-        guide,
-        data.train,
-        validation=data.validation,
-        objective=objective,
-        kl_schedule=schedule,
-        epochs=train.epochs,
-        batch_size=train.batch_size,
-        lr=train.lr,
-        grad_clip=train.grad_clip,
-        patience=train.patience,
-        transform=torch.bernoulli if data.dynamic else None,
-        device=device_,
-        seed=train.seed,
-        callbacks=[checkpointing, *callbacks],
-        progress=progress,
-    )
-    if checkpointing.latest is None:
-        raise PyrovaeError(f"{out}: no epoch was trained")
+    own = [checkpointing] if staging is None else [checkpointing, _Promote(checkpointing, out)]
+    try:
+        if resume and (out / SPEC).read_text() != resolved.to_toml():
+            atomic_write(out / SPEC, resolved.to_toml().encode())
+        fit(
+            model,
+            guide,
+            data.train,
+            validation=data.validation,
+            objective=objective,
+            kl_schedule=schedule,
+            epochs=train.epochs,
+            batch_size=train.batch_size,
+            lr=train.lr,
+            grad_clip=train.grad_clip,
+            patience=train.patience,
+            transform=torch.bernoulli if data.dynamic else None,
+            device=device_,
+            seed=train.seed,
+            callbacks=[*own, *callbacks],
+            progress=progress,
+        )
+    except (KeyboardInterrupt, TrainingDiverged) as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e).split(";")[0]
+        raise _stopped(what, e, out, checkpointing, resume) from None
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     model.eval()
     guide.eval()
     return Run(out, resolved, model, guide, checkpointing.latest)
+
+
+class _Promote(Callback):
+    """Moves a staged run to its place once its first checkpoint exists (replacing the run
+    that was there), and points the checkpointing there."""
+
+    def __init__(self, checkpointing: Checkpointing, path: Path) -> None:
+        self.checkpointing = checkpointing
+        self.path = path
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if self.checkpointing.run_dir != self.path:
+            promote_run(self.checkpointing.run_dir, self.path)
+            self.checkpointing.run_dir = self.path
+
+
+def _resumed_spec(
+    spec: Any, out: str | Path | None, overrides: list[str], force: bool
+) -> tuple[Path, Spec, int]:
+    """The run to continue, its spec with the allowed overrides, and its finished epochs."""
+    if out is None:
+        raise PyrovaeError("resume needs the run directory to continue (out)")
+    if spec is not None or force:
+        raise PyrovaeError("resume takes the spec from the run; drop the spec and force")
+    out = Path(out)
+    if not out.is_dir():
+        raise PyrovaeError(f"run directory {out} does not exist; nothing to resume")
+    checkpoint = Checkpoint.load(out)
+    if checkpoint is None:
+        raise PyrovaeError(f"{out} has no checkpoint to resume; train it afresh instead")
+    other = [o for o in overrides if o.partition("=")[0].strip() not in _RESUMABLE]
+    if other:
+        raise PyrovaeError(
+            f"a resumed run keeps its spec; only {', '.join(_RESUMABLE)} may change, "
+            f"not {other[0]!r}"
+        )
+    return out, with_overrides(load_run(out).spec, overrides), checkpoint.epoch
+
+
+def _probe_step(
+    model: Any, guide: Any, objective: Any, schedule: Any, data: Splits, batch_size: int
+) -> None:
+    """One loss and backward pass on a few training points, without an optimizer step, so
+    that a model that cannot train on these data fails before any file is touched."""
+    x = data.train[: min(batch_size, 8)]
+    if data.dynamic:
+        x = torch.bernoulli(x)
+    try:
+        with pyro.validation_enabled(False), schedule.handler(0):
+            loss = objective(model, guide)(x)
+        loss.backward()
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PyrovaeError(f"the model cannot be trained on these data: {reason}") from None
+    for module in (model, guide):
+        module.zero_grad(set_to_none=True)
+
+
+def _stopped(
+    what: str, error: BaseException, out: Path, checkpointing: Checkpointing, resume: bool
+) -> PyrovaeError:
+    """The one line that says where a stopped training left the run."""
+    latest = checkpointing.latest
+    if latest is not None and (resume or checkpointing.run_dir == out):
+        kept = f"the checkpoint of epoch {latest.epoch} in {out} is kept"
+    elif out.exists():
+        kept = f"no epoch finished, so {out} is unchanged"
+    else:
+        kept = f"no epoch finished, so nothing was written to {out}"
+    hint = "" if isinstance(error, KeyboardInterrupt) else "; lower train.lr or set train.grad_clip"
+    cls = Interrupted if isinstance(error, KeyboardInterrupt) else TrainingDiverged
+    return cls(f"{what}; {kept}{hint}")
 
 
 def load_run_data(spec: Spec) -> Splits:
     """The data set a spec names, split and binarized as training saw it."""
     d = spec.data
     return load_data(d.name, d.binarize, d.path, d.validation_size)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The importance-sampling evaluation of a run on a data split.
-
-    Attributes:
-        run: the run directory.
-        epoch: the run's epoch when evaluated.
-        split: ``"train"``, ``"validation"`` or ``"test"``.
-        num_samples: K, draws per point.
-        seed: the seed the draws started from.
-        seconds: time of the estimate.
-        features: data features per point, for bits/dim.
-        levels: grey levels for the bits/dim of a density (None for a pmf), see
-            :func:`pyrovae.model.bits_per_dim`.
-        result: the per-point :class:`MarginalLikelihood` (``log_px``, ``stderr``,
-            ``khat``, ``elbo``, ... each ``(N,)``).
-    """
-
-    run: Path
-    epoch: int
-    split: str
-    num_samples: int
-    seed: int
-    seconds: float
-    features: int
-    levels: int | None
-    result: MarginalLikelihood
-
-    @property
-    def num_points(self) -> int:
-        return len(self.result.log_px)
-
-    def summary(self) -> dict[str, float]:
-        """Means over the points, the Monte Carlo error of the mean log p(x), bits/dim and the
-        k̂ share (NaN when k̂ was not computed)."""
-        summary = self.result.summary()
-        summary["bits_per_dim"] = float(bits_per_dim(summary["log_px"], self.features, self.levels))
-        return summary
-
-    def to_json(self) -> dict[str, Any]:
-        """Settings, summary and per-point figures in data order, as strict JSON values
-        (NaN and infinities become null)."""
-        per_point = {
-            name: [_finite(v) for v in getattr(self.result, name).tolist()]
-            for name in ("log_px", "stderr", "khat", "elbo")
-        }
-        return {
-            "run": str(self.run),
-            "epoch": self.epoch,
-            "split": self.split,
-            "points": self.num_points,
-            "num_samples": self.num_samples,
-            "seed": self.seed,
-            "seconds": self.seconds,
-            "features": self.features,
-            "bits_per_dim_levels": self.levels,
-            "khat_threshold": KHAT_THRESHOLD,
-            **{k: _finite(v) for k, v in self.summary().items()},
-            "per_point": per_point,
-        }
-
-    def write(self, path: str | Path) -> Path:
-        """Writes :meth:`to_json` to ``path`` atomically."""
-        path = Path(path)
-        text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        atomic_write(path, text.encode())
-        return path
-
-
-def evaluate_run(
-    run: Run | str | Path,
-    *,
-    split: str = "test",
-    num_samples: int = 5000,
-    limit: int | None = None,
-    seed: int = 0,
-    device: str | None = None,
-    output: str | Path | None = None,
-) -> Evaluation:
-    """Estimates log p(x) per data point of a run's split by importance sampling.
-
-    Args:
-        run: a :class:`Run` or a run directory.
-        split: ``"test"``, ``"validation"`` or ``"train"`` (binarized once with a fixed seed
-            where the run binarizes).
-        num_samples: K, draws from the guide per point.
-        limit: only the first ``limit`` points.
-        seed: seeds the draws.
-        device: default the run's ``train.device``.
-        output: where to write the JSON; default ``RUN/evaluation.json``.
-
-    Returns:
-        The :class:`Evaluation`, also written as JSON.
-
-    Raises:
-        PyrovaeError: bad settings, or a model the estimator cannot score.
-    """
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
-        raise PyrovaeError(f"num_samples must be at least 1, got {num_samples}")
-    if limit is not None and limit < 1:
-        raise PyrovaeError(f"limit must be at least 1, got {limit}")
-    run = run if isinstance(run, Run) else load_run(run)
-    device_ = resolve_device(device or run.spec.train.device)
-    x, _ = load_run_data(run.spec).split(split)
-    x = x[:limit].to(device_)
-    run.model.to(device_)
-    run.guide.to(device_)
-    pyro.set_rng_seed(seed)
-    start = time.perf_counter()
-    try:
-        result = log_marginal_likelihood(run.model, run.guide, x, num_samples=num_samples)
-    except ValueError as e:
-        raise PyrovaeError(str(e)) from None
-    likelihood = getattr(run.model, "likelihood", None)
-    evaluation = Evaluation(
-        run=run.path,
-        epoch=run.epoch,
-        split=split,
-        num_samples=num_samples,
-        seed=seed,
-        seconds=time.perf_counter() - start,
-        features=x[0].numel(),
-        # A density on [0, 1] data is reported on the scale of 256 grey levels; a pmf, or a
-        # model without a likelihood module, as it is.
-        levels=256
-        if likelihood is not None and not getattr(likelihood, "discrete", False)
-        else None,
-        result=result,
-    )
-    evaluation.write(output if output is not None else run.path / EVALUATION)
-    return evaluation
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pyro
 import torch
+from torch import Tensor
+
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.runs import Run, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.inference.reporting.diagnostics import diagnose
-from torch import Tensor
 
 __all__ = ["Comparison", "compare_runs", "format_comparison"]
 
@@ -60,6 +61,7 @@ def compare_runs(
     num_samples: int = 500,
     num_latent_samples: int = 16,
     seed: int = 0,
+    progress: bool = False,
 ) -> Comparison:
     """Evaluates runs on the same points of a split and pairs their log p(x) with the first.
 
@@ -71,6 +73,7 @@ def compare_runs(
         num_latent_samples: S, draws of z per point for KL and mutual information.
         seed: every run's evaluation starts from this seed, so a comparison is repeatable
             and a run compared with itself differs by exactly 0.
+        progress: show a progress bar over each run's points.
 
     Returns:
         The :class:`Comparison`.
@@ -108,6 +111,7 @@ def compare_runs(
             x,
             num_samples=num_samples,
             num_latent_samples=num_latent_samples,
+            progress=progress,
         )
         assert diag.marginal is not None  # num_samples >= 1 was checked
         log_px.append(diag.marginal.log_px)

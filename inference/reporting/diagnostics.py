@@ -37,6 +37,9 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from torch import Tensor
+from torch.distributions import Distribution, kl_divergence
+
 from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
 from pyrovae.inference.algorithms.psis import khat_bad_fraction
 from pyrovae.inference.algorithms.scoring import (
@@ -47,8 +50,6 @@ from pyrovae.inference.algorithms.scoring import (
     score,
 )
 from pyrovae.model.sites import LATENT
-from torch import Tensor
-from torch.distributions import Distribution, kl_divergence
 
 __all__ = [
     "ACTIVITY_THRESHOLD",
@@ -244,6 +245,7 @@ def diagnose(
     activity_threshold: float = ACTIVITY_THRESHOLD,
     batch_size: int = 256,
     max_memory: int = _DEFAULT_MAX_MEMORY,
+    progress: bool = False,
 ) -> Diagnostics:
     """Diagnoses a model and guide on the data points ``x``.
 
@@ -260,6 +262,7 @@ def diagnose(
         batch_size: points scored at a time (times S draws).
         max_memory: approximate budget in bytes of the ``(z, point)`` log-density matrix
             of one chunk of the aggregate posterior.
+        progress: show a progress bar over the importance-sampled points.
 
     Returns:
         The :class:`Diagnostics`.
@@ -282,7 +285,9 @@ def diagnose(
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if marginal is None and num_samples > 0:
-        marginal = log_marginal_likelihood(model, guide, x, num_samples=num_samples)
+        marginal = log_marginal_likelihood(
+            model, guide, x, num_samples=num_samples, progress=progress
+        )
     if marginal is not None and len(marginal.log_px) != len(x):
         raise ValueError(f"marginal has {len(marginal.log_px)} points but x has {len(x)}")
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pyrovae.inference.errors import PyrovaeError
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.colors import Colormap
@@ -43,6 +45,29 @@ def image_grid(images: Tensor, image_shape: tuple[int, ...], ncol: int | None = 
         grid = padded.reshape(rows, ncol, h, w).permute(0, 2, 1, 3).reshape(rows * h, ncol * w)
         return grid.numpy()
     return make_grid(images, nrow=ncol, padding=0)[0].numpy()
+
+
+def check_image_path(path: str | Path) -> None:
+    """Refuses, before any work, an image path matplotlib cannot write: an unknown extension
+    or a folder that is missing or read-only.
+
+    Raises:
+        PyrovaeError: one line naming the problem and the valid extensions.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pyrovae.inference.experiment.runs import check_writable
+
+    path = Path(path)
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    extension = path.suffix.lstrip(".").lower()
+    if extension not in formats:
+        raise PyrovaeError(
+            f"cannot write an image to {path}: unknown extension {path.suffix or '(none)'!r}; "
+            f"valid: {', '.join(sorted(formats))}"
+        )
+    check_writable(path, "image")
 
 
 def save_image_grid(images: Tensor, image_shape: tuple[int, ...], path: str | Path) -> None:

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pyro
 import torch
+from torch import Tensor
+
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.data import Splits
-from pyrovae.inference.experiment.runs import Run, atomic_write, load_run
+from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.inference.reporting import plots
 from pyrovae.inference.reporting.diagnostics import Diagnostics, diagnose, univariate_factors
-from torch import Tensor
 
 __all__ = ["REPORT", "write_report"]
 
@@ -43,6 +44,7 @@ def write_report(
     seed: int = 0,
     data: Splits | None = None,
     path: str | Path | None = None,
+    progress: bool = False,
 ) -> Path:
     """Evaluates a run on a data split and writes its report as one HTML file.
 
@@ -56,6 +58,7 @@ def write_report(
         seed: seeds every random draw, so a report is reproducible.
         data: the run's data, if already loaded; else loaded from its spec.
         path: where to write; default ``RUN/report.html``.
+        progress: show a progress bar over the importance-sampled points.
 
     Returns:
         The path written.
@@ -64,6 +67,10 @@ def write_report(
         PyrovaeError: an unknown split, fewer than two points, or data that do not match.
     """
     run = run if isinstance(run, Run) else load_run(run)
+    out = Path(path) if path is not None else run.path / REPORT
+    check_writable(out, "report")
+    if out.is_dir():
+        raise PyrovaeError(f"cannot write the report to {out}: it is a directory")
     if data is None:
         data = load_run_data(run.spec)
     x, labels = data.split(data_split)
@@ -77,7 +84,12 @@ def write_report(
         raise PyrovaeError(f"the {data_split} split has {len(x)} points; a report needs two")
     pyro.set_rng_seed(seed)
     diag = diagnose(
-        run.model, run.guide, x, num_samples=num_samples, num_latent_samples=num_latent_samples
+        run.model,
+        run.guide,
+        x,
+        num_samples=num_samples,
+        num_latent_samples=num_latent_samples,
+        progress=progress,
     )
     shape = tuple(run.image_shape)
     sections = [
@@ -94,7 +106,6 @@ def write_report(
         sections.append(("Latent space", _latent_space(run, diag, labels, shape)))
     sections.append(("Aggregate posterior against the prior", _histograms(run, diag)))
     sections.append(("Importance sampling: Pareto k̂", _khat(diag)))
-    out = Path(path) if path is not None else run.path / REPORT
     atomic_write(out, plots.html_page(f"pyrovae report: {run.path}", sections).encode())
     return out
 
