@@ -72,6 +72,13 @@ def test_missing_mnist_says_where_it_looked(tmp_path, monkeypatch):
         load_data("fashion-mnist")
     message = str(info.value)
     assert str(tmp_path) in message and "fashion-mnist.npz" in message and "PYROVAE_DATA" in message
+    # Why no download was tried, in the user's terms.
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        assert "torchvision, which could download it, is not installed" in message
+    else:
+        assert "torchvision could not download it" in message
 
 
 def test_user_arrays(tmp_path):

@@ -192,14 +192,18 @@ class Run:
         return self.checkpoint.image_shape
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Refuses, up front, a ``path`` that cannot be written: its nearest existing folder is
-    missing write permission, or something other than a folder stands in the way.
+def check_writable(path: Path, what: str, create: bool = False) -> None:
+    """Refuses, up front, a ``path`` that cannot be written: its folder is missing (unless
+    ``create``, for folders pyrovae makes), the nearest existing folder lacks write
+    permission, or something other than a folder stands in the way.
 
     Raises:
         PyrovaeError: one line naming the path and the problem.
     """
+    path = Path(path)
     folder = path if path.is_dir() else path.parent
+    if not create and not folder.exists():
+        raise PyrovaeError(f"cannot write {what} {path}: the folder {folder} does not exist")
     while not folder.exists():
         if folder.parent == folder:
             break
@@ -208,9 +212,6 @@ def check_writable(path: Path, what: str) -> None:
         raise PyrovaeError(f"cannot write {what} {path}: {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PyrovaeError(f"cannot write {what} {path}: {folder} is not writable")
-    longest = max((len(part.encode()) for part in path.parts), default=0)
-    if longest > 255:
-        raise PyrovaeError(f"cannot write {what} {path}: a name in it is longer than 255 bytes")
 
 
 def check_replaceable(path: Path, keep: Iterable[Path] = ()) -> None:
@@ -227,7 +228,7 @@ def check_replaceable(path: Path, keep: Iterable[Path] = ()) -> None:
             f"{path} was not created by pyrovae as a run (no {MARKER} in it); refusing to "
             "replace it, even with --force: choose another --out"
         )
-    inside = [k for k in keep if k.resolve().is_relative_to(path.resolve())]
+    inside = [k for k in map(Path, keep) if k.resolve().is_relative_to(path.resolve())]
     if inside:
         raise PyrovaeError(
             f"{path} holds {inside[0]}, which this run reads; refusing to replace it, even with "
@@ -273,7 +274,7 @@ def create_run(path: str | Path, spec: Spec, force: bool = False) -> Path:
                 f"--resume {path} to continue it, or --out to choose another"
             )
         check_replaceable(path)
-    check_writable(path, "run directory")
+    check_writable(path, "run directory", create=True)
     promote_run(stage_run(path, spec), path)
     return path
 

@@ -47,9 +47,9 @@ class Range:
     above: bool = False
     """``low`` itself is excluded."""
 
-    def check(self, value: float, path: str) -> None:
+    def check(self, value: float, path: str, integer: bool = False) -> None:
         ok = math.isfinite(value)
-        what = "an integer" if isinstance(value, int) else "a finite number"
+        what = "an integer" if integer else "a finite number"
         if ok and self.low is not None:
             ok = value > self.low if self.above else value >= self.low
         if ok and self.high is not None:
@@ -326,7 +326,8 @@ def _section(cls: type, raw: Any, where: str) -> Any:
         else:
             values[key] = _checked(value, hint, path)
             if ranges[key] is not None and values[key] is not None:
-                ranges[key].check(values[key], path)
+                integer = int in (typing.get_args(hint) or (hint,))
+                ranges[key].check(values[key], path, integer)
     return cls(**values)
 
 

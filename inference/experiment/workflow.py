@@ -134,7 +134,7 @@ def train_run(
             check_replaceable(
                 out, keep=[p for p in (spec, data.source) if isinstance(p, Path | str)]
             )
-        check_writable(out, "run directory")
+        check_writable(out, "run directory", create=True)
         staging = stage_run(out, resolved)
 
     checkpointing = Checkpointing(
