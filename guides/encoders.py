@@ -23,6 +23,11 @@ from torch.nn.functional import softplus
 
 from pyrovae.model.networks import network as build_network
 
+START_SCALE = 0.01
+"""Factor on the initial trunk outputs that make a richer Gaussian differ from the diagonal
+one (off-diagonal Cholesky entries, the low-rank factor): richer guides start where the
+diagonal guide starts."""
+
 
 class Encoder(nn.Module):
     """An encoder: the shared trunk, a network from x to ``head.in_features`` numbers, and
@@ -55,6 +60,10 @@ class Encoder(nn.Module):
             network, in_features, head.in_features, hidden, activation, image_shape
         )
         self.head = head
+        start = getattr(head, "initialize_trunk", None)
+        if start is not None and isinstance(self.net[-1], nn.Linear):
+            with torch.no_grad():
+                start(self.net[-1])
 
     def forward(self, x: Tensor) -> dist.Distribution:
         return self.head(self.net(x))
@@ -86,6 +95,14 @@ class FullCovarianceHead(nn.Module):
         self.min_scale = min_scale
         self.to_cholesky = SoftplusLowerCholeskyTransform()
 
+    def initialize_trunk(self, last: nn.Linear) -> None:
+        """Shrinks the trunk's outputs for the off-diagonal entries, so that q starts close
+        to the diagonal Gaussian and correlations grow only where they help."""
+        rows, cols = torch.tril_indices(self.latent_dim, self.latent_dim)
+        off = self.latent_dim + torch.nonzero(rows != cols).squeeze(-1)
+        last.weight[off] *= START_SCALE
+        last.bias[off] *= START_SCALE
+
     def forward(self, params: Tensor) -> dist.Distribution:
         loc, tril = params[..., : self.latent_dim], params[..., self.latent_dim :]
         scale_tril = self.to_cholesky(vec_to_tril_matrix(tril))
@@ -105,6 +122,12 @@ class LowRankHead(nn.Module):
         self.latent_dim = latent_dim
         self.rank = int(rank)
         self.min_scale = min_scale
+
+    def initialize_trunk(self, last: nn.Linear) -> None:
+        """Shrinks the trunk's outputs for the factor W, so that q starts close to the
+        diagonal Gaussian (W small, not zero: its gradient vanishes at W = 0 otherwise)."""
+        last.weight[2 * self.latent_dim :] *= START_SCALE
+        last.bias[2 * self.latent_dim :] *= START_SCALE
 
     def forward(self, params: Tensor) -> dist.Distribution:
         loc, raw_scale, factor = params.split(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import zuko
 from torch import nn
 
@@ -27,7 +28,8 @@ def autoregressive_flow(
     """A zuko autoregressive flow over ``features`` dimensions, optionally conditional.
 
     Consecutive transforms alternate the autoregressive order. NSF splines act on [-5, 5]
-    and are the identity outside it.
+    and are the identity outside it. Every transform starts as the identity
+    (:func:`start_at_identity`), so a new flow is its base distribution.
 
     Args:
         kind: a key of :data:`FLOWS`.
@@ -56,7 +58,29 @@ def autoregressive_flow(
     )
     if base is not None:
         flow.base = base
+    start_at_identity(flow)
     return flow
+
+
+def start_at_identity(flow: zuko.flows.Flow, scale: float = 0.01) -> None:
+    """Shrinks the last layer of every autoregressive transform's network by ``scale``, so
+    that each transform starts within about ``scale`` of the identity (MAF: shift 0 and
+    scale 1; NSF: equal bins with unit slopes) and the flow near its base distribution.
+
+    Small rather than zero: at exactly zero the layers before the last get no gradient.
+    The flow moves away from the identity only as far as that helps (Glow zero-initialises
+    its couplings' last layers for the same reason).
+
+    References:
+        Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma and Dhariwal, 2018)
+    """
+    for module in flow.transform.modules():
+        hyper = getattr(module, "hyper", None)
+        if isinstance(hyper, nn.Sequential):
+            last = hyper[-1]
+            with torch.no_grad():
+                last.weight.mul_(scale)
+                last.bias.mul_(scale)
 
 
 def inverse_flow(flow: zuko.flows.Flow) -> zuko.flows.Flow:

@@ -65,6 +65,11 @@ class ContinuousBernoulli(nn.Module):
         return dist.ContinuousBernoulli(logits=logits).to_event(1)
 
 
+MIN_START_SCALE = 0.01
+"""The smallest scale a learned Gaussian or Laplace scale starts at (constant pixels have a
+standard deviation of zero)."""
+
+
 class _LocationScale(nn.Module):
     """Independent pixels of a location-scale ``family``: the location from the decoder, one
     scale fixed or learned (one in all, or one per feature)."""
@@ -78,6 +83,7 @@ class _LocationScale(nn.Module):
         scale: float = 1.0,
         learn_scale: bool = False,
         per_feature: bool = False,
+        scale_from_data: bool = True,
         features: int | None = None,
     ) -> None:
         super().__init__()
@@ -92,6 +98,17 @@ class _LocationScale(nn.Module):
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
+        self.scale_from_data = scale_from_data
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: Tensor) -> None:
+        """A learned scale starts at the data's standard deviation (per feature, or over all
+        of them), floored at :data:`MIN_START_SCALE`: the scale of a decoder that has learned
+        nothing yet. Fixed scales, and ``scale_from_data = false``, keep ``scale``."""
+        if not (self.scale_from_data and isinstance(self.log_scale, nn.Parameter)):
+            return
+        std = x.std(0) if self.log_scale.dim() else x.std()
+        self.log_scale.copy_(std.clamp(min=MIN_START_SCALE).log().to(self.log_scale))
 
     def forward(self, loc: Tensor) -> dist.Distribution:
         return self.family(loc, self.log_scale.exp().expand_as(loc)).to_event(1)
@@ -113,6 +130,8 @@ class Gaussian(_LocationScale):
         learn_scale: learn the log-scale.
         per_feature: learn one scale per feature rather than one in all (needs
             ``learn_scale``).
+        scale_from_data: a learned scale starts at the data's standard deviation (set by
+            ``fit`` through :meth:`initialize_from_data`) rather than at ``scale``.
         features: number of data features F (filled in by the builder).
     """
 
@@ -129,6 +148,7 @@ class Laplace(_LocationScale):
         scale: the scale b, or its initial value when learned.
         learn_scale: learn the log-scale.
         per_feature: learn one scale per feature (needs ``learn_scale``).
+        scale_from_data: a learned scale starts at the data's standard deviation.
         features: number of data features F (filled in by the builder).
     """
 

@@ -59,7 +59,9 @@ class LearnedNormal(nn.Module):
 class MixtureOfNormals(nn.Module):
     """A learned mixture of ``components`` diagonal Gaussians.
 
-    Means start at standard normal draws, scales at one and weights uniform.
+    Starts close to N(0, I), where the standard prior is: equal weights, unit scales and
+    means drawn from N(0, 0.1^2 I), near zero but apart, so that the components can separate
+    as training finds clusters in the aggregate posterior.
 
     Args:
         latent_dim: dimension of z.
@@ -75,7 +77,7 @@ class MixtureOfNormals(nn.Module):
         _check_latent_dim(latent_dim)
         _check_components(components)
         self.logits = nn.Parameter(torch.zeros(components))
-        self.loc = nn.Parameter(torch.randn(components, latent_dim))
+        self.loc = nn.Parameter(0.1 * torch.randn(components, latent_dim))
         self.log_scale = nn.Parameter(torch.zeros(components, latent_dim))
 
     def forward(self) -> dist.Distribution:
@@ -145,7 +147,9 @@ class VampPrior(nn.Module):
     """The VampPrior: the guide's encoder applied to K learned pseudo-inputs, mixed equally.
 
     ``p(z) = (1 / K) sum_k q(z | u_k)`` with pseudo-inputs ``u_k`` of shape
-    ``(in_features,)``, initialised uniformly on [0, 1] (where image data live). The encoder
+    ``(in_features,)``, initialised uniformly on [0, 1] (where image data live) and, by
+    :meth:`initialize_from_data` (which ``fit`` calls before training), as K random training
+    points, where the encoder already maps to codes of the data. The encoder
     is the guide's own module, shared: it is a submodule of both model and guide, so collect
     parameters with ``objective(model, guide).parameters()`` or
     ``nn.ModuleList([model, guide]).parameters()``, which list it once.
@@ -189,6 +193,14 @@ class VampPrior(nn.Module):
 
     def forward(self) -> dist.Distribution:
         return UniformMixture(self.encoder(self.pseudo_inputs))
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: Tensor) -> None:
+        """Sets the pseudo-inputs to K distinct random rows of ``x`` (with replacement when
+        there are fewer rows than components)."""
+        k = len(self.pseudo_inputs)
+        rows = torch.randperm(len(x))[:k] if len(x) >= k else torch.randint(len(x), (k,))
+        self.pseudo_inputs.copy_(x[rows.to(x.device)].reshape(self.pseudo_inputs.shape))
 
     def _check_components(self, latent_dim: int) -> None:
         components = self.encoder(self.pseudo_inputs)

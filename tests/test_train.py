@@ -97,7 +97,8 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, digits):
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
     rows = (tmp_path / "b" / METRICS).read_text().splitlines()
     assert rows[0] == (
-        "epoch,train_elbo,validation_elbo,validation_reconstruction,validation_kl,seconds,images_per_s"
+        "epoch,train_elbo,validation_elbo,validation_reconstruction,validation_kl,"
+        "validation_active_units,lr,seconds,images_per_s"
     )
     assert len(rows) == 5
 

@@ -8,6 +8,8 @@ training after the epoch).
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,16 @@ from tqdm.auto import tqdm
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.runs import Checkpoint
 
-__all__ = ["Callback", "Checkpointing", "EarlyStopping", "FitState", "ProgressBar"]
+__all__ = [
+    "COLLAPSE_KL",
+    "Callback",
+    "Checkpointing",
+    "CollapseAlarm",
+    "EarlyStopping",
+    "FitState",
+    "ProgressBar",
+    "collapse_message",
+]
 
 
 @dataclass
@@ -34,6 +45,7 @@ class FitState:
         epochs: the total number of epochs asked for.
         steps_per_epoch: optimizer steps in one epoch.
         batch_size: points per step.
+        lr_scheduler: the learning-rate scheduler, or None.
         history: one dict per finished epoch; a callback restoring a run fills it in
             :meth:`Callback.on_fit_start`, and the loop continues after its last epoch.
         epoch: the epoch running or last finished (0 before the first).
@@ -47,6 +59,7 @@ class FitState:
     epochs: int
     steps_per_epoch: int
     batch_size: int
+    lr_scheduler: Any = None
     history: list[dict[str, float]] = field(default_factory=list)
     epoch: int = 0
     stop: bool = False
@@ -104,6 +117,8 @@ class Checkpointing(Callback):
         if checkpoint is None:
             return
         checkpoint.restore(state.model, state.guide, state.optimizer, self.run_dir)
+        if state.lr_scheduler is not None and checkpoint.lr_scheduler:
+            state.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
         _set_rng_state(checkpoint.rng)
         state.history[:] = checkpoint.history
         state.epoch = checkpoint.epoch
@@ -115,6 +130,7 @@ class Checkpointing(Callback):
             model=state.model.state_dict(),
             guide=state.guide.state_dict(),
             optimizer=state.optimizer.state_dict(),
+            lr_scheduler={} if state.lr_scheduler is None else state.lr_scheduler.state_dict(),
             rng=_rng_state(),
             history=list(state.history),
             features=self.features,
@@ -130,16 +146,21 @@ class EarlyStopping(Callback):
     Args:
         patience: epochs without improvement to wait, at least 1.
         monitor: the history key to maximise.
+        start_epoch: the first epoch that counts: a KL warm-up lowers the ELBO by design
+            while it runs, so early stopping waits for its end.
     """
 
-    def __init__(self, patience: int, monitor: str = "validation_elbo") -> None:
+    def __init__(
+        self, patience: int, monitor: str = "validation_elbo", start_epoch: int = 1
+    ) -> None:
         if isinstance(patience, bool) or int(patience) != patience or patience < 1:
             raise PyrovaeError(f"patience must be an integer of at least 1, got {patience!r}")
         self.patience = int(patience)
         self.monitor = monitor
+        self.start_epoch = int(start_epoch)
 
     def _epochs_since_best(self, history: list[dict[str, float]]) -> int:
-        scores = [h[self.monitor] for h in history]
+        scores = [h[self.monitor] for h in history if h["epoch"] >= self.start_epoch]
         if not scores:
             return 0
         best_at = max(range(len(scores)), key=lambda i: (scores[i], -i))
@@ -150,6 +171,56 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, state: FitState) -> None:
         state.stop = state.stop or self._epochs_since_best(state.history) >= self.patience
+
+
+COLLAPSE_KL = 0.1
+"""Below this validation KL (nats per point) the latents carry almost nothing about x."""
+
+
+def collapse_message(history: list[dict[str, float]], epochs: int = 2) -> str | None:
+    """The posterior-collapse warning for a training history, or None when healthy.
+
+    Collapse is a validation KL below :data:`COLLAPSE_KL` nats, or no active unit, for the
+    last ``epochs`` epochs; the message names the likely causes and their remedies.
+    """
+    recent = history[-epochs:]
+    if len(recent) < epochs:
+        return None
+    low_kl = all(h.get("validation_kl", math.nan) < COLLAPSE_KL for h in recent)
+    inactive = all(h.get("validation_active_units", math.nan) == 0 for h in recent)
+    if not (low_kl or inactive):
+        return None
+    last = recent[-1]
+    return (
+        f"posterior collapse: validation KL {last['validation_kl']:.3f} nats and "
+        f"{last.get('validation_active_units', math.nan):.0f} active units for {epochs} "
+        "epochs, so the decoder ignores z; likely causes: a learned prior that matches a "
+        'constant encoder (add KL warm-up: train.kl = { kind = "linear", warmup_steps = '
+        "... }), a Gaussian likelihood scale too large (lower model.likelihood.scale or set "
+        "learn_scale = true), or too weak a decoder signal (free bits: train.kl = "
+        '{ kind = "free_bits", lambda_ = 0.5 })'
+    )
+
+
+class CollapseAlarm(Callback):
+    """Prints one warning line, once, when training shows posterior collapse
+    (:func:`collapse_message`).
+
+    Args:
+        epochs: how many consecutive epochs the symptom must last.
+        stream: where the line goes (default: stderr, through tqdm so a bar stays intact).
+    """
+
+    def __init__(self, epochs: int = 2, stream: Any = None) -> None:
+        self.epochs = epochs
+        self.stream = stream
+        self.message: str | None = None
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if self.message is None:
+            self.message = collapse_message(state.history, self.epochs)
+            if self.message is not None:
+                tqdm.write(f"pyrovae: warning: {self.message}", file=self.stream or sys.stderr)
 
 
 class ProgressBar(Callback):

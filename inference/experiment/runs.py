@@ -62,6 +62,7 @@ class Checkpoint:
         model: the model's state dict.
         guide: the guide's state dict.
         optimizer: the optimizer's state dict.
+        lr_scheduler: the learning-rate scheduler's state dict (empty without one).
         rng: random number generator states (``torch`` and, where present, ``cuda``).
         history: one dict of floats per epoch (the metrics ``fit`` returns).
         features: number of data features the model was built for.
@@ -74,6 +75,7 @@ class Checkpoint:
     model: dict[str, Any]
     guide: dict[str, Any]
     optimizer: dict[str, Any] = field(default_factory=dict)
+    lr_scheduler: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     features: int | None = None

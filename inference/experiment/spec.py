@@ -22,11 +22,13 @@ from typing import Any
 
 import tomli_w
 import tomllib
+import torch
 
 from pyrovae.guides import ENCODERS, AmortizedGuide
 from pyrovae.inference.algorithms.objectives import OBJECTIVES
 from pyrovae.inference.algorithms.schedules import SCHEDULES, KLSchedule
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.recipes import LR_SCHEDULES, OPTIMIZERS
 from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE
 
 
@@ -100,6 +102,8 @@ class GuideSpec:
 class TrainSpec:
     objective: dict = _table(kind="elbo", num_particles=1)
     kl: dict = _table(kind="constant", beta=1.0)
+    optimizer: dict = _table(kind="adam")
+    lr_schedule: dict = _table(kind="constant")
     epochs: int = _ranged(50, 1)
     batch_size: int = _ranged(128, 1)
     lr: float = _ranged(1e-3, 0, above=True)
@@ -220,6 +224,18 @@ def build_schedule(spec: Spec) -> KLSchedule:
     return component(SCHEDULES, spec.train.kl, "train.kl", {})
 
 
+def build_optimizer(spec: Spec, params: Iterable[Any]) -> torch.optim.Optimizer:
+    """The optimizer ``spec.train.optimizer`` names, at learning rate ``spec.train.lr``."""
+    context = {"params": list(params), "lr": spec.train.lr}
+    return component(OPTIMIZERS, spec.train.optimizer, "train.optimizer", context)
+
+
+def build_lr_schedule(spec: Spec, optimizer: torch.optim.Optimizer) -> Any:
+    """The learning-rate scheduler ``spec.train.lr_schedule`` names (None for constant)."""
+    context = {"optimizer": optimizer, "epochs": spec.train.epochs}
+    return component(LR_SCHEDULES, spec.train.lr_schedule, "train.lr_schedule", context)
+
+
 def component(
     registry: Mapping[str, Callable[..., Any]],
     table: Mapping[str, Any],
@@ -260,6 +276,10 @@ def _constructor(
         "out_features",
         "image_shape",
         "encoder",
+        "params",
+        "lr",
+        "optimizer",
+        "epochs",
     }
     valid = [p for p in parameters if p not in context_names]
     options = {k: v for k, v in table.items() if k != "kind"}
@@ -303,6 +323,8 @@ def _components(spec: Spec) -> list[tuple[Mapping[str, Callable[..., Any]], dict
         (ENCODERS, spec.guide.encoder, "guide.encoder"),
         (OBJECTIVES, spec.train.objective, "train.objective"),
         (SCHEDULES, spec.train.kl, "train.kl"),
+        (OPTIMIZERS, spec.train.optimizer, "train.optimizer"),
+        (LR_SCHEDULES, spec.train.lr_schedule, "train.lr_schedule"),
     ]
 
 
@@ -400,7 +422,9 @@ __all__ = [
     "Spec",
     "TrainSpec",
     "build",
+    "build_lr_schedule",
     "build_objective",
+    "build_optimizer",
     "build_schedule",
     "check",
     "component",

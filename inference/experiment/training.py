@@ -18,9 +18,9 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
-from pyrovae.inference.algorithms.marginal import log_marginal_likelihood
 from pyrovae.inference.algorithms.objectives import elbo
 from pyrovae.inference.algorithms.schedules import KLSchedule
+from pyrovae.inference.algorithms.scoring import score
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.callbacks import (
     Callback,
@@ -31,8 +31,13 @@ from pyrovae.inference.experiment.callbacks import (
     device_of,
 )
 from pyrovae.inference.experiment.data import check_data
+from pyrovae.inference.experiment.recipes import step_schedule
+
+ACTIVITY_THRESHOLD = 0.01
+"""A unit is active when the variance over x of its posterior mean exceeds this (Burda et al.)."""
 
 __all__ = [
+    "ACTIVITY_THRESHOLD",
     "TrainingDiverged",
     "check_inputs",
     "fit",
@@ -71,6 +76,7 @@ def fit(
     batch_size: int = 128,
     lr: float = 1e-3,
     optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: Any = None,
     grad_clip: float | None = None,
     patience: int | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
@@ -103,13 +109,17 @@ def fit(
         batch_size: points per step.
         lr: learning rate of the default Adam optimizer.
         optimizer: a ``torch.optim`` optimizer over the loss module's parameters, instead.
+        lr_scheduler: a ``torch.optim.lr_scheduler`` scheduler of that optimizer, stepped
+            after every epoch's validation (``ReduceLROnPlateau`` on the validation ELBO);
+            checkpointed with the run.
         grad_clip: clip the gradient norm to this value.
         patience: shorthand for an :class:`EarlyStopping` callback.
         transform: applied to every training batch on the device, e.g. ``torch.bernoulli``
             for dynamic binarization.
         device: ``auto``, ``cpu``, ``cuda``...; modules are moved there.
         seed: seeds torch and Pyro at the start (a restored run then sets its saved RNG
-            states).
+            states). Submodules with an ``initialize_from_data(x)`` method are then given
+            the training data (a VampPrior's pseudo-inputs start as training points).
         callbacks: :class:`Callback` objects, called in order.
         run_dir: shorthand for a :class:`Checkpointing` callback in this existing directory
             (written every epoch, resumed from when it holds a checkpoint).
@@ -117,8 +127,9 @@ def fit(
 
     Returns:
         The history: one dict per epoch with ``epoch``, ``train_elbo``,
-        ``validation_elbo``, ``validation_reconstruction``, ``validation_kl`` (NaN without
-        validation data), ``seconds`` (training only) and ``images_per_s``.
+        ``validation_elbo``, ``validation_reconstruction``, ``validation_kl``,
+        ``validation_active_units`` (NaN without validation data), ``lr`` (the epoch's
+        learning rate), ``seconds`` (training only) and ``images_per_s``.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
@@ -147,11 +158,12 @@ def fit(
 
     x_train = _place(x_train, device)
     x_val = _place(x_val, device) if x_val is not None else None
+    _initialize_from_data(model, guide, x_train)
     loss_fn = (objective or elbo())(model, guide)
     params = _parameters(loss_fn, x_train[:batch_size].to(device), transform)
     optimizer = optimizer or torch.optim.Adam(params, lr=lr)
     steps = math.ceil(x_train.shape[0] / batch_size)
-    state = FitState(model, guide, loss_fn, optimizer, epochs, steps, batch_size)
+    state = FitState(model, guide, loss_fn, optimizer, epochs, steps, batch_size, lr_scheduler)
 
     # The data were checked once above; per-step argument checks would only cost time.
     with pyro.validation_enabled(False):
@@ -165,15 +177,18 @@ def fit(
                 )
                 if not math.isfinite(train_elbo):
                     raise TrainingDiverged(_diverged(state.epoch, callbacks))
+                validation = _validate(loss_fn, x_val, batch_size, device)
                 state.history.append(
                     {
                         "epoch": state.epoch,
                         "train_elbo": train_elbo,
-                        **_validate(loss_fn, x_val, batch_size, device),
+                        **validation,
+                        "lr": optimizer.param_groups[0]["lr"],
                         "seconds": seconds,
                         "images_per_s": len(x_train) / seconds,
                     }
                 )
+                step_schedule(lr_scheduler, validation["validation_elbo"])
                 for callback in callbacks:
                     callback.on_epoch_end(state)
         finally:
@@ -226,6 +241,21 @@ def _as_data(x: Tensor | np.ndarray, what: str, dtype: torch.dtype) -> Tensor:
             f"{what} has integer dtype {x.dtype}; pass floats (e.g. x / 255.0 for 8-bit images)"
         )
     return x.to(dtype)
+
+
+def _initialize_from_data(model: Any, guide: Any, x: Tensor) -> None:
+    """Lets every submodule with an ``initialize_from_data(x)`` method start from the
+    training data (a VampPrior's pseudo-inputs, a learned likelihood scale). A restored run
+    then overwrites these values with its checkpoint's."""
+    seen: set[int] = set()
+    for part in (model, guide):
+        if not isinstance(part, nn.Module):
+            continue
+        for module in part.modules():
+            hook = getattr(module, "initialize_from_data", None)
+            if hook is not None and id(module) not in seen:
+                seen.add(id(module))
+                hook(x)
 
 
 def _parameters(
@@ -294,33 +324,55 @@ def _train_epoch(
 def _validate(
     loss_fn: nn.Module, x: Tensor | None, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    """Validation ELBO and its two terms per point, from one draw of z per point.
+    """Validation ELBO, its two terms and the active units, from one draw of z per point.
 
-    Uses the importance-sampling estimator with K = 1, which gives the plain (unscaled) ELBO
-    split into E_q[log p(x|z)] and KL whatever the training objective; a model it cannot
-    score per point (a latent outside the data plate) gets the objective's value instead.
+    Scores the pair through the one scoring path, unscaled, which gives the plain ELBO split
+    into E_q[log p(x|z)] and KL whatever the training objective; a unit is active when the
+    variance over points of its posterior mean E_q[z_d|x] exceeds 0.01 (Burda et al.), NaN
+    for a guide without closed-form means. A model it cannot score per point (a latent
+    outside the data plate) gets the objective's value instead.
     """
     nan = float("nan")
+    keys = ("validation_elbo", "validation_reconstruction", "validation_kl")
     if x is None:
-        return {"validation_elbo": nan, "validation_reconstruction": nan, "validation_kl": nan}
+        return {**dict.fromkeys(keys, nan), "validation_active_units": nan}
     loss_fn.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    means: dict[str, list[Tensor]] = {}
     try:
-        terms = log_marginal_likelihood(loss_fn.model, loss_fn.guide, x, num_samples=1)
+        for part in x.split(max(batch_size, 1024)):
+            scores = score(loss_fn.model, loss_fn.guide, part.to(device), scaled=False)
+            terms = (scores.log_weight, scores.log_likelihood, scores.kl)
+            totals += torch.stack([t.sum() for t in terms]).double()
+            for name in scores.latent_sites:
+                mean = _posterior_mean(scores.guide_trace.nodes[name]["fn"])
+                means.setdefault(name, []).append(mean)
     except ValueError:
         total = torch.zeros((), device=device, dtype=torch.float64)
         for part in x.split(max(batch_size, 1024)):
             total += loss_fn(part.to(device)).double()
-        elbo_value = -total.item() / x.shape[0]
         return {
-            "validation_elbo": elbo_value,
-            "validation_reconstruction": nan,
-            "validation_kl": nan,
+            **dict.fromkeys(keys, nan),
+            "validation_elbo": -total.item() / len(x),
+            "validation_active_units": nan,
         }
-    return {
-        "validation_elbo": terms.elbo.mean().item(),
-        "validation_reconstruction": terms.reconstruction.mean().item(),
-        "validation_kl": terms.kl.mean().item(),
-    }
+    values = dict(zip(keys, (totals / len(x)).tolist(), strict=True))
+    if means and all(None not in parts for parts in means.values()):
+        active = sum(
+            (torch.cat(parts).flatten(1).var(0) > ACTIVITY_THRESHOLD).sum().item()
+            for parts in means.values()
+        )
+    else:
+        active = nan
+    return {**values, "validation_active_units": float(active)}
+
+
+def _posterior_mean(q: Any) -> Tensor | None:
+    """E_q[z|x] per point, ``(points, ...)``, or None where q has no closed-form mean."""
+    try:
+        return q.mean.reshape(-1, *q.event_shape)[-q.batch_shape[-1] :]
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def _place(x: Tensor, device: torch.device) -> Tensor:

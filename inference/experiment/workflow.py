@@ -6,6 +6,7 @@ Python program, a notebook or a benchmark gets exactly what the command line get
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,9 +14,16 @@ from typing import Any
 
 import pyro
 import torch
+from torch import nn
 
 from pyrovae.inference.errors import Interrupted, PyrovaeError
-from pyrovae.inference.experiment.callbacks import Callback, Checkpointing, FitState
+from pyrovae.inference.experiment.callbacks import (
+    Callback,
+    Checkpointing,
+    CollapseAlarm,
+    EarlyStopping,
+    FitState,
+)
 from pyrovae.inference.experiment.data import Splits, check_data, load_data
 from pyrovae.inference.experiment.runs import (
     SPEC,
@@ -31,7 +39,9 @@ from pyrovae.inference.experiment.runs import (
 from pyrovae.inference.experiment.spec import (
     Spec,
     build,
+    build_lr_schedule,
     build_objective,
+    build_optimizer,
     build_schedule,
     load_spec,
     with_overrides,
@@ -123,6 +133,8 @@ def train_run(
     model, guide = build(resolved, data.features, data.image_shape)
     objective = build_objective(resolved)
     schedule = build_schedule(resolved)
+    optimizer = build_optimizer(resolved, nn.ModuleList([model, guide]).parameters())
+    lr_scheduler = build_lr_schedule(resolved, optimizer)
     check_inputs(model, data.train, data.validation)
     check_data(data.test, "test data", getattr(getattr(model, "likelihood", None), "support", None))
     _probe_step(model, guide, objective, schedule, data, train.batch_size)
@@ -144,6 +156,12 @@ def train_run(
         spec=resolved.to_toml(),
     )
     own = [checkpointing] if staging is None else [checkpointing, _Promote(checkpointing, out)]
+    if train.patience is not None:
+        # A KL warm-up lowers the ELBO while it runs: early stopping waits for its end.
+        steps = math.ceil(len(data.train) / train.batch_size)
+        warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
+        own.append(EarlyStopping(train.patience, start_epoch=warmup + 1))
+    own.append(CollapseAlarm())
     try:
         if resume and (out / SPEC).read_text() != resolved.to_toml():
             atomic_write(out / SPEC, resolved.to_toml().encode())
@@ -156,9 +174,9 @@ def train_run(
             kl_schedule=schedule,
             epochs=train.epochs,
             batch_size=train.batch_size,
-            lr=train.lr,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
             grad_clip=train.grad_clip,
-            patience=train.patience,
             transform=torch.bernoulli if data.dynamic else None,
             device=device_,
             seed=train.seed,
