@@ -23,11 +23,6 @@ from torch.nn.functional import softplus
 
 from pyrovae.model.networks import network as build_network
 
-START_SCALE = 0.01
-"""Factor on the initial trunk outputs that make a richer Gaussian differ from the diagonal
-one (off-diagonal Cholesky entries, the low-rank factor): richer guides start where the
-diagonal guide starts."""
-
 
 class Encoder(nn.Module):
     """An encoder: the shared trunk, a network from x to ``head.in_features`` numbers, and
@@ -60,10 +55,6 @@ class Encoder(nn.Module):
             network, in_features, head.in_features, hidden, activation, image_shape
         )
         self.head = head
-        start = getattr(head, "initialize_trunk", None)
-        if start is not None and isinstance(self.net[-1], nn.Linear):
-            with torch.no_grad():
-                start(self.net[-1])
 
     def forward(self, x: Tensor) -> dist.Distribution:
         return self.head(self.net(x))
@@ -85,55 +76,62 @@ class DiagonalNormalHead(nn.Module):
 
 class FullCovarianceHead(nn.Module):
     """A ``MultivariateNormal`` from loc and the ``D (D + 1) / 2`` entries of a lower
-    triangle, whose diagonal goes through ``softplus(.) + min_scale``."""
+    triangle: the diagonal goes through ``softplus(.) + min_scale``, the off-diagonal entries
+    are the outputs times ``off_diagonal_scale``.
 
-    def __init__(self, latent_dim: int, min_scale: float = 1e-4) -> None:
+    The factor keeps q near the diagonal Gaussian at the start and slows the off-diagonal
+    entries' learning by the same factor: with a single-sample ELBO their gradients are
+    mostly noise, and Adam, which steps every weight by about the learning rate whatever its
+    gradient's size, would otherwise let D (D - 1) / 2 noisy correlations wander.
+    """
+
+    def __init__(
+        self, latent_dim: int, min_scale: float = 1e-4, off_diagonal_scale: float = 0.01
+    ) -> None:
         super().__init__()
         _check_min_scale(min_scale)
+        if not off_diagonal_scale > 0:
+            raise ValueError(f"off_diagonal_scale must be positive, got {off_diagonal_scale}")
         self.in_features = latent_dim + latent_dim * (latent_dim + 1) // 2
         self.latent_dim = latent_dim
         self.min_scale = min_scale
         self.to_cholesky = SoftplusLowerCholeskyTransform()
-
-    def initialize_trunk(self, last: nn.Linear) -> None:
-        """Shrinks the trunk's outputs for the off-diagonal entries, so that q starts close
-        to the diagonal Gaussian and correlations grow only where they help."""
-        rows, cols = torch.tril_indices(self.latent_dim, self.latent_dim)
-        off = self.latent_dim + torch.nonzero(rows != cols).squeeze(-1)
-        last.weight[off] *= START_SCALE
-        last.bias[off] *= START_SCALE
+        rows, cols = torch.tril_indices(latent_dim, latent_dim)
+        factor = torch.where(rows == cols, 1.0, off_diagonal_scale)
+        self.register_buffer("factor", factor, persistent=False)
 
     def forward(self, params: Tensor) -> dist.Distribution:
         loc, tril = params[..., : self.latent_dim], params[..., self.latent_dim :]
-        scale_tril = self.to_cholesky(vec_to_tril_matrix(tril))
+        scale_tril = self.to_cholesky(vec_to_tril_matrix(tril * self.factor.to(tril)))
         eye = torch.eye(self.latent_dim, dtype=params.dtype, device=params.device)
         return dist.MultivariateNormal(loc, scale_tril=scale_tril + self.min_scale * eye)
 
 
 class LowRankHead(nn.Module):
-    """A ``LowRankMultivariateNormal`` with covariance ``W W^T + D`` of rank ``rank``."""
+    """A ``LowRankMultivariateNormal`` with covariance ``W W^T + D`` of rank ``rank``; W is the
+    outputs times ``factor_scale``, small for the reason :class:`FullCovarianceHead` gives
+    (and not zero: W's gradient vanishes at W = 0)."""
 
-    def __init__(self, latent_dim: int, rank: int = 1, min_scale: float = 1e-4) -> None:
+    def __init__(
+        self, latent_dim: int, rank: int = 1, min_scale: float = 1e-4, factor_scale: float = 0.01
+    ) -> None:
         super().__init__()
         _check_min_scale(min_scale)
         if int(rank) != rank or not 1 <= rank <= latent_dim:
             raise ValueError(f"rank must be an integer in [1, latent_dim={latent_dim}], got {rank}")
+        if not factor_scale > 0:
+            raise ValueError(f"factor_scale must be positive, got {factor_scale}")
         self.in_features = latent_dim * (2 + int(rank))
         self.latent_dim = latent_dim
         self.rank = int(rank)
         self.min_scale = min_scale
-
-    def initialize_trunk(self, last: nn.Linear) -> None:
-        """Shrinks the trunk's outputs for the factor W, so that q starts close to the
-        diagonal Gaussian (W small, not zero: its gradient vanishes at W = 0 otherwise)."""
-        last.weight[2 * self.latent_dim :] *= START_SCALE
-        last.bias[2 * self.latent_dim :] *= START_SCALE
+        self.factor_scale = factor_scale
 
     def forward(self, params: Tensor) -> dist.Distribution:
         loc, raw_scale, factor = params.split(
             [self.latent_dim, self.latent_dim, self.latent_dim * self.rank], dim=-1
         )
-        cov_factor = factor.unflatten(-1, (self.latent_dim, self.rank))
+        cov_factor = self.factor_scale * factor.unflatten(-1, (self.latent_dim, self.rank))
         cov_diag = (softplus(raw_scale) + self.min_scale) ** 2
         return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)
 
@@ -169,13 +167,22 @@ class FullCovarianceNormal(Encoder):
         in_features: number of data features F.
         latent_dim: dimension of z.
         min_scale: floor added to the diagonal of the Cholesky factor.
+        off_diagonal_scale: factor on the off-diagonal outputs (see
+            :class:`FullCovarianceHead`).
         **trunk: options of the trunk (:class:`Encoder`).
     """
 
     def __init__(
-        self, in_features: int, latent_dim: int, *, min_scale: float = 1e-4, **trunk: Any
+        self,
+        in_features: int,
+        latent_dim: int,
+        *,
+        min_scale: float = 1e-4,
+        off_diagonal_scale: float = 0.01,
+        **trunk: Any,
     ) -> None:
-        super().__init__(in_features, FullCovarianceHead(latent_dim, min_scale), **trunk)
+        head = FullCovarianceHead(latent_dim, min_scale, off_diagonal_scale)
+        super().__init__(in_features, head, **trunk)
 
 
 class LowRankNormal(Encoder):
@@ -186,6 +193,7 @@ class LowRankNormal(Encoder):
         latent_dim: dimension of z.
         rank: rank of the factor W (at least one, at most ``latent_dim``).
         min_scale: floor of the diagonal standard deviations ``sqrt(D)``.
+        factor_scale: factor on the outputs that make W.
         **trunk: options of the trunk (:class:`Encoder`).
     """
 
@@ -196,9 +204,12 @@ class LowRankNormal(Encoder):
         *,
         rank: int = 1,
         min_scale: float = 1e-4,
+        factor_scale: float = 0.01,
         **trunk: Any,
     ) -> None:
-        super().__init__(in_features, LowRankHead(latent_dim, rank, min_scale), **trunk)
+        super().__init__(
+            in_features, LowRankHead(latent_dim, rank, min_scale, factor_scale), **trunk
+        )
 
 
 def _check_min_scale(min_scale: float) -> None:

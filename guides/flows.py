@@ -15,22 +15,22 @@ from pyrovae.guides.encoders import Encoder
 from pyrovae.model.flows import autoregressive_flow, inverse_flow
 
 
-class ConditionalDiagNormal(zuko.lazy.LazyDistribution):
-    """A lazy diagonal Gaussian whose loc and scale are a linear function of the context.
+class ContextDiagNormal(zuko.lazy.LazyDistribution):
+    """A lazy diagonal Gaussian read off its context: loc is ``c[..., :D]`` and the scale
+    ``softplus(c[..., D:2D]) + min_scale``, exactly as a diagonal guide's head makes them.
 
     Args:
-        context: size of the context vector.
-        features: dimension of the variable.
+        features: dimension D of the variable.
         min_scale: floor added to the softplus scale.
     """
 
-    def __init__(self, context: int, features: int, min_scale: float = 1e-4) -> None:
+    def __init__(self, features: int, min_scale: float = 1e-4) -> None:
         super().__init__()
-        self.linear = nn.Linear(context, 2 * features)
+        self.features = features
         self.min_scale = min_scale
 
     def forward(self, c: Tensor | None = None) -> zuko.distributions.DiagNormal:
-        loc, raw_scale = self.linear(c).chunk(2, dim=-1)
+        loc, raw_scale = c[..., : self.features], c[..., self.features : 2 * self.features]
         return zuko.distributions.DiagNormal(loc, softplus(raw_scale) + self.min_scale)
 
 
@@ -52,11 +52,13 @@ class FlowHead(nn.Module):
 
 
 class FlowEncoder(Encoder):
-    """An amortized normalizing-flow guide: the trunk maps x to a context vector h; given h,
-    ``z0 ~ N(loc(h), diag(scale(h)^2))`` and z is z0 pushed through ``transforms``
-    autoregressive transforms conditioned on h, each an inverted zuko MAF (affine: an IAF) or
-    NSF (splines) transform, so that a sample and its log-density take one pass
-    (``rsample_and_log_prob``, cached by ``ZukoToPyro`` for the ELBO).
+    """An amortized normalizing-flow guide (Kingma et al.'s IAF): the trunk maps x to a loc, a
+    scale and a context vector h; ``z0 ~ N(loc, diag(scale^2))``, exactly the diagonal guide,
+    and z is z0 pushed through ``transforms`` autoregressive transforms conditioned on
+    ``(loc, scale, h)``, each an inverted zuko MAF (affine: an IAF) or NSF (splines)
+    transform that starts near the identity, so that the guide starts as the diagonal one. A
+    sample and its log-density take one pass (``rsample_and_log_prob``, cached by
+    ``ZukoToPyro`` for the ELBO).
 
     Scoring points not drawn from this guide (a VampPrior mixture, ``log_prob`` of another z)
     is the flow's sequential direction. The distribution has batch shape ``(B,)``; Pyro's
@@ -69,7 +71,7 @@ class FlowEncoder(Encoder):
         flow: ``"maf"`` (affine, giving an IAF) or ``"nsf"`` (rational-quadratic splines).
         transforms: number of autoregressive transforms (at least one).
         flow_hidden: hidden layer sizes of each transform's masked MLP.
-        context_features: size of the context vector h.
+        context_features: size of the context vector h beside loc and scale.
         min_scale: floor added to the base distribution's softplus scale.
         **trunk: options of the trunk (:class:`~pyrovae.guides.encoders.Encoder`) from x to h.
 
@@ -94,7 +96,7 @@ class FlowEncoder(Encoder):
             raise ValueError(f"context_features must be a positive integer, got {context_features}")
         if not min_scale > 0:
             raise ValueError(f"min_scale must be positive, got {min_scale}")
-        context = int(context_features)
-        base = ConditionalDiagNormal(context, latent_dim, min_scale)
+        context = 2 * latent_dim + int(context_features)
+        base = ContextDiagNormal(latent_dim, min_scale)
         conditional = autoregressive_flow(flow, latent_dim, context, transforms, flow_hidden, base)
         super().__init__(in_features, FlowHead(inverse_flow(conditional), context), **trunk)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.callbacks import collapse_message
 from pyrovae.inference.experiment.data import Splits
 from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
@@ -165,6 +166,9 @@ def _training(run: Run, diag: Diagnostics) -> str:
     )
     if not logged:
         body += _note("Reconstruction and KL were not logged per epoch in this run.")
+    alarm = collapse_message(history) if history else None
+    if alarm is not None:
+        body += _note(f"Warning: {alarm}.")
     body += _figure(plots.per_point_figure(diag.reconstruction, diag.kl))
     body += _caption(
         "How the ELBO splits per point: reconstruction E_q[log p(x|z)] (higher is "

@@ -1,0 +1,261 @@
+"""Richer parts start where the simple ones are; learning-rate schedules; early stopping that
+waits for KL warm-up; the collapse alarm."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyrovae.guides import (
+    AmortizedGuide,
+    DiagonalNormal,
+    FlowEncoder,
+    FullCovarianceNormal,
+    LowRankNormal,
+)
+from pyrovae.inference import (
+    Checkpoint,
+    CollapseAlarm,
+    EarlyStopping,
+    FitState,
+    fit,
+    load_data,
+    load_spec,
+    train_run,
+)
+from pyrovae.inference.experiment.callbacks import collapse_message
+from pyrovae.inference.experiment.spec import build_lr_schedule
+from pyrovae.model import (
+    VAE,
+    Bernoulli,
+    Decoder,
+    FlowPrior,
+    Gaussian,
+    MixtureOfNormals,
+    StandardNormal,
+    VampPrior,
+)
+
+D = 6
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", "dynamic")
+
+
+# --- initial states ---------------------------------------------------------------------------
+
+
+def test_a_fresh_full_covariance_guide_is_nearly_diagonal(digits):
+    q = FullCovarianceNormal(64, D, hidden=[32])(digits.train[:100])
+    tril = q.scale_tril
+    off = tril - torch.diag_embed(tril.diagonal(dim1=-2, dim2=-1))
+    ratio = off.norm(dim=(-2, -1)) / tril.diagonal(dim1=-2, dim2=-1).norm(dim=-1)
+    # 15 off-diagonal entries at about 1% of the diagonal ones' scale.
+    assert ratio.max().item() < 0.05
+
+
+def test_a_fresh_low_rank_guide_is_nearly_diagonal(digits):
+    q = LowRankNormal(64, D, rank=2, hidden=[32])(digits.train[:100])
+    assert (q.cov_factor.norm(dim=(-2, -1)) / q.cov_diag.sqrt().norm(dim=-1)).max() < 0.05
+
+
+@pytest.mark.parametrize("flow", ["maf", "nsf"])
+def test_a_fresh_flow_prior_is_nearly_the_standard_normal(flow):
+    prior = FlowPrior(D, flow=flow)()
+    z = torch.randn(500, D, generator=torch.Generator().manual_seed(0))
+    standard = dist.Normal(0.0, 1.0).expand([D]).to_event(1).log_prob(z)
+    # Last layers at 1% of their default scale: log densities within 0.1 nats.
+    torch.testing.assert_close(prior.log_prob(z), standard, atol=0.1, rtol=0)
+
+
+@pytest.mark.parametrize("flow", ["maf", "nsf"])
+def test_a_fresh_flow_guide_is_nearly_its_diagonal_base(flow, digits):
+    encoder = FlowEncoder(64, D, flow=flow, hidden=[32], context_features=8)
+    x = digits.train[:50]
+    q = encoder(x)
+    z = q.rsample()
+    base = encoder.head.flow.base(encoder.net(x))
+    torch.testing.assert_close(q.log_prob(z), base.log_prob(z), atol=0.1, rtol=0)
+
+
+def test_a_fresh_mixture_prior_is_close_to_the_standard_normal():
+    torch.manual_seed(0)
+    prior = MixtureOfNormals(4, components=10)()
+    z = torch.randn(1000, 4)
+    standard = dist.Normal(0.0, 1.0).expand([4]).to_event(1).log_prob(z)
+    # Means at 0.1 scale: the mixture is within a few hundredths of a nat on average.
+    assert (prior.log_prob(z) - standard).abs().mean().item() < 0.05
+    assert (
+        torch.cdist(prior.component_distribution.mean, prior.component_distribution.mean).max() > 0
+    )
+
+
+def test_fit_starts_vamp_pseudo_inputs_and_a_learned_scale_from_the_data(digits):
+    encoder = DiagonalNormal(64, D, hidden=[16])
+    model = VAE(VampPrior(D, 64, encoder, components=5), Decoder(D, 64, [16]), Bernoulli())
+    fit(model, AmortizedGuide(encoder), digits.train[:300], epochs=1, lr=0.0, progress=False)
+    pseudo = model.prior.pseudo_inputs.detach()
+    rows = (pseudo[:, None] == digits.train[:300][None]).all(-1).any(-1)
+    assert rows.all()  # every pseudo-input is a training point
+
+    grey = load_data("digits", "none").train
+    likelihood = Gaussian(learn_scale=True, per_feature=True, features=64)
+    model = VAE(StandardNormal(D), Decoder(D, 64, [16]), likelihood)
+    guide = AmortizedGuide(DiagonalNormal(64, D, hidden=[16]))
+    fit(model, guide, grey, epochs=1, lr=0.0, progress=False)
+    expected = grey.std(0).clamp(min=0.01)
+    torch.testing.assert_close(likelihood.log_scale.exp().detach(), expected)
+    fixed = Gaussian(scale=0.3, learn_scale=True, scale_from_data=False)
+    fixed.initialize_from_data(grey)
+    assert fixed.log_scale.exp().item() == pytest.approx(0.3)
+
+
+# --- learning-rate schedules ----------------------------------------------------------------
+
+
+def lrs(kind: str, epochs: int = 40, metric=None, **options) -> list[float]:
+    """The learning rate of every epoch under a schedule built from the spec."""
+    table = ", ".join(f"{k} = {v}" for k, v in {"kind": f'"{kind}"', **options}.items())
+    spec = load_spec(None, [f"train.lr_schedule={{ {table} }}", f"train.epochs={epochs}"])
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=spec.train.lr)
+    scheduler = build_lr_schedule(spec, optimizer)
+    rates = []
+    for epoch in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        if scheduler is None:
+            continue
+        if metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric(epoch))
+    return rates
+
+
+def test_learning_rate_schedules_give_the_intended_rate_per_epoch():
+    assert lrs("constant") == [1e-3] * 40
+    step = lrs("step", step_size=10, gamma=0.5)
+    assert step[:10] == [1e-3] * 10 and step[10:20] == pytest.approx([5e-4] * 10)
+    assert step[39] == pytest.approx(1.25e-4)
+    # Burda et al.: stage i lasts 3^i epochs at 1e-3 * 10^(-i/7).
+    burda = lrs("burda")
+    stage = [0] + [1] * 3 + [2] * 9 + [3] * 27
+    assert burda == pytest.approx([1e-3 * 10 ** (-i / 7) for i in stage])
+    cosine = lrs("cosine", epochs=20)
+    assert cosine[10] == pytest.approx(5e-4) and cosine[0] == 1e-3
+    # A validation ELBO that stops improving at epoch 5: two epochs' patience, then halved.
+    plateau = lrs("plateau", epochs=12, metric=lambda e: min(e, 5), patience=2)
+    assert plateau[:9] == [1e-3] * 9 and plateau[9] == pytest.approx(5e-4)
+
+
+def test_the_schedule_reaches_fit_and_resumes_exactly(tmp_path):
+    overrides = [
+        "model.latent_dim=2",
+        "model.decoder.hidden=[16]",
+        "guide.encoder.hidden=[16]",
+        "train.batch_size=256",
+        'train.lr_schedule={ kind = "step", step_size = 1, gamma = 0.5 }',
+    ]
+    run = train_run(None, tmp_path / "r", overrides=[*overrides, "train.epochs=2"], progress=False)
+    assert [h["lr"] for h in run.history] == pytest.approx([1e-3, 5e-4])
+    assert Checkpoint.load(tmp_path / "r").lr_scheduler["last_epoch"] == 2
+    resumed = train_run(
+        None, tmp_path / "r", overrides=["train.epochs=3"], resume=True, progress=False
+    )
+    assert [h["lr"] for h in resumed.history] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+
+
+# --- early stopping and the collapse alarm --------------------------------------------------
+
+
+def history(values: list[float], kl: float = 5.0, active: float = 3.0) -> list[dict]:
+    return [
+        {
+            "epoch": i + 1,
+            "validation_elbo": v,
+            "validation_kl": kl,
+            "validation_active_units": active,
+        }
+        for i, v in enumerate(values)
+    ]
+
+
+def state_with(entries: list[dict]) -> FitState:
+    return FitState(
+        None, None, None, None, epochs=100, steps_per_epoch=1, batch_size=1, history=entries
+    )
+
+
+def test_early_stopping_waits_for_the_warm_up():
+    # The ELBO falls while the KL weight rises for 4 epochs, then improves once and stalls.
+    values = [-90, -95, -100, -104, -103, -104]
+    waiting = EarlyStopping(patience=1, start_epoch=5)
+    eager = EarlyStopping(patience=1)
+    for n in range(1, len(values) + 1):
+        state = state_with(history(values[:n]))
+        waiting.on_epoch_end(state)
+        if state.stop:
+            break
+    assert n == 6  # counted from epoch 5: best at 5, one bad epoch at 6
+    state = state_with(history(values[:2]))
+    eager.on_epoch_end(state)
+    assert state.stop
+
+
+def test_the_collapse_alarm_fires_on_collapse_only(capsys):
+    assert collapse_message(history([-50, -49], kl=0.05)) is not None
+    assert collapse_message(history([-50, -49], kl=2.0, active=0)) is not None
+    assert collapse_message(history([-50, -49])) is None
+    assert collapse_message(history([-50, -49, -48], kl=0.05)[:1]) is None  # one epoch only
+    mixed = history([-50, -49], kl=0.05)
+    mixed[0]["validation_kl"] = 3.0
+    assert collapse_message(mixed) is None  # must last two epochs
+
+    alarm = CollapseAlarm()
+    for n in range(1, 4):
+        alarm.on_epoch_end(state_with(history([-50] * n, kl=0.01)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyrovae: warning: posterior collapse")
+    assert "warm-up" in err[0] and "likelihood scale" in err[0]
+
+
+def test_the_alarm_on_real_runs(digits):
+    """A fixed Gaussian scale of 1 on grey-level digits collapses the posterior (the data
+    vary by about 0.3: the KL costs more than the reconstruction gains); Bernoulli pixels
+    with the default networks do not."""
+    grey = load_data("digits", "none")
+    collapsed, healthy = CollapseAlarm(stream=_Sink()), CollapseAlarm(stream=_Sink())
+    model = VAE(StandardNormal(D), Decoder(D, 64, [64], "relu"), Gaussian(scale=1.0))
+    guide = AmortizedGuide(DiagonalNormal(64, D, hidden=[64], activation="relu"))
+    fit(
+        model,
+        guide,
+        grey.train,
+        validation=grey.validation,
+        epochs=4,
+        callbacks=[collapsed],
+        progress=False,
+    )
+    assert collapsed.message is not None
+    model = VAE(StandardNormal(D), Decoder(D, 64, [256, 256], "relu"), Bernoulli())
+    guide = AmortizedGuide(DiagonalNormal(64, D, hidden=[256, 256], activation="relu"))
+    fit(
+        model,
+        guide,
+        grey.train,
+        validation=grey.validation,
+        epochs=4,
+        callbacks=[healthy],
+        progress=False,
+    )
+    assert healthy.message is None
+
+
+class _Sink:
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
