@@ -1,7 +1,7 @@
 """Running VAEs, in three layers that import downwards only.
 
 - :mod:`~pyrovae.inference.algorithms`: objectives, KL schedules, the scoring path, the
-  marginal-likelihood estimator and PSIS diagnostics;
+  marginal-likelihood estimators (importance sampling, AIS, BDMC) and PSIS diagnostics;
 - :mod:`~pyrovae.inference.experiment`: the spec, data sets, runs and checkpoints, the
   training loop with its callbacks, and ``train_run`` / ``evaluate_run``;
 - :mod:`~pyrovae.inference.reporting`: diagnostics, figures, the run report and comparisons;
@@ -9,6 +9,12 @@
 with the ``pyrovae`` command (:mod:`~pyrovae.inference.cli`) on top.
 """
 
+from pyrovae.inference.algorithms.annealing import (
+    BDMC,
+    AnnealedLikelihood,
+    annealed_log_marginal_likelihood,
+    bdmc,
+)
 from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
 from pyrovae.inference.algorithms.objectives import (
     OBJECTIVES,
@@ -32,6 +38,7 @@ from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.callbacks import (
     Callback,
     Checkpointing,
+    CollapseAlarm,
     EarlyStopping,
     FitState,
     ProgressBar,
@@ -53,12 +60,15 @@ from pyrovae.inference.reporting.diagnostics import Diagnostics, SiteDiagnostics
 from pyrovae.inference.reporting.report import write_report
 
 __all__ = [
+    "BDMC",
     "KHAT_THRESHOLD",
+    "AnnealedLikelihood",
     "OBJECTIVES",
     "SCHEDULES",
     "Callback",
     "Checkpoint",
     "Checkpointing",
+    "CollapseAlarm",
     "ConstantBeta",
     "CyclicalAnnealing",
     "Diagnostics",
@@ -80,6 +90,8 @@ __all__ = [
     "Splits",
     "TrainingDiverged",
     "analytic_kl",
+    "annealed_log_marginal_likelihood",
+    "bdmc",
     "build",
     "build_objective",
     "build_schedule",

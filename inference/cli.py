@@ -1,4 +1,4 @@
-"""The ``pyrovae`` command: train, sample, evaluate, report, compare."""
+"""The ``pyrovae`` command: train, sample, evaluate, report, compare, bdmc."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import pyro
 
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import Interrupted, PyrovaeError
+from pyrovae.inference.experiment.distributed import is_main_process
 from pyrovae.inference.experiment.evaluation import (
     EVALUATION,
     Evaluation,
     check_evaluation_target,
     evaluate_run,
+    evaluation_settings,
 )
 from pyrovae.inference.experiment.runs import Run, load_run
 from pyrovae.inference.experiment.training import resolve_device
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["test", "validation", "train"])
     evaluate.add_argument("--limit", type=int, help="only the first N points of the split")
     evaluate.add_argument("--seed", type=int, default=0)
+    _add_method_options(evaluate)
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.add_argument(
@@ -129,8 +132,31 @@ def _parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="compare runs on the same data points")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (two or more)")
     _add_diagnostic_options(compare)
+    _add_method_options(compare, steps=200)
     compare.set_defaults(command=cmd_compare)
+
+    sandwich = commands.add_parser(
+        "bdmc", help="bound log p(x) from both sides on data simulated from the model"
+    )
+    sandwich.add_argument("run", help="run directory")
+    sandwich.add_argument("--num-points", "-n", type=int, default=100)
+    sandwich.add_argument("--steps", type=int, default=500, help="annealing steps per chain")
+    sandwich.add_argument("--chains", type=int, default=4, help="chains per point")
+    sandwich.add_argument("--seed", type=int, default=0)
+    sandwich.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
+    sandwich.set_defaults(command=cmd_bdmc)
     return parser
+
+
+def _add_method_options(parser: argparse.ArgumentParser, steps: int = 500) -> None:
+    parser.add_argument(
+        "--method",
+        default="is",
+        choices=["is", "ais"],
+        help="is: importance sampling from the guide; ais: annealed importance sampling",
+    )
+    parser.add_argument("--chains", type=int, default=16, help="AIS chains per point")
+    parser.add_argument("--steps", type=int, default=steps, help="AIS annealing steps")
 
 
 def _add_diagnostic_options(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +184,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         device=args.device,
         progress=not args.no_progress,
     )
+    if not is_main_process():
+        return
     last = run.history[-1]
     print(
         f"trained {run.path}: epoch {last['epoch']}/{run.spec.train.epochs}, "
@@ -190,14 +218,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _check_diagnostic_options(args)
     run = load_run(args.run)
     target = Path(args.output) if args.output else run.path / EVALUATION
-    settings = {
-        "split": args.split,
-        "num_samples": args.num_samples,
-        "limit": args.limit,
-        "seed": args.seed,
-    }
+    settings = evaluation_settings(
+        args.method, args.split, args.num_samples, args.chains, args.steps, args.limit, args.seed
+    )
     check_evaluation_target(target, settings, args.force)
-    evaluation = evaluate_run(run, **settings, device=args.device, write=False, progress=True)
+    evaluation = evaluate_run(
+        run,
+        split=args.split,
+        method=args.method,
+        num_samples=args.num_samples,
+        num_chains=args.chains,
+        num_steps=args.steps,
+        limit=args.limit,
+        seed=args.seed,
+        device=args.device,
+        write=False,
+        progress=True,
+    )
+    if not is_main_process():
+        return  # under torchrun, rank 0 prints and writes
     try:
         if args.json:
             print(json.dumps(evaluation.to_json(), indent=2))
@@ -207,41 +246,97 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         # Printed first, then written: a failed write still leaves the table on screen,
         # and a closed pipe still gets the results written.
         evaluation.write(target)
-    share = evaluation.summary()["khat_bad_fraction"]
+    share = evaluation.summary().get("khat_bad_fraction", math.nan)
     if share > UNRELIABLE_SHARE:
         print(
             f"pyrovae: warning: {share:.0%} of points have k̂ > {KHAT_THRESHOLD}, so log p(x) "
-            "is a lower bound of unknown tightness; raise -k, use a richer guide, or both",
+            "is a lower bound of unknown tightness; raise -k, use a richer guide, or use "
+            "--method ais",
             file=sys.stderr,
         )
 
 
 def _print_evaluation(evaluation: Evaluation, target: Path) -> None:
     summary = evaluation.summary()
-    share = summary["khat_bad_fraction"]
     rows = [
-        ("ELBO", f"{summary['elbo']:.3f}"),
         (
             "log p(x) ± MC error of the mean",
             f"{summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f}",
         ),
         ("bits/dim", f"{summary['bits_per_dim']:.4f}"),
-        ("reconstruction E[log p(x|z)]", f"{summary['reconstruction']:.3f}"),
-        ("KL(q(z|x) || p(z))", f"{summary['kl']:.3f}"),
-        *[(f"IWAE k={k}", f"{v.mean().item():.3f}") for k, v in evaluation.result.iwae.items()],
-        (
-            f"share of points with k̂ > {KHAT_THRESHOLD}",
-            "not computed (k̂ needs K >= 25)" if math.isnan(share) else f"{share:.1%}",
-        ),
     ]
+    if evaluation.method == "is":
+        share = summary["khat_bad_fraction"]
+        rows = [
+            ("ELBO", f"{summary['elbo']:.3f}"),
+            *rows,
+            ("reconstruction E[log p(x|z)]", f"{summary['reconstruction']:.3f}"),
+            ("KL(q(z|x) || p(z))", f"{summary['kl']:.3f}"),
+            *[(f"IWAE k={k}", f"{v.mean().item():.3f}") for k, v in evaluation.result.iwae.items()],
+            (
+                f"share of points with k̂ > {KHAT_THRESHOLD}",
+                "not computed (k̂ needs K >= 25)" if math.isnan(share) else f"{share:.1%}",
+            ),
+        ]
+        how = f"K = {evaluation.num_samples}"
+    else:
+        rows.append(
+            (
+                "HMC acceptance (mean, lowest point)",
+                f"{summary['acceptance']:.2f}, {summary['acceptance_min']:.2f}",
+            )
+        )
+        how = f"AIS, {evaluation.num_chains} chains x {evaluation.num_steps} steps"
     width = max(len(name) for name, _ in rows)
     print(
-        f"{evaluation.run}: {evaluation.split} split, {evaluation.num_points} points, "
-        f"K = {evaluation.num_samples}, {evaluation.seconds:.1f} s (nats per point)"
+        f"{evaluation.run}: {evaluation.split} split, {evaluation.num_points} points, {how}, "
+        f"{evaluation.seconds:.1f} s (nats per point)"
     )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     print(f"writing {target}")
+
+
+def cmd_bdmc(args: argparse.Namespace) -> None:
+    from pyrovae.inference.algorithms.annealing import bdmc
+    from pyrovae.inference.experiment.workflow import load_run_data
+
+    for flag, value in (
+        ("--num-points", args.num_points),
+        ("--steps", args.steps),
+        ("--chains", args.chains),
+    ):
+        if value < 1:
+            raise PyrovaeError(f"{flag} must be at least 1, got {value}")
+    run = load_run(args.run)
+    device = resolve_device(args.device or run.spec.train.device)
+    run.model.to(device)
+    run.guide.to(device)
+    example = load_run_data(run.spec).test[:1].to(device)
+    pyro.set_rng_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        result = bdmc(
+            run.model,
+            run.guide,
+            args.num_points,
+            example=example,
+            num_chains=args.chains,
+            num_steps=args.steps,
+            progress=True,
+        )
+    except ValueError as e:
+        raise PyrovaeError(str(e)) from None
+    summary = result.summary()
+    print(
+        f"{run.path}: BDMC on {args.num_points} points simulated from the model, "
+        f"{args.chains} chains x {args.steps} steps each way, "
+        f"{time.perf_counter() - start:.1f} s (nats per point)"
+    )
+    print(f"  forward AIS (lower bound)   {summary['lower']:.3f}")
+    print(f"  reverse AIS (upper bound)   {summary['upper']:.3f}")
+    print(f"  gap                         {summary['gap']:.3f}")
+    print(f"  HMC acceptance (forward)    {summary['acceptance']:.2f}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -276,6 +371,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         limit=args.limit,
         num_samples=args.num_samples,
         seed=args.seed,
+        method=args.method,
+        num_chains=args.chains,
+        num_steps=args.steps,
         progress=True,
     )
     print(format_comparison(comparison))

@@ -136,3 +136,39 @@ def test_ais_from_the_prior_also_converges():
         model, guide, x, num_chains=8, num_steps=300, init="prior"
     )
     assert (ais.log_px - exact).abs().mean() < 0.1
+
+
+def test_the_commands_take_the_ais_method_and_bdmc(tmp_path, capsys):
+    import json
+
+    from pyrovae.inference.cli import main
+
+    run = str(tmp_path / "run")
+    small = [
+        "--set",
+        "model.latent_dim=2",
+        "--set",
+        "model.decoder.hidden=[16]",
+        "--set",
+        "guide.encoder.hidden=[16]",
+        "--no-progress",
+    ]
+    assert main(["train", "--out", run, "--epochs", "1", *small]) == 0
+    capsys.readouterr()
+    ais = ["evaluate", run, "--method", "ais", "--chains", "2", "--steps", "5", "--limit", "4"]
+    assert main(ais) == 0
+    out = capsys.readouterr().out
+    assert "AIS, 2 chains x 5 steps" in out and "HMC acceptance" in out
+    saved = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert saved["method"] == "ais" and saved["num_steps"] == 5 and saved["num_samples"] is None
+    assert len(saved["per_point"]["acceptance"]) == 4
+    # An importance-sampling evaluation does not silently replace it.
+    assert main(["evaluate", run, "-k", "30", "--limit", "4"]) == 2
+    assert "method 'ais' -> 'is'" in capsys.readouterr().err
+    assert main(["bdmc", run, "-n", "3", "--steps", "5", "--chains", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lower bound" in out and "upper bound" in out and "gap" in out
+    compare = ["compare", run, run, "--method", "ais", "--steps", "5", "--chains", "2"]
+    assert main([*compare, "--limit", "4", "-k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "+0.000 ± 0.000" in out and "AIS with 2 chains x 5 steps" in out

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.distributed import rank_and_world
 from pyrovae.inference.experiment.runs import Checkpoint
 
 __all__ = [
@@ -46,6 +47,8 @@ class FitState:
         steps_per_epoch: optimizer steps in one epoch.
         batch_size: points per step.
         lr_scheduler: the learning-rate scheduler, or None.
+        rank, world_size: this process's rank and the number of processes; callbacks run on
+            every rank, and those with side effects (files, printing) act on rank 0 only.
         history: one dict per finished epoch; a callback restoring a run fills it in
             :meth:`Callback.on_fit_start`, and the loop continues after its last epoch.
         epoch: the epoch running or last finished (0 before the first).
@@ -60,6 +63,8 @@ class FitState:
     steps_per_epoch: int
     batch_size: int
     lr_scheduler: Any = None
+    rank: int = 0
+    world_size: int = 1
     history: list[dict[str, float]] = field(default_factory=list)
     epoch: int = 0
     stop: bool = False
@@ -102,7 +107,9 @@ class Checkpointing(Callback):
         resume: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
-        if not self.run_dir.is_dir():
+        # Rank 0 writes the run; the other ranks of a distributed run only read it.
+        self.writes = rank_and_world()[0] == 0
+        if self.writes and not self.run_dir.is_dir():
             raise PyrovaeError(f"run directory {self.run_dir} does not exist; create it first")
         self.features = features
         self.image_shape = tuple(image_shape)
@@ -112,6 +119,8 @@ class Checkpointing(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         if not self.resume:
+            return
+        if not self.run_dir.is_dir():
             return
         checkpoint = Checkpoint.load(self.run_dir, device_of(state.loss_fn))
         if checkpoint is None:
@@ -137,7 +146,8 @@ class Checkpointing(Callback):
             image_shape=self.image_shape,
             spec=self.spec,
         )
-        self.latest.save(self.run_dir)
+        if self.writes:
+            self.latest.save(self.run_dir)
 
 
 class EarlyStopping(Callback):
@@ -219,7 +229,7 @@ class CollapseAlarm(Callback):
     def on_epoch_end(self, state: FitState) -> None:
         if self.message is None:
             self.message = collapse_message(state.history, self.epochs)
-            if self.message is not None:
+            if self.message is not None and state.rank == 0:
                 tqdm.write(f"pyrovae: warning: {self.message}", file=self.stream or sys.stderr)
 
 
@@ -233,7 +243,7 @@ class ProgressBar(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         remaining = state.steps_per_epoch * max(0, state.epochs - len(state.history))
-        self.bar = tqdm(total=remaining, unit="batch", disable=None)
+        self.bar = tqdm(total=remaining, unit="batch", disable=None if state.rank == 0 else True)
         # Reading the running loss syncs with the device: a few times per epoch only.
         self.refresh = max(1, state.steps_per_epoch // 10)
 

@@ -7,6 +7,7 @@ cannot silently replace a K = 5000 result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -15,11 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pyro
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
 
+from pyrovae.inference.algorithms.annealing import (
+    AnnealedLikelihood,
+    annealed_log_marginal_likelihood,
+)
 from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.data import check_data
+from pyrovae.inference.experiment.distributed import gather_blocks, process_group, rank_and_world
 from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
 from pyrovae.inference.experiment.training import resolve_device
 from pyrovae.inference.experiment.workflow import load_run_data
@@ -27,28 +36,41 @@ from pyrovae.model.likelihoods import bits_per_dim
 
 __all__ = [
     "EVALUATION",
+    "METHODS",
     "SETTINGS",
     "Evaluation",
     "check_evaluation_target",
     "evaluate_run",
+    "evaluation_settings",
 ]
+
+METHODS = ("is", "ais")
+"""Estimators of log p(x): importance sampling from the guide, annealed importance sampling."""
 
 EVALUATION = "evaluation.json"
 """Where :func:`evaluate_run` writes its results in the run directory by default."""
 
-SETTINGS = ("split", "num_samples", "limit", "seed")
+BLOCK = 100
+"""Points per block of an evaluation: each block's draws are seeded by its index, so the result
+is the same whether one process or many (``torchrun``) evaluate the blocks."""
+
+SETTINGS = ("method", "split", "num_samples", "num_chains", "num_steps", "limit", "seed")
 """The settings that make two evaluations of a run the same evaluation."""
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The importance-sampling evaluation of a run on a data split.
+    """The evaluation of log p(x) of a run on a data split, by importance sampling (``"is"``)
+    or annealed importance sampling (``"ais"``).
 
     Attributes:
         run: the run directory.
         epoch: the run's epoch when evaluated.
         split: ``"train"``, ``"validation"`` or ``"test"``.
-        num_samples: K, draws per point.
+        method: ``"is"`` or ``"ais"``.
+        num_samples: K, draws per point (importance sampling; None for AIS).
+        num_chains: chains per point (AIS; None for importance sampling).
+        num_steps: annealing steps per chain (AIS; None for importance sampling).
         limit: the first ``limit`` points of the split were evaluated (None: all).
         seed: the seed the draws started from.
         seconds: time of the estimate.
@@ -56,19 +78,24 @@ class Evaluation:
         levels: grey levels for the bits/dim of a density (None for a pmf), see
             :func:`pyrovae.model.bits_per_dim`.
         result: the per-point :class:`MarginalLikelihood` (``log_px``, ``stderr``,
-            ``khat``, ``elbo``, ... each ``(N,)``).
+            ``khat``, ``elbo``, ... each ``(N,)``) or
+            :class:`~pyrovae.inference.algorithms.annealing.AnnealedLikelihood`
+            (``log_px``, ``stderr``, ``acceptance``, ...).
     """
 
     run: Path
     epoch: int
     split: str
-    num_samples: int
+    method: str
+    num_samples: int | None
+    num_chains: int | None
+    num_steps: int | None
     limit: int | None
     seed: int
     seconds: float
     features: int
     levels: int | None
-    result: MarginalLikelihood
+    result: MarginalLikelihood | AnnealedLikelihood
 
     @property
     def num_points(self) -> int:
@@ -84,16 +111,27 @@ class Evaluation:
     def to_json(self) -> dict[str, Any]:
         """Settings, summary and per-point figures in data order, as strict JSON values
         (NaN and infinities become null)."""
+        names = (
+            ("log_px", "stderr", "khat", "elbo")
+            if self.method == "is"
+            else (
+                "log_px",
+                "stderr",
+                "acceptance",
+            )
+        )
         per_point = {
-            name: [_finite(v) for v in getattr(self.result, name).tolist()]
-            for name in ("log_px", "stderr", "khat", "elbo")
+            name: [_finite(v) for v in getattr(self.result, name).tolist()] for name in names
         }
         return {
             "run": str(self.run),
             "epoch": self.epoch,
             "split": self.split,
+            "method": self.method,
             "points": self.num_points,
             "num_samples": self.num_samples,
+            "num_chains": self.num_chains,
+            "num_steps": self.num_steps,
             "limit": self.limit,
             "seed": self.seed,
             "seconds": self.seconds,
@@ -143,11 +181,38 @@ def check_evaluation_target(path: Path, settings: dict[str, Any], force: bool = 
         )
 
 
+def evaluation_settings(
+    method: str,
+    split: str,
+    num_samples: int,
+    num_chains: int,
+    num_steps: int,
+    limit: int | None,
+    seed: int,
+) -> dict[str, Any]:
+    """The settings an evaluation is identified by, with those of the other method None."""
+    if method not in METHODS:
+        raise PyrovaeError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    ais = method == "ais"
+    return {
+        "method": method,
+        "split": split,
+        "num_samples": None if ais else num_samples,
+        "num_chains": num_chains if ais else None,
+        "num_steps": num_steps if ais else None,
+        "limit": limit,
+        "seed": seed,
+    }
+
+
 def evaluate_run(
     run: Run | str | Path,
     *,
     split: str = "test",
+    method: str = "is",
     num_samples: int = 5000,
+    num_chains: int = 16,
+    num_steps: int = 500,
     limit: int | None = None,
     seed: int = 0,
     device: str | None = None,
@@ -156,13 +221,19 @@ def evaluate_run(
     write: bool = True,
     progress: bool = False,
 ) -> Evaluation:
-    """Estimates log p(x) per data point of a run's split by importance sampling.
+    """Estimates log p(x) per data point of a run's split.
 
     Args:
         run: a :class:`Run` or a run directory.
         split: ``"test"``, ``"validation"`` or ``"train"`` (binarized once with a fixed seed
             where the run binarizes).
-        num_samples: K, draws from the guide per point.
+        method: ``"is"``, importance sampling from the guide
+            (:func:`~pyrovae.inference.log_marginal_likelihood`), or ``"ais"``, annealed
+            importance sampling with HMC
+            (:func:`~pyrovae.inference.annealed_log_marginal_likelihood`).
+        num_samples: K, draws from the guide per point (``"is"``).
+        num_chains: chains per point (``"ais"``).
+        num_steps: annealing steps per chain (``"ais"``).
         limit: only the first ``limit`` points.
         seed: seeds the draws.
         device: default the run's ``train.device``.
@@ -179,35 +250,54 @@ def evaluate_run(
         PyrovaeError: bad settings or output, or a model the estimator cannot score, found
             before the work starts where possible.
     """
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
-        raise PyrovaeError(f"num_samples must be at least 1, got {num_samples}")
+    for name, value in (
+        ("num_samples", num_samples),
+        ("num_chains", num_chains),
+        ("num_steps", num_steps),
+    ):
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise PyrovaeError(f"{name} must be at least 1, got {value}")
+    settings = evaluation_settings(method, split, num_samples, num_chains, num_steps, limit, seed)
     if limit is not None and limit < 1:
         raise PyrovaeError(f"limit must be at least 1, got {limit}")
     run = run if isinstance(run, Run) else load_run(run)
     target = Path(output) if output is not None else run.path / EVALUATION
     if write:
-        settings = {"split": split, "num_samples": num_samples, "limit": limit, "seed": seed}
         check_evaluation_target(target, settings, force)
-    device_ = resolve_device(device or run.spec.train.device)
     x, _ = load_run_data(run.spec).split(split)
     likelihood = getattr(run.model, "likelihood", None)
     check_data(x, f"the {split} split", getattr(likelihood, "support", None))
-    x = x[:limit].to(device_)
-    run.model.to(device_)
-    run.guide.to(device_)
-    pyro.set_rng_seed(seed)
+    x = x[:limit]
+
+    def estimate(index: int, block: Tensor) -> MarginalLikelihood | AnnealedLikelihood:
+        if method == "is":
+            return log_marginal_likelihood(run.model, run.guide, block, num_samples=num_samples)
+        return annealed_log_marginal_likelihood(run.model, run.guide, block, num_chains, num_steps)
+
+    def seed_block(index: int) -> None:
+        pyro.set_rng_seed((seed + 7919 * index) % 2**32)
+        bar.update()
+
     start = time.perf_counter()
-    try:
-        result = log_marginal_likelihood(
-            run.model, run.guide, x, num_samples=num_samples, progress=progress
-        )
-    except ValueError as e:
-        raise PyrovaeError(str(e)) from None
+    with process_group(resolve_device(device or run.spec.train.device)) as device_:
+        run.model.to(device_)
+        run.guide.to(device_)
+        blocks = list(x.to(device_).split(BLOCK))
+        bar = tqdm(total=len(blocks), unit="block", disable=None if progress else True)
+        try:
+            with bar:
+                result = _concatenate(gather_blocks(blocks, estimate, seed_block))
+        except ValueError as e:
+            raise PyrovaeError(str(e)) from None
+        writes = rank_and_world()[0] == 0
     evaluation = Evaluation(
         run=run.path,
         epoch=run.epoch,
         split=split,
-        num_samples=num_samples,
+        method=method,
+        num_samples=settings["num_samples"],
+        num_chains=settings["num_chains"],
+        num_steps=settings["num_steps"],
         limit=limit,
         seed=seed,
         seconds=time.perf_counter() - start,
@@ -219,9 +309,24 @@ def evaluate_run(
         else None,
         result=result,
     )
-    if write:
+    if write and writes:
         evaluation.write(target)
     return evaluation
+
+
+def _concatenate(results: list[Any]) -> Any:
+    """Per-block results joined into one, point fields concatenated in block order."""
+    first = results[0]
+    values = {}
+    for f in dataclasses.fields(first):
+        parts = [getattr(r, f.name) for r in results]
+        if isinstance(parts[0], Tensor):
+            values[f.name] = torch.cat(parts)
+        elif isinstance(parts[0], dict):
+            values[f.name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        else:
+            values[f.name] = parts[0]
+    return type(first)(**values)
 
 
 def _finite(value: float) -> float | None:

@@ -31,6 +31,7 @@ from pyrovae.inference.experiment.callbacks import (
     device_of,
 )
 from pyrovae.inference.experiment.data import check_data
+from pyrovae.inference.experiment.distributed import all_reduce_sum, rank_and_world
 from pyrovae.inference.experiment.recipes import step_schedule
 
 ACTIVITY_THRESHOLD = 0.01
@@ -163,7 +164,24 @@ def fit(
     params = _parameters(loss_fn, x_train[:batch_size].to(device), transform)
     optimizer = optimizer or torch.optim.Adam(params, lr=lr)
     steps = math.ceil(x_train.shape[0] / batch_size)
-    state = FitState(model, guide, loss_fn, optimizer, epochs, steps, batch_size, lr_scheduler)
+    rank, world = rank_and_world()
+    state = FitState(
+        model,
+        guide,
+        loss_fn,
+        optimizer,
+        epochs,
+        steps,
+        batch_size,
+        lr_scheduler,
+        rank=rank,
+        world_size=world,
+    )
+    train_module = loss_fn
+    if world > 1:
+        train_module = _data_parallel(loss_fn, model, guide, device, batch_size, world)
+        # Every rank starts from rank 0's parameters (DDP broadcasts them); its own draws.
+        pyro.set_rng_seed((0 if seed is None else seed) + 7919 * rank)
 
     # The data were checked once above; per-step argument checks would only cost time.
     with pyro.validation_enabled(False):
@@ -173,7 +191,15 @@ def fit(
             while len(state.history) < epochs and not state.stop:
                 state.epoch = len(state.history) + 1
                 seconds, train_elbo = _train_epoch(
-                    state, callbacks, params, x_train, batch_size, grad_clip, transform, kl_schedule
+                    state,
+                    train_module,
+                    callbacks,
+                    params,
+                    x_train,
+                    grad_clip,
+                    transform,
+                    kl_schedule,
+                    0 if seed is None else seed,
                 )
                 if not math.isfinite(train_elbo):
                     raise TrainingDiverged(_diverged(state.epoch, callbacks))
@@ -278,33 +304,65 @@ def _parameters(
     return params
 
 
+def _data_parallel(
+    loss_fn: nn.Module,
+    model: Any,
+    guide: Any,
+    device: torch.device,
+    batch_size: int,
+    world: int,
+) -> nn.Module:
+    """The loss module in ``DistributedDataParallel``, as Pyro's Lightning example wraps it."""
+    if not (isinstance(model, nn.Module) and isinstance(guide, nn.Module)):
+        raise PyrovaeError("training on several processes needs model and guide as nn.Modules")
+    if batch_size < world:
+        raise PyrovaeError(
+            f"batch_size {batch_size} is the global batch and must be at least the number of "
+            f"processes, {world}"
+        )
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(loss_fn, device_ids=device_ids)
+
+
 def _train_epoch(
     state: FitState,
+    train_module: nn.Module,
     callbacks: list[Callback],
     params: list[Tensor],
     x_train: Tensor,
-    batch_size: int,
     grad_clip: float | None,
     transform: Callable[[Tensor], Tensor] | None,
     kl_schedule: KLSchedule | None,
+    seed: int,
 ) -> tuple[float, float]:
-    loss_fn, optimizer = state.loss_fn, state.optimizer
-    loss_fn.train()
+    optimizer, batch_size = state.optimizer, state.batch_size
+    rank, world = state.rank, state.world_size
+    train_module.train()
     n = x_train.shape[0]
-    device = device_of(loss_fn, x_train.device)
-    order = torch.randperm(n, device=x_train.device)
+    device = device_of(state.loss_fn, x_train.device)
+    if world == 1:
+        order = torch.randperm(n, device=x_train.device)
+    else:
+        # One permutation for all ranks, from the seed and the epoch; each rank takes a
+        # disjoint slice of every global batch. A last batch too small to give every rank
+        # a point is left out of this epoch (every rank must take the same steps).
+        shuffle = torch.Generator().manual_seed(seed * 100_003 + state.epoch)
+        order = torch.randperm(n, generator=shuffle).to(x_train.device)
+        if 0 < n % batch_size < world:
+            n -= n % batch_size
     first_step = (state.epoch - 1) * state.steps_per_epoch
     total = torch.zeros((), device=device)
     start_time = time.perf_counter()
     for step, start in enumerate(range(0, n, batch_size)):
-        x = x_train[order[start : start + batch_size]].to(device, non_blocking=True)
+        rows = order[start : min(start + batch_size, n)]
+        x = x_train[rows[rank::world]].to(device, non_blocking=True)
         if transform is not None:
             x = transform(x)
         if kl_schedule is None:
-            loss = loss_fn(x)
+            loss = train_module(x)
         else:
             with kl_schedule.handler(first_step + step):
-                loss = loss_fn(x)
+                loss = train_module(x)
         optimizer.zero_grad(set_to_none=True)
         (loss / x.shape[0]).backward()
         if grad_clip is not None:
@@ -317,7 +375,7 @@ def _train_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start_time
-    return seconds, -total.item() / n
+    return seconds, -all_reduce_sum(total).item() / n
 
 
 @torch.no_grad()
@@ -337,6 +395,9 @@ def _validate(
     if x is None:
         return {**dict.fromkeys(keys, nan), "validation_active_units": nan}
     loss_fn.eval()
+    rank, world = rank_and_world()
+    count = len(x)
+    x = x[rank::world]  # each rank scores its share; the sums are reduced
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     means: dict[str, list[Tensor]] = {}
     try:
@@ -353,18 +414,24 @@ def _validate(
             total += loss_fn(part.to(device)).double()
         return {
             **dict.fromkeys(keys, nan),
-            "validation_elbo": -total.item() / len(x),
+            "validation_elbo": -all_reduce_sum(total).item() / count,
             "validation_active_units": nan,
         }
-    values = dict(zip(keys, (totals / len(x)).tolist(), strict=True))
+    values = dict(zip(keys, (all_reduce_sum(totals) / count).tolist(), strict=True))
     if means and all(None not in parts for parts in means.values()):
-        active = sum(
-            (torch.cat(parts).flatten(1).var(0) > ACTIVITY_THRESHOLD).sum().item()
-            for parts in means.values()
-        )
+        active = sum(_active_units(torch.cat(parts).flatten(1), count) for parts in means.values())
     else:
         active = nan
     return {**values, "validation_active_units": float(active)}
+
+
+def _active_units(means: Tensor, count: int) -> int:
+    """Dimensions whose posterior mean varies over all ranks' points by more than the
+    threshold: the unbiased variance from sums reduced over ranks."""
+    moments = torch.stack([means.sum(0), means.square().sum(0)]).double()
+    total, squares = all_reduce_sum(moments)
+    variance = (squares - total.square() / count) / max(count - 1, 1)
+    return int((variance > ACTIVITY_THRESHOLD).sum().item())
 
 
 def _posterior_mean(q: Any) -> Tensor | None:

@@ -25,6 +25,7 @@ from pyrovae.inference.experiment.callbacks import (
     FitState,
 )
 from pyrovae.inference.experiment.data import Splits, check_data, load_data
+from pyrovae.inference.experiment.distributed import process_group, rank_and_world
 from pyrovae.inference.experiment.runs import (
     SPEC,
     Checkpoint,
@@ -124,74 +125,78 @@ def train_run(
             f"so ask for more than {done}"
         )
     device_ = resolve_device(train.device)
-
-    # Everything is checked before anything on disk changes: data, model, one probe step.
-    data = load_run_data(resolved)
-    if data.source is not None:
-        resolved = resolved.replace(data={"path": str(data.source)})
-    pyro.set_rng_seed(train.seed)
-    model, guide = build(resolved, data.features, data.image_shape)
-    objective = build_objective(resolved)
-    schedule = build_schedule(resolved)
-    optimizer = build_optimizer(resolved, nn.ModuleList([model, guide]).parameters())
-    lr_scheduler = build_lr_schedule(resolved, optimizer)
-    check_inputs(model, data.train, data.validation)
-    check_data(data.test, "test data", getattr(getattr(model, "likelihood", None), "support", None))
-    _probe_step(model, guide, objective, schedule, data, train.batch_size)
-    if resume:
-        check_writable(out / SPEC, "run")
-        staging = None
-    else:
-        if out.exists():
-            check_replaceable(
-                out, keep=[p for p in (spec, data.source) if isinstance(p, Path | str)]
-            )
-        check_writable(out, "run directory", create=True)
-        staging = stage_run(out, resolved)
-
-    checkpointing = Checkpointing(
-        staging or out,
-        features=data.features,
-        image_shape=data.image_shape or (),
-        spec=resolved.to_toml(),
-    )
-    own = [checkpointing] if staging is None else [checkpointing, _Promote(checkpointing, out)]
-    if train.patience is not None:
-        # A KL warm-up lowers the ELBO while it runs: early stopping waits for its end.
-        steps = math.ceil(len(data.train) / train.batch_size)
-        warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
-        own.append(EarlyStopping(train.patience, start_epoch=warmup + 1))
-    own.append(CollapseAlarm())
-    try:
-        if resume and (out / SPEC).read_text() != resolved.to_toml():
-            atomic_write(out / SPEC, resolved.to_toml().encode())
-        fit(
-            model,
-            guide,
-            data.train,
-            validation=data.validation,
-            objective=objective,
-            kl_schedule=schedule,
-            epochs=train.epochs,
-            batch_size=train.batch_size,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            grad_clip=train.grad_clip,
-            transform=torch.bernoulli if data.dynamic else None,
-            device=device_,
-            seed=train.seed,
-            callbacks=[*own, *callbacks],
-            progress=progress,
+    with process_group(device_) as device_:
+        # Everything is checked before anything on disk changes: data, model, one probe step.
+        data = load_run_data(resolved)
+        if data.source is not None:
+            resolved = resolved.replace(data={"path": str(data.source)})
+        pyro.set_rng_seed(train.seed)
+        model, guide = build(resolved, data.features, data.image_shape)
+        objective = build_objective(resolved)
+        schedule = build_schedule(resolved)
+        optimizer = build_optimizer(resolved, nn.ModuleList([model, guide]).parameters())
+        lr_scheduler = build_lr_schedule(resolved, optimizer)
+        check_inputs(model, data.train, data.validation)
+        check_data(
+            data.test, "test data", getattr(getattr(model, "likelihood", None), "support", None)
         )
-    except (KeyboardInterrupt, TrainingDiverged) as e:
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e).split(";")[0]
-        raise _stopped(what, e, out, checkpointing, resume) from None
-    finally:
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    model.eval()
-    guide.eval()
-    return Run(out, resolved, model, guide, checkpointing.latest)
+        _probe_step(model, guide, objective, schedule, data, train.batch_size)
+        if resume:
+            check_writable(out / SPEC, "run")
+            staging = None
+        else:
+            if out.exists():
+                check_replaceable(
+                    out, keep=[p for p in (spec, data.source) if isinstance(p, Path | str)]
+                )
+            check_writable(out, "run directory", create=True)
+            # Rank 0 alone writes the run; the other ranks of a distributed run only train.
+            staging = stage_run(out, resolved) if rank_and_world()[0] == 0 else None
+
+        checkpointing = Checkpointing(
+            staging or out,
+            features=data.features,
+            image_shape=data.image_shape or (),
+            spec=resolved.to_toml(),
+        )
+        own = [checkpointing] if staging is None else [checkpointing, _Promote(checkpointing, out)]
+        if train.patience is not None:
+            # A KL warm-up lowers the ELBO while it runs: early stopping waits for its end.
+            steps = math.ceil(len(data.train) / train.batch_size)
+            warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
+            own.append(EarlyStopping(train.patience, start_epoch=warmup + 1))
+        own.append(CollapseAlarm())
+        try:
+            writes = rank_and_world()[0] == 0
+            if writes and resume and (out / SPEC).read_text() != resolved.to_toml():
+                atomic_write(out / SPEC, resolved.to_toml().encode())
+            fit(
+                model,
+                guide,
+                data.train,
+                validation=data.validation,
+                objective=objective,
+                kl_schedule=schedule,
+                epochs=train.epochs,
+                batch_size=train.batch_size,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                grad_clip=train.grad_clip,
+                transform=torch.bernoulli if data.dynamic else None,
+                device=device_,
+                seed=train.seed,
+                callbacks=[*own, *callbacks],
+                progress=progress,
+            )
+        except (KeyboardInterrupt, TrainingDiverged) as e:
+            what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e).split(";")[0]
+            raise _stopped(what, e, out, checkpointing, resume) from None
+        finally:
+            if staging is not None and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        model.eval()
+        guide.eval()
+        return Run(out, resolved, model, guide, checkpointing.latest)
 
 
 class _Promote(Callback):

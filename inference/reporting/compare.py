@@ -18,6 +18,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyrovae.inference.algorithms.annealing import annealed_log_marginal_likelihood
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.runs import Run, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
@@ -43,6 +44,7 @@ class Comparison:
         num_points: N, the points evaluated.
         num_samples: K, importance samples per point.
         seed: the seed each run's evaluation started from.
+        method: how log p(x) was estimated, in words.
     """
 
     rows: tuple[dict[str, float | str], ...]
@@ -51,6 +53,7 @@ class Comparison:
     num_points: int
     num_samples: int
     seed: int
+    method: str = "K = 500 importance samples"
 
 
 def compare_runs(
@@ -61,6 +64,9 @@ def compare_runs(
     num_samples: int = 500,
     num_latent_samples: int = 16,
     seed: int = 0,
+    method: str = "is",
+    num_chains: int = 16,
+    num_steps: int = 200,
     progress: bool = False,
 ) -> Comparison:
     """Evaluates runs on the same points of a split and pairs their log p(x) with the first.
@@ -73,6 +79,8 @@ def compare_runs(
         num_latent_samples: S, draws of z per point for KL and mutual information.
         seed: every run's evaluation starts from this seed, so a comparison is repeatable
             and a run compared with itself differs by exactly 0.
+        method: log p(x) by ``"is"`` (importance sampling, K = ``num_samples``) or
+            ``"ais"`` (annealed importance sampling, ``num_chains`` x ``num_steps``).
         progress: show a progress bar over each run's points.
 
     Returns:
@@ -109,21 +117,35 @@ def compare_runs(
             run.model,
             run.guide,
             x,
-            num_samples=num_samples,
+            num_samples=num_samples if method == "is" else 0,
             num_latent_samples=num_latent_samples,
             progress=progress,
         )
-        assert diag.marginal is not None  # num_samples >= 1 was checked
-        log_px.append(diag.marginal.log_px)
-        difference = log_px[-1] - log_px[0]
         summary = diag.summary()
+        if method == "is":
+            assert diag.marginal is not None  # num_samples >= 1 was checked
+            log_px.append(diag.marginal.log_px)
+        else:
+            pyro.set_rng_seed(seed)
+            ais = annealed_log_marginal_likelihood(
+                run.model, run.guide, x, num_chains, num_steps, progress=progress
+            )
+            log_px.append(ais.log_px)
+            summary["log_px"] = ais.log_px.mean().item()
+            summary["log_px_se"] = (ais.log_px.std() / math.sqrt(len(x))).item()
+        difference = log_px[-1] - log_px[0]
         row: dict[str, float | str] = {"run": str(run.path)}
         row.update({k: summary[k] for k in (*_COLUMNS, "log_px_se", "latent_dim")})
-        row["khat_bad_fraction"] = summary["khat_bad_fraction"]
+        row["khat_bad_fraction"] = summary.get("khat_bad_fraction", math.nan)
         row["delta_log_px"] = difference.mean().item()
         row["delta_log_px_se"] = difference.std().item() / math.sqrt(len(x))
         rows.append(row)
-    return Comparison(tuple(rows), torch.stack(log_px), split, len(x), num_samples, seed)
+    how = (
+        f"K = {num_samples} importance samples"
+        if method == "is"
+        else (f"AIS with {num_chains} chains x {num_steps} steps")
+    )
+    return Comparison(tuple(rows), torch.stack(log_px), split, len(x), num_samples, seed, how)
 
 
 def format_comparison(comparison: Comparison) -> str:
@@ -154,7 +176,9 @@ def format_comparison(comparison: Comparison) -> str:
                 f"{row['mutual_information']:.3f}",
                 f"{row['marginal_kl']:.3f}",
                 f"{int(row['active_units'])}/{int(row['latent_dim'])}",
-                f"{row['khat_bad_fraction']:.1%}",
+                "n/a"
+                if math.isnan(row["khat_bad_fraction"])
+                else f"{row['khat_bad_fraction']:.1%}",
             )
         )
     widths = [max(len(line[j]) for line in lines) for j in range(len(header))]
@@ -167,8 +191,8 @@ def format_comparison(comparison: Comparison) -> str:
     ]
     text.insert(1, "  ".join("-" * w for w in widths))
     footer = (
-        f"{comparison.num_points} {comparison.split} points, K = {comparison.num_samples} "
-        f"importance samples, seed {comparison.seed}; Δ is paired with the first run, "
+        f"{comparison.num_points} {comparison.split} points, {comparison.method}, "
+        f"seed {comparison.seed}; Δ is paired with the first run, "
         "se = sd / sqrt(n) over points"
     )
     return "\n".join([*text, footer])
