@@ -169,7 +169,7 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "test_elbo": summary["elbo"],
         "log_px": summary["log_px"],
         "log_px_se_points": (log_px.std() / math.sqrt(len(log_px))).item(),
-        "log_px_mc_stderr": summary["log_px_stderr"],
+        "log_px_mc_error": summary["log_px_mc_error"],
         "kl": summary["kl"],
         "khat_bad_fraction": summary["khat_bad_fraction"],
         "khat_median": result.khat.nanmedian().item(),

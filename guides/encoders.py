@@ -34,7 +34,9 @@ class Encoder(nn.Module):
         in_features: number of data features F.
         head: a module with an ``in_features`` attribute, mapping that many numbers to a
             distribution over z.
-        hidden: hidden layer sizes (channels for ``network = "conv"``).
+        hidden: hidden layer sizes: units per layer for ``"mlp"`` (default 256, 256),
+            channels per stride-2 layer for ``"conv"`` (default: see
+            ``pyrovae.model.networks``); None for the network's default.
         activation: activation between layers (see ``pyrovae.model.networks.ACTIVATIONS``).
         network: ``"mlp"`` or ``"conv"``.
         image_shape: ``(H, W)`` of image data, needed by ``"conv"``.
@@ -45,7 +47,7 @@ class Encoder(nn.Module):
         in_features: int,
         head: nn.Module,
         /,
-        hidden: Sequence[int] = (256, 256),
+        hidden: Sequence[int] | None = None,
         activation: str = "softplus",
         network: str = "mlp",
         image_shape: Sequence[int] | None = None,

@@ -73,9 +73,14 @@ def _parser() -> argparse.ArgumentParser:
         prog="pyrovae", description="Variational autoencoders as Pyro programs."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    # --debug also after the command name; SUPPRESS keeps a command's parser from resetting it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a VAE from a spec")
+    train = commands.add_parser(parents=[debug], name="train", help="train a VAE from a spec")
     train.add_argument("spec", nargs="?", help="a TOML spec (default: the built-in digits spec)")
     train.add_argument(
         "--set",
@@ -90,9 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN")
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--tensorboard", action="store_true", help="log to RUN/tensorboard (train.log)"
+    )
     train.set_defaults(command=cmd_train)
 
-    sample = commands.add_parser("sample", help="write an image grid of samples from a run")
+    sample = commands.add_parser(
+        parents=[debug], name="sample", help="write an image grid of samples from a run"
+    )
     sample.add_argument("run", help="run directory")
     sample.add_argument("-n", "--num-samples", type=int, default=64)
     sample.add_argument("-o", "--output", help="image file to write (default: RUN/samples.png)")
@@ -102,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.set_defaults(command=cmd_sample)
 
     evaluate = commands.add_parser(
-        "evaluate", help="estimate log p(x) per data point by importance sampling"
+        parents=[debug],
+        name="evaluate",
+        help="estimate log p(x) per data point by importance sampling",
     )
     evaluate.add_argument("run", help="run directory")
     evaluate.add_argument("--num-samples", "-k", type=int, default=5000, help="K, draws per point")
@@ -121,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(command=cmd_evaluate)
 
     report = commands.add_parser(
-        "report", help="write RUN/report.html: diagnostics of q(z|x) against the prior"
+        parents=[debug],
+        name="report",
+        help="write RUN/report.html: diagnostics of q(z|x) against the prior",
     )
     report.add_argument("run", help="run directory")
     _add_diagnostic_options(report)
@@ -129,14 +143,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--force", action="store_true", help="replace an existing -o file")
     report.set_defaults(command=cmd_report)
 
-    compare = commands.add_parser("compare", help="compare runs on the same data points")
+    compare = commands.add_parser(
+        parents=[debug], name="compare", help="compare runs on the same data points"
+    )
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (two or more)")
     _add_diagnostic_options(compare)
     _add_method_options(compare, steps=200)
     compare.set_defaults(command=cmd_compare)
 
     sandwich = commands.add_parser(
-        "bdmc", help="bound log p(x) from both sides on data simulated from the model"
+        parents=[debug],
+        name="bdmc",
+        help="bound log p(x) from both sides on data simulated from the model",
     )
     sandwich.add_argument("run", help="run directory")
     sandwich.add_argument("--num-points", "-n", type=int, default=100)
@@ -172,6 +190,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             "--resume takes the spec and directory from RUN; drop SPEC, --set, --out, --force"
         )
     overrides = list(args.set)
+    if args.tensorboard:
+        overrides.append('train.log="tensorboard"')
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     start = time.perf_counter()
@@ -187,9 +207,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not is_main_process():
         return
     last = run.history[-1]
+    # train_elbo is the training objective's bound: the IWAE bound when training with iwae.
+    objective = run.spec.train.objective["kind"]
+    bound = "ELBO" if objective in ("elbo", "analytic_kl") else f"{objective} bound"
     print(
         f"trained {run.path}: epoch {last['epoch']}/{run.spec.train.epochs}, "
-        f"train ELBO {last['train_elbo']:.2f}, validation ELBO {last['validation_elbo']:.2f} "
+        f"train {bound} {last['train_elbo']:.2f}, validation ELBO "
+        f"{last['validation_elbo']:.2f} "
         f"nats/point, {last['images_per_s']:.0f} images/s on "
         f"{resolve_device(run.spec.train.device)}, {time.perf_counter() - start:.1f} s"
     )
@@ -260,8 +284,9 @@ def _print_evaluation(evaluation: Evaluation, target: Path) -> None:
     summary = evaluation.summary()
     rows = [
         (
-            "log p(x) ± MC error of the mean",
-            f"{summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f}",
+            "log p(x) ± se over points",
+            f"{summary['log_px']:.3f} ± {summary['log_px_se']:.3f} "
+            f"(Monte Carlo error of the mean {summary['log_px_mc_error']:.4f})",
         ),
         ("bits/dim", f"{summary['bits_per_dim']:.4f}"),
     ]

@@ -25,7 +25,9 @@ class Decoder(nn.Module):
         latent_dim: dimension of z.
         out_features: size of the output, the number of data features times the number of
             parameters the likelihood takes per feature.
-        hidden: hidden layer sizes (channels for ``network = "conv"``).
+        hidden: hidden layer sizes: units per layer for ``"mlp"`` (default 256, 256),
+            channels per stride-2 layer for ``"conv"`` (default: see
+            ``pyrovae.model.networks``); None for the network's default.
         activation: activation between layers (see ``pyrovae.model.networks.ACTIVATIONS``).
         network: ``"mlp"`` or ``"conv"``.
         image_shape: ``(H, W)`` of image data, needed by ``"conv"``.
@@ -35,7 +37,7 @@ class Decoder(nn.Module):
         self,
         latent_dim: int,
         out_features: int,
-        hidden: Sequence[int] = (256, 256),
+        hidden: Sequence[int] | None = None,
         activation: str = "softplus",
         network: str = "mlp",
         image_shape: Sequence[int] | None = None,

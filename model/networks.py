@@ -174,6 +174,13 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {
 """Network name -> builder from data to a vector,
 ``(in_features, out_features, hidden, activation, image_shape)``."""
 
+DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {"mlp": (256, 256), "conv": (32, 64)}
+"""``hidden`` when none is given, per network from data: units per layer for an MLP, channels
+of the stride-2 convolutions (finest first) for a conv network."""
+
+GENERATIVE_DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {"mlp": (256, 256), "conv": (64, 32)}
+"""``hidden`` when none is given, per network to data (channels coarsest first for conv)."""
+
 GENERATIVE_NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "conv": deconv,
@@ -185,7 +192,7 @@ def network(
     name: str,
     in_features: int,
     out_features: int,
-    hidden: Sequence[int],
+    hidden: Sequence[int] | None,
     activation_name: str,
     image_shape: Sequence[int] | None = None,
     generative: bool = False,
@@ -196,7 +203,8 @@ def network(
         name: a key of :data:`NETWORKS`.
         in_features: size of the input.
         out_features: size of the output.
-        hidden: hidden layer sizes (units for ``mlp``, channels for ``conv``).
+        hidden: hidden layer sizes (units for ``mlp``, channels for ``conv``); None for the
+            network's default (:data:`DEFAULT_HIDDEN`, :data:`GENERATIVE_DEFAULT_HIDDEN`).
         activation_name: a key of :data:`ACTIVATIONS`.
         image_shape: ``(H, W)`` for image data, else None.
         generative: build the network from a vector to data (a decoder's).
@@ -204,6 +212,8 @@ def network(
     builders = GENERATIVE_NETWORKS if generative else NETWORKS
     if name not in builders:
         raise ValueError(f"unknown network {name!r}; valid: {', '.join(builders)}")
+    if hidden is None:
+        hidden = (GENERATIVE_DEFAULT_HIDDEN if generative else DEFAULT_HIDDEN)[name]
     return builders[name](in_features, out_features, hidden, activation_name, image_shape)
 
 

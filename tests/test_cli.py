@@ -305,3 +305,8 @@ def test_image_grid_through_torchvision_matches_numpy(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_torchvision)
     np.testing.assert_allclose(with_torchvision, image_grid(images, (3, 4), ncol=3))
+
+
+def test_debug_works_after_the_command_name_too(tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        main(["sample", str(tmp_path / "nope"), "--debug"])

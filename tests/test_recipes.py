@@ -257,3 +257,23 @@ class _Sink:
 
     def flush(self) -> None:
         pass
+
+
+def test_tensorboard_logs_scalars_and_images(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = [
+        "model.latent_dim=2",
+        "model.decoder.hidden=[16]",
+        "guide.encoder.hidden=[16]",
+        "train.batch_size=256",
+        "train.epochs=2",
+        'train.log="tensorboard"',
+    ]
+    train_run(None, tmp_path / "run", overrides=overrides, progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"validation/elbo", "validation/kl", "train/elbo", "lr", "images/per_s"} <= scalars
+    assert [e.step for e in events.Scalars("validation/elbo")] == [1, 2]
+    assert {"samples", "inputs_and_reconstructions"} <= set(events.Tags()["images"])

@@ -14,18 +14,9 @@ def test_default_spec_matches_the_documented_contract():
     assert spec.data.name == "digits" and spec.data.binarize == "dynamic"
     assert spec.model.latent_dim == 16
     assert spec.model.prior == {"kind": "standard_normal"}
-    assert spec.model.decoder == {
-        "kind": "feedforward",
-        "network": "mlp",
-        "hidden": [256, 256],
-        "activation": "relu",
-    }
-    assert spec.guide.encoder == {
-        "kind": "diagonal_normal",
-        "network": "mlp",
-        "hidden": [256, 256],
-        "activation": "relu",
-    }
+    # No hidden sizes: each network takes its own default (MLP 256-256, conv 32-64 channels).
+    assert spec.model.decoder == {"kind": "feedforward", "network": "mlp", "activation": "relu"}
+    assert spec.guide.encoder == {"kind": "diagonal_normal", "network": "mlp", "activation": "relu"}
     assert spec.train.objective == {"kind": "elbo", "num_particles": 1}
     assert (spec.train.epochs, spec.train.batch_size, spec.train.lr, spec.train.seed) == (
         50,
@@ -120,3 +111,27 @@ def test_malformed_and_missing_files(tmp_path):
         load_spec(tmp_path / "absent.toml")
     with pytest.raises(PyrovaeError, match="spec must be a table"):
         spec_from_dict([1])
+
+
+def test_each_network_has_its_own_default_sizes():
+    from pyrovae.inference import build
+
+    spec = load_spec(None, ['guide.encoder.network="conv"', 'model.decoder.network="conv"'])
+    model, guide = build(spec, 64, (8, 8))
+    convs = [m.out_channels for m in guide.encoder.net if hasattr(m, "out_channels")]
+    assert convs == [32, 64]  # not 256-channel convolutions inherited from the MLP default
+    mlp_model, _ = build(load_spec(), 64, (8, 8))
+    assert [m.out_features for m in mlp_model.decoder.net if hasattr(m, "out_features")] == [
+        256,
+        256,
+        64,
+    ]
+
+
+def test_data_limit_trains_on_a_subset():
+    from pyrovae.inference.experiment.workflow import load_run_data
+
+    full = load_run_data(load_spec())
+    part = load_run_data(load_spec(None, ["data.limit=100"]))
+    assert len(part.train) == 100 and len(full.train) > 1000
+    assert part.validation.shape == full.validation.shape

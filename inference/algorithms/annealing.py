@@ -122,11 +122,13 @@ class AnnealedLikelihood:
     evaluations: int
 
     def summary(self) -> dict[str, float]:
-        """Means over points; ``log_px_stderr`` is the Monte Carlo error of the mean."""
+        """Means over points; ``log_px_mc_error`` is the Monte Carlo error of the mean,
+        ``log_px_se`` the standard error over the points (their spread)."""
         n = len(self.log_px)
         return {
             "log_px": self.log_px.mean().item(),
-            "log_px_stderr": self.stderr.square().sum().sqrt().item() / n,
+            "log_px_mc_error": self.stderr.square().sum().sqrt().item() / n,
+            "log_px_se": (self.log_px.std() / math.sqrt(n)).item() if n > 1 else math.nan,
             "acceptance": self.acceptance.mean().item(),
             "acceptance_min": self.acceptance.min().item(),
         }

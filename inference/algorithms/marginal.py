@@ -102,12 +102,14 @@ class MarginalLikelihood:
     def summary(self) -> dict[str, float]:
         """Dataset-level figures: means over points, and the k̂ diagnostics.
 
-        ``log_px_stderr`` is the Monte Carlo error of the mean (sampling error across data
-        points is not included); ``khat_bad_fraction`` is the share of points with k̂ > 0.7.
+        ``log_px_mc_error`` is the Monte Carlo error of the mean (the estimator's own error;
+        the spread of the data points is not included), ``log_px_se`` the standard error of
+        the mean over the points (their spread, sd / sqrt(N)); ``khat_bad_fraction`` is the share of points with k̂ > 0.7.
         """
         n = len(self.log_px)
         out = {name: getattr(self, name).mean().item() for name in _POINT_FIELDS}
-        out["log_px_stderr"] = self.stderr.square().sum().sqrt().item() / n
+        out["log_px_mc_error"] = self.stderr.square().sum().sqrt().item() / n
+        out["log_px_se"] = (self.log_px.std() / math.sqrt(n)).item() if n > 1 else math.nan
         out["khat"] = self.khat.nanmean().item()
         out["khat_max"] = self.khat.nan_to_num(nan=-math.inf).max().item()
         out["khat_bad_fraction"] = khat_bad_fraction(self.khat)

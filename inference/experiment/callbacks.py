@@ -31,6 +31,7 @@ __all__ = [
     "EarlyStopping",
     "FitState",
     "ProgressBar",
+    "TensorBoard",
     "collapse_message",
 ]
 
@@ -292,3 +293,83 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class TensorBoard(Callback):
+    """Logs the training to TensorBoard through ``torch.utils.tensorboard``: every epoch's
+    metrics as scalars (ELBO, reconstruction, KL, active units, learning rate, images/s),
+    and, for a VAE on images, grids of samples and of inputs beside their reconstructions
+    every ``images_every`` epochs. Needs the ``tensorboard`` package
+    (``pip install "pyrovae[tensorboard]"``); rank 0 alone writes.
+
+    Args:
+        log_dir: the folder, or a function giving it at the end of the first epoch (a staged
+            run's folder moves once its first checkpoint exists).
+        image_shape: ``(H, W)`` of the data, for image grids; none without it.
+        examples: data points whose reconstructions are drawn.
+        images_every: epochs between image grids (and the first epoch).
+
+    Raises:
+        PyrovaeError: the tensorboard package is not installed.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | Path | Any,
+        image_shape: Sequence[int] = (),
+        examples: Tensor | None = None,
+        images_every: int = 5,
+    ) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise PyrovaeError(
+                'TensorBoard logging needs the tensorboard package: pip install "pyrovae[tensorboard]"'
+            ) from None
+        self._writer_type = SummaryWriter
+        self.log_dir = log_dir
+        self.image_shape = tuple(image_shape)
+        self.examples = examples
+        self.images_every = images_every
+        self.writer: Any = None
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if state.rank != 0:
+            return
+        if self.writer is None:
+            # Opened at the first epoch's end, after a staged run has moved into place:
+            # TensorBoard's writer appends to its file by path.
+            log_dir = self.log_dir() if callable(self.log_dir) else self.log_dir
+            self.writer = self._writer_type(log_dir=str(log_dir))
+        last = state.history[-1]
+        for key, value in last.items():
+            if key != "epoch" and math.isfinite(value):
+                self.writer.add_scalar(key.replace("_", "/", 1), value, state.epoch)
+        if len(self.image_shape) == 2 and (
+            state.epoch == 1 or state.epoch % self.images_every == 0
+        ):
+            self._images(state)
+        self.writer.flush()
+
+    @torch.no_grad()
+    def _images(self, state: FitState) -> None:
+        model, guide = state.model, state.guide
+        shape = (-1, 1, *self.image_shape)
+        if hasattr(model, "sample"):
+            samples = model.sample(64).clamp(0, 1).reshape(shape)
+            self.writer.add_images("samples", samples, state.epoch)
+        encoder = getattr(guide, "encoder", None)
+        if self.examples is not None and encoder is not None and hasattr(model, "decode"):
+            x = self.examples.to(device_of(state.loss_fn))
+            q = encoder(x)
+            try:
+                z = q.mean
+            except (NotImplementedError, AttributeError):
+                z = q.sample()
+            recon = model.decode(z).mean.clamp(0, 1)
+            pairs = torch.stack([x, recon], 1).reshape(shape)
+            self.writer.add_images("inputs_and_reconstructions", pairs, state.epoch)
+
+    def on_fit_end(self, state: FitState) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -85,6 +85,7 @@ def load_data(
     binarize: str = "none",
     path: str | None = None,
     validation_size: int | float | None = None,
+    limit: int | None = None,
 ) -> Splits:
     """Loads a data set by name or path and prepares its splits.
 
@@ -96,6 +97,8 @@ def load_data(
             original IDX files); otherwise ``$PYROVAE_DATA`` is searched, then torchvision.
         validation_size: points held out of the training set (a count or a fraction); the
             default is 10,000 for MNIST-style sets (the common 50k/10k split) and 10% else.
+        limit: keep only the first ``limit`` training points (after the split), for a quick
+            try; validation and test stay whole.
 
     Returns:
         The checked splits.
@@ -121,6 +124,13 @@ def load_data(
     if validation_size is None:
         validation_size = 10_000 if name in _NPZ_NAMES else 0.1
     splits = replace(_split(arrays, validation_size), source=source)
+    if limit is not None:
+        labels = splits.train_labels
+        splits = replace(
+            splits,
+            train=splits.train[:limit],
+            train_labels=None if labels is None else labels[:limit],
+        )
     return _binarize(splits, binarize)
 
 

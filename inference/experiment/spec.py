@@ -80,6 +80,7 @@ class DataSpec:
     binarize: str = "dynamic"
     path: str | None = None
     validation_size: int | float | None = _ranged(None, 0, above=True)
+    limit: int | None = _ranged(None, 1)
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,13 @@ class ModelSpec:
     latent_dim: int = _ranged(16, 1, MAX_LATENT_DIM)
     prior: dict = _table(kind="standard_normal")
     # ReLU: with softplus the default budget on digits ends in posterior collapse.
-    decoder: dict = _table(kind="feedforward", network="mlp", hidden=[256, 256], activation="relu")
+    decoder: dict = _table(kind="feedforward", network="mlp", activation="relu")
     likelihood: dict = _table(kind="bernoulli")
 
 
 @dataclass(frozen=True)
 class GuideSpec:
-    encoder: dict = _table(
-        kind="diagonal_normal", network="mlp", hidden=[256, 256], activation="relu"
-    )
+    encoder: dict = _table(kind="diagonal_normal", network="mlp", activation="relu")
 
 
 @dataclass(frozen=True)
@@ -111,6 +110,7 @@ class TrainSpec:
     grad_clip: float | None = _ranged(None, 0, above=True)
     patience: int | None = _ranged(None, 1)
     device: str = "auto"
+    log: str = "none"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pyrovae.inference.experiment.callbacks import (
     CollapseAlarm,
     EarlyStopping,
     FitState,
+    TensorBoard,
 )
 from pyrovae.inference.experiment.data import Splits, check_data, load_data
 from pyrovae.inference.experiment.distributed import process_group, rank_and_world
@@ -56,7 +57,10 @@ from pyrovae.inference.experiment.training import (
 
 __all__ = ["load_run_data", "train_run"]
 
-_RESUMABLE = ("train.epochs", "train.device")
+LOGS = ("none", "tensorboard")
+"""Values of ``train.log``: where training is logged besides ``metrics.csv``."""
+
+_RESUMABLE = ("train.epochs", "train.device", "train.log")
 """The only keys a resumed run may change: the model and its data stay what they were."""
 
 
@@ -124,6 +128,10 @@ def train_run(
             f"{out} has already trained {done} epoch(s); train.epochs (--epochs) is the total, "
             f"so ask for more than {done}"
         )
+    if train.log not in LOGS:
+        raise PyrovaeError(f"unknown train.log {train.log!r}; valid: {', '.join(LOGS)}")
+    if train.log == "tensorboard":
+        TensorBoard(".")  # fails now, with how to install it, if tensorboard is missing
     device_ = resolve_device(train.device)
     with process_group(device_) as device_:
         # Everything is checked before anything on disk changes: data, model, one probe step.
@@ -166,6 +174,14 @@ def train_run(
             warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
             own.append(EarlyStopping(train.patience, start_epoch=warmup + 1))
         own.append(CollapseAlarm())
+        if train.log == "tensorboard":
+            own.append(
+                TensorBoard(
+                    lambda: checkpointing.run_dir / "tensorboard",
+                    image_shape=data.image_shape or (),
+                    examples=data.validation[:32],
+                )
+            )
         try:
             writes = rank_and_world()[0] == 0
             if writes and resume and (out / SPEC).read_text() != resolved.to_toml():
@@ -274,4 +290,4 @@ def _stopped(
 def load_run_data(spec: Spec) -> Splits:
     """The data set a spec names, split and binarized as training saw it."""
     d = spec.data
-    return load_data(d.name, d.binarize, d.path, d.validation_size)
+    return load_data(d.name, d.binarize, d.path, d.validation_size, d.limit)

@@ -182,7 +182,7 @@ class Diagnostics:
         ``mutual_information`` and ``marginal_kl`` are those of the primary site; with more
         than one latent site, ``kl[NAME]`` and ``active_units[NAME]`` give each site's share.
         ``log_px_se`` is the standard error of the mean log p(x) over the points (their
-        spread), ``log_px_mc_stderr`` the importance sampler's Monte Carlo error of it.
+        spread), ``log_px_mc_error`` the importance sampler's Monte Carlo error of it.
         """
         n = len(self.reconstruction)
         primary = self.sites[self.primary]
@@ -205,7 +205,7 @@ class Diagnostics:
             ml = self.marginal.summary()
             out["log_px"] = ml["log_px"]
             out["log_px_se"] = _standard_error(self.marginal.log_px)
-            out["log_px_mc_stderr"] = ml["log_px_stderr"]
+            out["log_px_mc_error"] = ml["log_px_mc_error"]
             out["ess"] = ml["ess"]
             out["khat_max"] = ml["khat_max"]
             out["khat_bad_fraction"] = ml["khat_bad_fraction"]

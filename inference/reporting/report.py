@@ -120,7 +120,7 @@ def _summary(run: Run, diag: Diagnostics, split: str) -> str:
             (
                 f"log p(x), K = {int(s['num_samples'])}",
                 f"{s['log_px']:.3f} ± {s['log_px_se']:.3f} (Monte Carlo ± "
-                f"{s['log_px_mc_stderr']:.4f})",
+                f"{s['log_px_mc_error']:.4f})",
             )
         )
         rows.append(("log p(x) − ELBO (gap)", f"{s['log_px'] - s['elbo']:.3f}"))
