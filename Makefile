@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/pyrovae train --out runs/demo --force
 	$(BIN)/pyrovae sample runs/demo -n 64 -o runs/demo/samples.png --force
 	$(BIN)/pyrovae evaluate runs/demo --num-samples 1000
+	$(BIN)/pyrovae report runs/demo --limit 300
 
 test: install
 	$(BIN)/python -m pytest

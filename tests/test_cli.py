@@ -13,6 +13,11 @@ from pyrovae.inference.cli import main
 from pyrovae.inference.experiment.runs import load_run
 
 SMALL = [
+    # Binarized digits under a Bernoulli likelihood, as these tests' figures assume.
+    "--set",
+    'model.likelihood={ kind = "bernoulli" }',
+    "--set",
+    'data.binarize="dynamic"',
     "--set",
     "model.latent_dim=2",
     "--set",
@@ -224,6 +229,10 @@ def test_evaluate_a_trained_mnist_run(tmp_path, capsys, mnist_npz):
             "--no-progress",
             "--set",
             "data.name=mnist",
+            "--set",
+            'model.likelihood={ kind = "bernoulli" }',
+            "--set",
+            'data.binarize="dynamic"',
             "--set",
             f"data.path='{mnist_npz}'",
             "--set",

@@ -41,6 +41,8 @@ from pyrovae.model import DATA_PLATE, OBSERVED
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
+    'model.likelihood={ kind = "bernoulli" }',
+    'data.binarize="dynamic"',
     "model.latent_dim=2",
     "model.decoder.hidden=[16]",
     "guide.encoder.hidden=[16]",

@@ -214,7 +214,7 @@ def test_the_collapse_alarm_fires_on_collapse_only(capsys):
     mixed[0]["validation_kl"] = 3.0
     assert collapse_message(mixed) is None  # must last two epochs
 
-    alarm = CollapseAlarm()
+    alarm = CollapseAlarm(grace=0)
     for n in range(1, 4):
         alarm.on_epoch_end(state_with(history([-50] * n, kl=0.01)))
     err = capsys.readouterr().err.strip().splitlines()
@@ -277,3 +277,19 @@ def test_tensorboard_logs_scalars_and_images(tmp_path):
     assert {"validation/elbo", "validation/kl", "train/elbo", "lr", "images/per_s"} <= scalars
     assert [e.step for e in events.Scalars("validation/elbo")] == [1, 2]
     assert {"samples", "inputs_and_reconstructions"} <= set(events.Tags()["images"])
+
+
+def test_the_alarm_gives_a_slow_start_its_grace():
+    """Collapsed in epochs 1 and 2, then using the latents: no alarm with the default grace
+    (a tenth of 50 epochs, 5); without grace the start alone would have fired it."""
+    values = history([-50.0] * 8, kl=0.05, active=0)
+    for h in values[2:]:
+        h["validation_kl"], h["validation_active_units"] = 3.0, 10
+    graceful, eager = CollapseAlarm(stream=_Sink()), CollapseAlarm(grace=0, stream=_Sink())
+    for n in range(1, len(values) + 1):
+        state = FitState(
+            None, None, None, None, epochs=50, steps_per_epoch=1, batch_size=1, history=values[:n]
+        )
+        graceful.on_epoch_end(state)
+        eager.on_epoch_end(state)
+    assert graceful.message is None and eager.message is not None

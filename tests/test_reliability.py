@@ -232,6 +232,8 @@ CASES = [
             "--set",
             'data.name="outside.npz"',
             "--set",
+            'model.likelihood={ kind = "bernoulli" }',
+            "--set",
             'data.binarize="none"',
             *TINY,
         ],

@@ -11,16 +11,17 @@ from pyrovae.inference.experiment.spec import spec_from_dict
 def test_default_spec_matches_the_documented_contract():
     spec = load_spec()
     assert spec == Spec()
-    assert spec.data.name == "digits" and spec.data.binarize == "dynamic"
+    assert spec.data.name == "digits" and spec.data.binarize == "none"
     assert spec.model.latent_dim == 16
     assert spec.model.prior == {"kind": "standard_normal"}
+    assert spec.model.likelihood == {"kind": "gaussian", "learn_scale": True}
     # No hidden sizes: each network takes its own default (MLP 256-256, conv 32-64 channels).
     assert spec.model.decoder == {"kind": "feedforward", "network": "mlp", "activation": "relu"}
     assert spec.guide.encoder == {"kind": "diagonal_normal", "network": "mlp", "activation": "relu"}
     assert spec.train.objective == {"kind": "elbo", "num_particles": 1}
     assert (spec.train.epochs, spec.train.batch_size, spec.train.lr, spec.train.seed) == (
         50,
-        128,
+        32,
         1e-3,
         0,
     )
@@ -52,8 +53,8 @@ def test_file_and_overrides(tmp_path):
 
 
 def test_changing_kind_starts_the_table_afresh():
-    spec = load_spec(None, ['model.likelihood={ kind = "gaussian", scale = 0.1 }'])
-    assert spec.model.likelihood == {"kind": "gaussian", "scale": 0.1}
+    spec = load_spec(None, ['model.likelihood={ kind = "laplace", scale = 0.1 }'])
+    assert spec.model.likelihood == {"kind": "laplace", "scale": 0.1}
 
 
 def test_round_trip_through_toml(tmp_path):

@@ -219,17 +219,23 @@ class CollapseAlarm(Callback):
 
     Args:
         epochs: how many consecutive epochs the symptom must last.
+        grace: the first epochs, which do not count: a model often starts collapsed and
+            uses its latents a few epochs later (a learned likelihood scale that is still
+            large, say). Default: a tenth of the planned epochs, at least 2.
         stream: where the line goes (default: stderr, through tqdm so a bar stays intact).
     """
 
-    def __init__(self, epochs: int = 2, stream: Any = None) -> None:
+    def __init__(self, epochs: int = 2, grace: int | None = None, stream: Any = None) -> None:
         self.epochs = epochs
+        self.grace = grace
         self.stream = stream
         self.message: str | None = None
 
     def on_epoch_end(self, state: FitState) -> None:
         if self.message is None:
-            self.message = collapse_message(state.history, self.epochs)
+            grace = max(2, state.epochs // 10) if self.grace is None else self.grace
+            counted = [h for h in state.history if h["epoch"] > grace]
+            self.message = collapse_message(counted, self.epochs)
             if self.message is not None and state.rank == 0:
                 tqdm.write(f"pyrovae: warning: {self.message}", file=self.stream or sys.stderr)
 

@@ -77,7 +77,10 @@ def _ranged(
 @dataclass(frozen=True)
 class DataSpec:
     name: str = "digits"
-    binarize: str = "dynamic"
+    # The default run models the digits' 17 grey levels as they are (a Gaussian likelihood
+    # below): binarizing 8x8 digits leaves mostly noise, and the model then learns little
+    # more than the class (KL about 2 nats, prototype reconstructions).
+    binarize: str = "none"
     path: str | None = None
     validation_size: int | float | None = _ranged(None, 0, above=True)
     limit: int | None = _ranged(None, 1)
@@ -89,7 +92,9 @@ class ModelSpec:
     prior: dict = _table(kind="standard_normal")
     # ReLU: with softplus the default budget on digits ends in posterior collapse.
     decoder: dict = _table(kind="feedforward", network="mlp", activation="relu")
-    likelihood: dict = _table(kind="bernoulli")
+    # A Gaussian whose scale is learned by maximum likelihood (the MSE loss with its weight
+    # against the KL fitted to the data), started at the data's standard deviation.
+    likelihood: dict = _table(kind="gaussian", learn_scale=True)
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ class TrainSpec:
     optimizer: dict = _table(kind="adam")
     lr_schedule: dict = _table(kind="constant")
     epochs: int = _ranged(50, 1)
-    batch_size: int = _ranged(128, 1)
+    # 1,347 training digits: batches of 32 give 2,100 steps in 50 epochs, about 15 s.
+    batch_size: int = _ranged(32, 1)
     lr: float = _ranged(1e-3, 0, above=True)
     seed: int = _ranged(0, 0, 2**32 - 1)  # NumPy seeds take 32 bits
     grad_clip: float | None = _ranged(None, 0, above=True)
