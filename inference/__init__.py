@@ -10,11 +10,10 @@ with the ``pyrovae`` command (:mod:`~pyrovae.inference.cli`) on top.
 """
 
 from pyrovae.inference.algorithms.annealing import (
-    BDMC,
     AnnealedLikelihood,
     annealed_log_marginal_likelihood,
-    bdmc,
 )
+from pyrovae.inference.algorithms.bdmc import BDMC, bdmc
 from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
 from pyrovae.inference.algorithms.objectives import (
     OBJECTIVES,

@@ -323,7 +323,7 @@ def _print_evaluation(evaluation: Evaluation, target: Path) -> None:
 
 
 def cmd_bdmc(args: argparse.Namespace) -> None:
-    from pyrovae.inference.algorithms.annealing import bdmc
+    from pyrovae.inference.algorithms.bdmc import bdmc
     from pyrovae.inference.experiment.workflow import load_run_data
 
     for flag, value in (

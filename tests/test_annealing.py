@@ -12,12 +12,9 @@ from torch import nn
 
 from pyrovae.guides import AmortizedGuide
 from pyrovae.inference import log_marginal_likelihood
-from pyrovae.inference.algorithms.annealing import (
-    annealed_log_marginal_likelihood,
-    bdmc,
-    hmc_transition,
-    schedule,
-)
+from pyrovae.inference.algorithms.annealing import annealed_log_marginal_likelihood, schedule
+from pyrovae.inference.algorithms.bdmc import bdmc
+from pyrovae.inference.algorithms.hmc import hmc_transition
 from pyrovae.model import VAE, Gaussian, StandardNormal
 
 LATENT, FEATURES = 2, 5

@@ -11,7 +11,7 @@ log density comes from the one scoring path (:func:`~pyrovae.inference.algorithm
 with the guide conditioned on the chain's state, so any model/guide pair whose latents are
 continuous and sit in the data plate works, stacked latent layers included.
 
-Bidirectional Monte Carlo (:func:`bdmc`) runs the same chains on data simulated from the
+Bidirectional Monte Carlo (:func:`pyrovae.inference.algorithms.bdmc.bdmc`) runs the same chains on data simulated from the
 model, forward from the guide (a lower bound in expectation) and in reverse from the
 simulated latents, an exact posterior sample (an upper bound in expectation): the gap between
 the two bounds the error of the forward estimate on data like the model's own.
@@ -27,20 +27,19 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.ops.integrator import velocity_verlet
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pyrovae.inference.algorithms.hmc import gradients_for_z_only, hmc_transition
 from pyrovae.inference.algorithms.scoring import (
     MAX_PLATE_NESTING,
     PARTICLE_PLATE,
@@ -51,10 +50,7 @@ from pyrovae.inference.algorithms.scoring import (
 __all__ = [
     "SCHEDULES",
     "AnnealedLikelihood",
-    "BDMC",
     "annealed_log_marginal_likelihood",
-    "bdmc",
-    "hmc_transition",
     "schedule",
 ]
 
@@ -216,180 +212,6 @@ def annealed_log_marginal_likelihood(
     )
 
 
-@dataclass(frozen=True)
-class BDMC:
-    """A bidirectional Monte Carlo sandwich on simulated data; float64 tensors on the CPU.
-
-    Attributes:
-        x: ``(N, *features)`` the data simulated from the model.
-        lower: ``(N,)`` forward AIS estimates, lower bounds of log p(x) in expectation.
-        upper: ``(N,)`` reverse AIS estimates, upper bounds of log p(x) in expectation.
-        forward: the forward run.
-        reverse: the reverse run (its ``log_px`` is ``upper``).
-    """
-
-    x: Tensor
-    lower: Tensor
-    upper: Tensor
-    forward: AnnealedLikelihood
-    reverse: AnnealedLikelihood
-
-    @property
-    def gap(self) -> float:
-        """The mean of upper minus lower: how far the forward estimate may be off."""
-        return (self.upper - self.lower).mean().item()
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "lower": self.lower.mean().item(),
-            "upper": self.upper.mean().item(),
-            "gap": self.gap,
-            "acceptance": self.forward.acceptance.mean().item(),
-        }
-
-
-def bdmc(
-    model: Program,
-    guide: Program,
-    num_points: int = 100,
-    *,
-    example: Tensor,
-    num_chains: int = 4,
-    num_steps: int = 500,
-    schedule: str = "sigmoid",
-    leapfrog_steps: int = 10,
-    step_size: float | None = None,
-    target_accept: float = 0.65,
-    batch_size: int = 128,
-    max_plate_nesting: int = MAX_PLATE_NESTING,
-    progress: bool = False,
-) -> BDMC:
-    """Sandwiches log p(x) on ``num_points`` points simulated from the model.
-
-    Draws (z, x) from the model (its data unobserved), then runs forward AIS from the guide
-    on x (a lower bound of log p(x) in expectation) and reverse AIS from z, an exact sample
-    of p(z|x) (an upper bound in expectation: the reverse weights estimate 1 / p(x) without
-    bias). The gap between them shrinks as ``num_steps`` grows and tells how many steps the
-    model needs before the forward estimate on real data can be trusted.
-
-    Args:
-        model: a Pyro model ``model(x)``.
-        guide: its guide.
-        num_points: how many points to simulate.
-        example: a data tensor ``(n, *features)`` giving the shape, dtype and device of x.
-        num_chains, num_steps, schedule, leapfrog_steps, step_size, target_accept,
-        batch_size, max_plate_nesting, progress: as in
-            :func:`annealed_log_marginal_likelihood`; the same for both directions.
-
-    Returns:
-        The :class:`BDMC` result.
-
-    References:
-        Sandwiching the marginal likelihood using bidirectional Monte Carlo (Grosse,
-        Ghahramani and Adams, 2015)
-    """
-    _check(example, num_chains, num_steps, leapfrog_steps, target_accept, "guide", batch_size)
-    template = example[:1].expand(num_points, *example.shape[1:]).contiguous()
-    with torch.no_grad(), pyro.validation_enabled(False):
-        trace, observed = _prior_trace(model, template)
-    if len(observed) != 1:
-        raise ValueError(f"bdmc needs a model with one observed site, got {observed}")
-    x = trace.nodes[observed[0]]["value"].detach()
-    latents = _latent_values(trace, observed)
-    betas = globals()["schedule"](schedule, num_steps)
-    settings = (leapfrog_steps, step_size or _INITIAL_STEP_SIZE, target_accept)
-    forward = annealed_log_marginal_likelihood(
-        model,
-        guide,
-        x,
-        num_chains,
-        num_steps,
-        schedule=schedule,
-        leapfrog_steps=leapfrog_steps,
-        step_size=step_size,
-        target_accept=target_accept,
-        batch_size=batch_size,
-        max_plate_nesting=max_plate_nesting,
-        progress=progress,
-    )
-    reverse_blocks = []
-    for start in range(0, num_points, batch_size):
-        rows = slice(start, start + batch_size)
-        z = {
-            name: v[rows].expand(num_chains, *v[rows].shape).clone() for name, v in latents.items()
-        }
-        reverse_blocks.append(
-            _anneal(
-                model,
-                guide,
-                x[rows],
-                z,
-                betas.flip(0),
-                *settings,
-                "guide",
-                max_plate_nesting,
-                progress,
-            )
-        )
-    # The reverse weights estimate 1 / p(x): their log-mean-exp, negated, bounds from above.
-    log_weights = torch.cat([b[0] for b in reverse_blocks], 1).T.contiguous()
-    upper, stderr = _log_mean_exp(log_weights, negated=True)
-    reverse = AnnealedLikelihood(
-        log_px=upper,
-        stderr=stderr,
-        log_weights=log_weights,
-        acceptance=torch.cat([b[1] for b in reverse_blocks]),
-        step_size=torch.cat([b[2] for b in reverse_blocks]),
-        num_chains=num_chains,
-        num_steps=num_steps,
-        evaluations=forward.evaluations,
-    )
-    return BDMC(x.cpu().double(), forward.log_px, upper, forward, reverse)
-
-
-def hmc_transition(
-    z: dict[str, Tensor],
-    log_density: Callable[[dict[str, Tensor]], Tensor],
-    step_size: Tensor,
-    leapfrog_steps: int,
-) -> tuple[dict[str, Tensor], Tensor]:
-    """One HMC transition of many independent chains at once, leaving ``exp(log_density)``
-    invariant for each: unit-mass momenta, ``leapfrog_steps`` steps of Pyro's
-    ``velocity_verlet``, and a Metropolis accept or reject per chain.
-
-    Args:
-        z: site name -> ``(C, B, D)`` states (events flattened).
-        log_density: the unnormalized log density of each chain, ``(C, B)``, differentiable
-            in z.
-        step_size: ``(B,)`` leapfrog step size per point.
-        leapfrog_steps: leapfrog steps of the trajectory.
-
-    Returns:
-        The new states and the ``(C, B)`` acceptance probabilities.
-    """
-    energies: list[Tensor] = []
-
-    def potential(state: dict[str, Tensor]) -> Tensor:
-        energy = -log_density(state)
-        energies.append(energy.detach())
-        return energy.sum()  # chains are independent: the sum's gradient is each one's
-
-    def kinetic(r: dict[str, Tensor]) -> Tensor:
-        return sum(0.5 * v.square().sum(-1) for v in r.values())
-
-    momentum = {name: torch.randn_like(v) for name, v in z.items()}
-    size = step_size.to(next(iter(z.values()))).reshape(1, -1, 1)
-    z_new, r_new, _, _ = velocity_verlet(
-        dict(z), dict(momentum), potential, lambda r: r, size, leapfrog_steps
-    )
-    # The first potential evaluation was at the start, the last at the end.
-    log_accept = energies[0] + kinetic(momentum) - energies[-1] - kinetic(r_new)
-    accept_prob = log_accept.clamp(max=0).exp().nan_to_num(0.0)
-    accept = (torch.rand_like(accept_prob) < accept_prob).unsqueeze(-1)
-    new = {name: torch.where(accept, z_new[name], v).detach() for name, v in z.items()}
-    return new, accept_prob.detach()
-
-
 def _ais_block(
     model: Program,
     guide: Program,
@@ -482,7 +304,7 @@ def _anneal(
     sizes = torch.full((num_points,), float(step_size), dtype=torch.float64)
     accepted = torch.zeros(num_points, dtype=torch.float64)
     bar = tqdm(total=len(betas) - 1, unit="step", disable=None if progress else True, leave=False)
-    with _gradients_for_z_only(model, guide), pyro.validation_enabled(False), bar:
+    with gradients_for_z_only(model, guide), pyro.validation_enabled(False), bar:
         for old, new in zip(betas[:-1].tolist(), betas[1:].tolist(), strict=True):
             with torch.no_grad():
                 log_weights += (new - old) * delta(terms(state)).double().cpu()
@@ -524,26 +346,6 @@ def _values_trace(values: dict[str, Tensor]) -> Trace:
     for name, value in values.items():
         trace.add_node(name, type="sample", is_observed=False, value=value, infer={})
     return trace
-
-
-@contextmanager
-def _gradients_for_z_only(*programs: Program) -> Iterator[None]:
-    """Gradients on, for z, with the programs' own parameters left out of the graph."""
-    params = [
-        p
-        for program in programs
-        if isinstance(program, torch.nn.Module)
-        for p in program.parameters()
-    ]
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def _log_mean_exp(log_weights: Tensor, negated: bool = False) -> tuple[Tensor, Tensor]:
