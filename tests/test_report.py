@@ -134,3 +134,13 @@ def test_runs_on_different_data_are_refused(run_dir, tmp_path):
     with pytest.raises(PyrovaeError, match="other data") as error:
         compare_runs([run_dir, other], limit=10, num_samples=10)
     assert "\n" not in str(error.value)
+
+
+def test_unit_charts_label_at_most_about_twenty_dimensions():
+    from pyrovae.inference.reporting.plots import units_figure
+
+    fig = units_figure(torch.rand(50), torch.rand(10, 50), 0.01)
+    for ax in fig.axes:
+        ticks = ax.get_xticks()
+        assert len(ticks) <= 25 and ticks[0] == 0  # 50 labels would run into each other
+    assert len(units_figure(torch.rand(8), None, 0.01).axes[0].get_xticks()) == 8

@@ -239,6 +239,8 @@ def units_figure(activity: Tensor, kl_per_dim: Tensor | None, threshold: float) 
     """Per latent dimension: variance of the posterior mean (log scale) and mean KL."""
     plt = _pyplot()
     dims = np.arange(len(activity))
+    # At most about 20 labelled ticks: 50 dimensions' labels would run into each other.
+    ticks = dims[:: max(1, math.ceil(len(dims) / 20))]
     fig, axes = plt.subplots(1, 2 if kl_per_dim is not None else 1, figsize=(11, 3), squeeze=False)
     ax = axes[0, 0]
     ax.bar(
@@ -248,12 +250,12 @@ def units_figure(activity: Tensor, kl_per_dim: Tensor | None, threshold: float) 
     )
     ax.axhline(threshold, color="tab:red", ls="--", label=f"active above {threshold:g}")
     ax.set(yscale="log", xlabel="latent dimension", ylabel="Var_x E_q[z_d|x]", title="activity")
-    ax.set_xticks(dims)
+    ax.set_xticks(ticks)
     ax.legend(fontsize=8)
     if kl_per_dim is not None:
         axes[0, 1].bar(dims, kl_per_dim.mean(0).numpy(), color="tab:orange")
         axes[0, 1].set(xlabel="latent dimension", ylabel="nats", title="mean KL per dimension")
-        axes[0, 1].set_xticks(dims)
+        axes[0, 1].set_xticks(ticks)
     fig.tight_layout()
     return fig
 
