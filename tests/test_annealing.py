@@ -12,7 +12,10 @@ from torch import nn
 
 from pyrovae.guides import AmortizedGuide
 from pyrovae.inference import log_marginal_likelihood
-from pyrovae.inference.algorithms.annealing import annealed_log_marginal_likelihood, schedule
+from pyrovae.inference.algorithms.annealing import (
+    annealed_log_marginal_likelihood,
+    annealing_schedule,
+)
 from pyrovae.inference.algorithms.bdmc import bdmc
 from pyrovae.inference.algorithms.hmc import hmc_transition
 from pyrovae.model import VAE, Gaussian, StandardNormal
@@ -35,12 +38,12 @@ def data(model: VAE, n: int) -> torch.Tensor:
 
 def test_schedules_run_from_zero_to_one():
     for name in ("sigmoid", "linear"):
-        betas = schedule(name, 50)
+        betas = annealing_schedule(name, 50)
         assert betas[0] == 0 and betas[-1] == 1 and (betas.diff() > 0).all()
-    sigmoid = schedule("sigmoid", 100).diff()
+    sigmoid = annealing_schedule("sigmoid", 100).diff()
     assert sigmoid[0] < sigmoid[50] > sigmoid[-1]  # dense at both ends
     with pytest.raises(ValueError, match="valid: sigmoid, linear"):
-        schedule("cubic", 10)
+        annealing_schedule("cubic", 10)
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "linear"])

@@ -51,7 +51,7 @@ __all__ = [
     "SCHEDULES",
     "AnnealedLikelihood",
     "annealed_log_marginal_likelihood",
-    "schedule",
+    "annealing_schedule",
 ]
 
 Program = Callable[..., Any]
@@ -83,7 +83,7 @@ SCHEDULES: dict[str, Callable[[int], Tensor]] = {
 """Schedule name -> function of the number of steps giving the inverse temperatures."""
 
 
-def schedule(name: str, num_steps: int) -> Tensor:
+def annealing_schedule(name: str, num_steps: int) -> Tensor:
     """The inverse temperatures of :data:`SCHEDULES` ``name`` for ``num_steps`` transitions."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
@@ -181,13 +181,13 @@ def annealed_log_marginal_likelihood(
         >>> ais.log_px.mean(), ais.acceptance.mean()
     """
     _check(x, num_chains, num_steps, leapfrog_steps, target_accept, init, batch_size)
-    betas = globals()["schedule"](schedule, num_steps)
+    betas = annealing_schedule(schedule, num_steps)
     blocks = [
-        _ais_block(
+        _anneal(
             model,
             guide,
             block,
-            num_chains,
+            _initial_state(model, guide, block, num_chains, init, max_plate_nesting),
             betas,
             leapfrog_steps,
             step_size or _INITIAL_STEP_SIZE,
@@ -212,45 +212,21 @@ def annealed_log_marginal_likelihood(
     )
 
 
-def _ais_block(
-    model: Program,
-    guide: Program,
-    x: Tensor,
-    num_chains: int,
-    betas: Tensor,
-    leapfrog_steps: int,
-    step_size: float,
-    target_accept: float,
-    init: str,
-    max_plate_nesting: int,
-    progress: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward AIS on one block of points: ``(C, B)`` log weights, acceptance, step sizes."""
+def _initial_state(
+    model: Program, guide: Program, x: Tensor, num_chains: int, init: str, max_plate_nesting: int
+) -> dict[str, Tensor]:
+    """The chains' starting latents, ``(C, B, ...)`` per site: draws from the guide (its
+    structure checked) or from the prior."""
     with torch.no_grad(), pyro.validation_enabled(False):
         if init == "guide":
             scores = score(
                 model, guide, x, num_particles=num_chains, max_plate_nesting=max_plate_nesting
             )
             check_sites(scores)
-            trace, observed = scores.guide_trace, []
-        else:
-            plate = pyro.plate(PARTICLE_PLATE, num_chains, dim=-(max_plate_nesting + 1))
-            with plate:
-                trace, observed = _prior_trace(model, x)
-        z = _latent_values(trace, observed)
-    return _anneal(
-        model,
-        guide,
-        x,
-        z,
-        betas,
-        leapfrog_steps,
-        step_size,
-        target_accept,
-        init,
-        max_plate_nesting,
-        progress,
-    )
+            return _latent_values(scores.guide_trace)
+        with pyro.plate(PARTICLE_PLATE, num_chains, dim=-(max_plate_nesting + 1)):
+            trace, observed = _prior_trace(model, x)
+        return _latent_values(trace, observed)
 
 
 def _anneal(

@@ -24,8 +24,8 @@ from pyrovae.inference.algorithms.annealing import (
     _log_mean_exp,
     _prior_trace,
     annealed_log_marginal_likelihood,
+    annealing_schedule,
 )
-from pyrovae.inference.algorithms.annealing import schedule as _schedule
 from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING
 
 __all__ = ["BDMC", "bdmc"]
@@ -111,7 +111,7 @@ def bdmc(
         raise ValueError(f"bdmc needs a model with one observed site, got {observed}")
     x = trace.nodes[observed[0]]["value"].detach()
     latents = _latent_values(trace, observed)
-    betas = _schedule(schedule, num_steps)
+    betas = annealing_schedule(schedule, num_steps)
     settings = (leapfrog_steps, step_size or _INITIAL_STEP_SIZE, target_accept)
     forward = annealed_log_marginal_likelihood(
         model,

@@ -37,7 +37,6 @@ __all__ = [
     "atomic_write",
     "check_replaceable",
     "check_writable",
-    "create_run",
     "load_run",
     "promote_run",
     "stage_run",
@@ -259,26 +258,6 @@ def promote_run(staging: Path, path: Path) -> None:
     os.replace(staging, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def create_run(path: str | Path, spec: Spec, force: bool = False) -> Path:
-    """Makes a fresh run directory holding the marker and ``spec.toml`` (replacing a run
-    pyrovae made, with ``force``).
-
-    Raises:
-        PyrovaeError: the directory exists and may not be replaced.
-    """
-    path = Path(path)
-    if path.exists():
-        if not force:
-            raise PyrovaeError(
-                f"run directory {path} already exists; pass --force to replace it, "
-                f"--resume {path} to continue it, or --out to choose another"
-            )
-        check_replaceable(path)
-    check_writable(path, "run directory", create=True)
-    promote_run(stage_run(path, spec), path)
-    return path
 
 
 def _umask() -> int:

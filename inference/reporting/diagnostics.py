@@ -49,6 +49,7 @@ from pyrovae.inference.algorithms.scoring import (
     check_sites,
     score,
 )
+from pyrovae.inference.experiment.training import ACTIVITY_THRESHOLD
 from pyrovae.model.sites import LATENT
 
 __all__ = [
@@ -59,9 +60,6 @@ __all__ = [
     "khat_bad_fraction",
     "univariate_factors",
 ]
-
-ACTIVITY_THRESHOLD = 0.01
-"""A unit is active when the variance over x of its posterior mean exceeds this (Burda et al.)."""
 
 _PRIOR_MOMENT_SAMPLES = 10_000
 _DEFAULT_MAX_MEMORY = 64 * 2**20
@@ -204,7 +202,7 @@ class Diagnostics:
         if self.marginal is not None:
             ml = self.marginal.summary()
             out["log_px"] = ml["log_px"]
-            out["log_px_se"] = _standard_error(self.marginal.log_px)
+            out["log_px_se"] = ml["log_px_se"]
             out["log_px_mc_error"] = ml["log_px_mc_error"]
             out["ess"] = ml["ess"]
             out["khat_max"] = ml["khat_max"]
@@ -461,10 +459,6 @@ def _flat(t: Tensor) -> Tensor:
 
 def _cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu", torch.float64)
-
-
-def _standard_error(values: Tensor) -> float:
-    return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan
 
 
 def univariate_factors(d: Distribution) -> Distribution | None:
