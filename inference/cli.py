@@ -405,8 +405,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _check_diagnostic_options(args: argparse.Namespace) -> None:
-    for name in ("num_samples", "limit"):
-        value = getattr(args, name)
+    for name in ("num_samples", "limit", "chains", "steps"):
+        value = getattr(args, name, None)
         if value is not None and value < 1:
             flag = "--" + name.replace("_", "-")
             raise PyrovaeError(f"{flag} must be at least 1, got {value}")
