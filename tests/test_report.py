@@ -144,3 +144,36 @@ def test_unit_charts_label_at_most_about_twenty_dimensions():
         ticks = ax.get_xticks()
         assert len(ticks) <= 25 and ticks[0] == 0  # 50 labels would run into each other
     assert len(units_figure(torch.rand(8), None, 0.01).axes[0].get_xticks()) == 8
+
+
+def test_unlabelled_latents_draw_without_a_colormap_warning(recwarn):
+    from pyrovae.inference.reporting.plots import latent_scatter_figure
+
+    latent_scatter_figure(torch.randn(30, 2), None, ("z0", "z1"))
+    assert not [w for w in recwarn if "cmap" in str(w.message) or "colormapping" in str(w.message)]
+
+
+def test_a_one_epoch_run_has_whole_epoch_ticks_and_labelled_values():
+    from pyrovae.inference.reporting.plots import training_curves_figure
+
+    history = [{"epoch": 1, "train_elbo": -17.7, "validation_elbo": -13.2, "validation_kl": 0.11}]
+    fig = training_curves_figure(history)
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)  # no 0.96 ... 1.04 axis
+    labels = [t.get_text() for t in fig.axes[0].texts] + [t.get_text() for t in fig.axes[1].texts]
+    assert "-13.20" in labels and "0.11" in labels
+
+
+def test_the_decoded_grid_of_a_2d_latent_space_has_legible_square_tiles():
+    from pyrovae.inference.reporting.plots import latent_scatter_figure, separated_grid
+    from pyrovae.inference.reporting.report import GRID_STEPS
+
+    tiles = torch.rand(GRID_STEPS * GRID_STEPS, 64)  # 8x8 digits, the smallest images we ship
+    grid = separated_grid(tiles, (8, 8), GRID_STEPS)
+    fig = latent_scatter_figure(torch.randn(30, 2), None, ("z0", "z1"), grid, (-3, 3, -3, 3))
+    fig.set_dpi(100)
+    fig.canvas.draw()
+    box = fig.axes[1].get_window_extent()
+    assert abs(box.width - box.height) < 2  # square, like the scatter it maps
+    assert box.width / GRID_STEPS >= 40  # pixels per decoded digit at 100 dpi (15 tiles: 25)

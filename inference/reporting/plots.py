@@ -99,22 +99,44 @@ def figure_to_base64(fig: Figure, dpi: int = 100) -> str:
 
 
 def training_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
-    """ELBO per epoch (train and validation), and one panel per logged reconstruction or KL column."""
+    """ELBO per epoch (train and validation), and one panel per logged reconstruction or KL column.
+
+    Epochs are whole-number ticks; a run of a single epoch shows its values as labelled points
+    on an axis of one epoch either side, not on a fractional axis around it.
+    """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     extra = [k for k in history[0] if "reconstruction" in k or "kl" in k] if history else []
     fig, axes = plt.subplots(
         1, 1 + len(extra), figsize=(5.5 * (1 + len(extra)), 3.4), squeeze=False
     )
-    ax = axes[0, 0]
-    for key in ("train_elbo", "validation_elbo"):
-        if history and key in history[0]:
-            ax.plot(epochs, [h[key] for h in history], marker=".", label=key.replace("_", " "))
-    ax.set(xlabel="epoch", ylabel="ELBO (nats per point)", title="ELBO")
-    ax.legend()
-    for ax, key in zip(axes[0, 1:], extra, strict=True):
-        ax.plot(epochs, [h[key] for h in history], marker=".", color="tab:green")
-        ax.set(xlabel="epoch", ylabel="nats per point", title=key.replace("_", " "))
+    panels = [(axes[0, 0], ("train_elbo", "validation_elbo"), "ELBO", None)]
+    panels += [
+        (ax, (key,), key.replace("_", " "), "tab:green")
+        for ax, key in zip(axes[0, 1:], extra, strict=True)
+    ]
+    for ax, keys, title, colour in panels:
+        for key in keys:
+            if not history or key not in history[0]:
+                continue
+            values = [h[key] for h in history]
+            ax.plot(epochs, values, marker=".", color=colour, label=key.replace("_", " "))
+            if len(history) == 1:
+                ax.annotate(
+                    f"{values[0]:.2f}",
+                    (epochs[0], values[0]),
+                    xytext=(6, 0),
+                    textcoords="offset points",
+                    va="center",
+                )
+        ylabel = "ELBO (nats per point)" if title == "ELBO" else "nats per point"
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(history) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    axes[0, 0].legend()
     fig.tight_layout()
     return fig
 
@@ -181,19 +203,22 @@ def latent_scatter_figure(
     fig, axes = plt.subplots(
         1,
         2 if grid is not None else 1,
-        figsize=(12 if grid is not None else 6.5, 5.4),
+        figsize=(14.5 if grid is not None else 6.5, 6.6 if grid is not None else 5.4),
         squeeze=False,
     )
     ax = axes[0, 0]
-    colours = labels.numpy() if labels is not None else None
-    cmap = "tab10" if labels is not None and int(labels.max()) < 10 else "viridis"
-    art = ax.scatter(*points.numpy().T, c=colours, cmap=cmap, s=10, alpha=0.8)
     if labels is not None:
+        cmap = "tab10" if int(labels.max()) < 10 else "viridis"
+        art = ax.scatter(*points.numpy().T, c=labels.numpy(), cmap=cmap, s=10, alpha=0.8)
         fig.colorbar(art, ax=ax, label="label")
+    else:
+        ax.scatter(*points.numpy().T, s=10, alpha=0.8)
     ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1])
     if grid is not None and extent is not None:
         ax.set(xlim=extent[:2], ylim=extent[2:])
         axes[0, 1].imshow(grid, cmap=_grey(), vmin=0, vmax=1, extent=extent, aspect="auto")
+        axes[0, 1].set_box_aspect(1)
+        ax.set_box_aspect(1)
         axes[0, 1].set(xlabel=axis_labels[0], ylabel=axis_labels[1], title="decoded grid")
     fig.tight_layout()
     return fig

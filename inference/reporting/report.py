@@ -283,6 +283,10 @@ def _image_sections(
     ]
 
 
+GRID_STEPS = 10
+"""Decoded images per side of the 2-D latent grid: few enough that each stays legible."""
+
+
 def _latent_space(run: Run, diag: Diagnostics, labels: Tensor | None, shape: tuple) -> str:
     means, d = diag.posterior_mean, diag.posterior_mean.shape[1]
     if d == 1:
@@ -295,7 +299,7 @@ def _latent_space(run: Run, diag: Diagnostics, labels: Tensor | None, shape: tup
         hi = torch.maximum(diag.prior_mean + 3 * sd, means.max(0).values)
         extent = (lo[0].item(), hi[0].item(), lo[1].item(), hi[1].item())
         if len(shape) == 2:
-            steps = 15
+            steps = GRID_STEPS
             u = torch.linspace(lo[0].item(), hi[0].item(), steps, dtype=torch.float64)
             v = torch.linspace(hi[1].item(), lo[1].item(), steps, dtype=torch.float64)
             z = torch.stack(torch.meshgrid(v, u, indexing="ij")[::-1], -1).reshape(-1, 2)
