@@ -2,6 +2,7 @@
 
 from pyrovae.model.decoders import DECODERS, Decoder
 from pyrovae.model.distributions import DiscretizedLogistic
+from pyrovae.model.layers import ConditionalNormal
 from pyrovae.model.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
@@ -20,7 +21,7 @@ from pyrovae.model.priors import (
     StandardNormal,
     VampPrior,
 )
-from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
+from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED, latent_sites
 from pyrovae.model.vae import VAE
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "PRIORS",
     "VAE",
     "Bernoulli",
+    "ConditionalNormal",
     "ContinuousBernoulli",
     "DiscretizedLogistic",
     "EightBitLogistic",
@@ -45,4 +47,5 @@ __all__ = [
     "StandardNormal",
     "VampPrior",
     "bits_per_dim",
+    "latent_sites",
 ]

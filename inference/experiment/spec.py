@@ -29,7 +29,7 @@ from pyrovae.inference.algorithms.objectives import OBJECTIVES
 from pyrovae.inference.algorithms.schedules import SCHEDULES, KLSchedule
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.recipes import LR_SCHEDULES, OPTIMIZERS
-from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE
+from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE, ConditionalNormal
 
 
 def _table(**entries: Any) -> Any:
@@ -87,6 +87,17 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class LayerSpec:
+    """One stochastic layer above z1 (``[[model.layers]]``, listed upwards: z2, z3, ...): its
+    size, and the MLP of both conditionals linking it to the layer below, p(z_below | z) in
+    the model and q(z | z_below) in the guide."""
+
+    latent_dim: int = _ranged(50, 1, MAX_LATENT_DIM)
+    hidden: list = field(default_factory=lambda: [100, 100])
+    activation: str = "tanh"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     latent_dim: int = _ranged(16, 1, MAX_LATENT_DIM)
     prior: dict = _table(kind="standard_normal")
@@ -95,6 +106,8 @@ class ModelSpec:
     # A Gaussian whose scale is learned by maximum likelihood (the MSE loss with its weight
     # against the KL fitted to the data), started at the data's standard deviation.
     likelihood: dict = _table(kind="gaussian", learn_scale=True)
+    # Stacked latents above z (then named z1): none by default, a one-layer VAE.
+    layers: list[LayerSpec] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -212,12 +225,31 @@ def build(
     }
     likelihood = component(LIKELIHOODS, m.likelihood, "model.likelihood", context)
     encoder = component(ENCODERS, spec.guide.encoder, "guide.encoder", context)
-    prior = component(PRIORS, m.prior, "model.prior", {**context, "encoder": encoder})
+    dims = [m.latent_dim] + [layer.latent_dim for layer in m.layers]
+    if m.layers and m.prior["kind"] == "vamp":
+        raise PyrovaeError(
+            "model.prior kind 'vamp' needs q(z|x) of the top latent, which a stack of "
+            "model.layers does not have in closed form; choose another prior or no layers"
+        )
+    top = {**context, "latent_dim": dims[-1], "encoder": encoder}
+    prior = component(PRIORS, m.prior, "model.prior", top)
     out_features = features * getattr(likelihood, "num_params", 1)
     decoder = component(
         DECODERS, m.decoder, "model.decoder", {**context, "out_features": out_features}
     )
-    return VAE(prior, decoder, likelihood), AmortizedGuide(encoder)
+    model_layers, guide_layers = [], []
+    for i, layer in enumerate(m.layers):
+        try:
+            model_layers.append(
+                ConditionalNormal(dims[i + 1], dims[i], layer.hidden, layer.activation)
+            )
+            guide_layers.append(
+                ConditionalNormal(dims[i], dims[i + 1], layer.hidden, layer.activation)
+            )
+        except (TypeError, ValueError) as e:
+            raise PyrovaeError(f"model.layers[{i}]: {e}") from None
+    model = VAE(prior, decoder, likelihood, model_layers)
+    return model, AmortizedGuide(encoder, guide_layers)
 
 
 def build_objective(spec: Spec) -> Any:
@@ -349,8 +381,13 @@ def _section(cls: type, raw: Any, where: str) -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else key
         hint = hints[key]
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
         if dataclasses.is_dataclass(hint):
             values[key] = _section(hint, value, path)
+        elif dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                raise PyrovaeError(f"{path} must be a list of tables ([[{path}]]), got {value!r}")
+            values[key] = [_section(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
             values[key] = _checked(value, hint, path)
             if ranges[key] is not None and values[key] is not None:
@@ -374,6 +411,8 @@ def _checked(value: Any, hint: Any, path: str) -> Any:
             return value
         if t is str and isinstance(value, str):
             return value
+        if t is list and isinstance(value, list):
+            return list(value)
     names = " or ".join(
         "table" if t is dict else t.__name__ for t in allowed if t is not type(None)
     )
@@ -424,6 +463,7 @@ def _drop_none(d: Mapping[str, Any]) -> dict:
 __all__ = [
     "DataSpec",
     "GuideSpec",
+    "LayerSpec",
     "ModelSpec",
     "Spec",
     "TrainSpec",

@@ -136,8 +136,9 @@ class Diagnostics:
     """Per-point and per-site diagnostics of a model and guide on N points.
 
     The single-site views (``kl_per_dim``, ``posterior_mean``, ``activity``, ...) are those
-    of :attr:`primary`, the site the VAE panels of a report draw: ``"z"`` where the model has
-    it, else the model's first latent site.
+    of :attr:`primary`, the site the VAE panels of a report draw: the one the decoder reads
+    (the first of a model's ``latent_sites``, ``"z"`` or the bottom ``"z1"`` of a stack), else
+    the model's first latent site.
 
     Attributes:
         reconstruction: ``(N,)`` E_q[log p(x|z)], a Monte Carlo mean over the draws.
@@ -315,7 +316,8 @@ def diagnose(
                 "the aggregate posterior of a site whose guide or prior depends on other "
                 "latents has no closed form here."
             )
-    primary = LATENT if LATENT in sites else names[0]
+    own = getattr(model, "latent_sites", (LATENT,))
+    primary = own[0] if own and own[0] in sites else LATENT if LATENT in sites else names[0]
     return Diagnostics(reconstruction, sites, primary, marginal, tuple(notes))
 
 

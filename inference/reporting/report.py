@@ -329,8 +329,10 @@ def _histograms(run: Run, diag: Diagnostics) -> str:
     samples = diag.samples.reshape(-1, diag.samples.shape[-1])
     titles = [f"z{d}" + (" (active)" if diag.active[d] else "") for d in order]
     with torch.no_grad():
-        prior = run.model.prior()
-        base = univariate_factors(prior)
+        # The prior's own factors are the site's marginal only where the prior draws it: in a
+        # stack the panels show z1, whose marginal is known through draws of the model.
+        top = getattr(run.model, "latent_sites", (diag.primary,))[-1]
+        base = univariate_factors(run.model.prior()) if top == diag.primary else None
         lo, hi = samples.min().item(), samples.max().item()
         if base is not None:
             grid = torch.linspace(min(lo, -4), max(hi, 4), 200, dtype=torch.float64)
