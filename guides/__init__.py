@@ -1,6 +1,6 @@
 """The inference side of a VAE: encoders q(z|x) and the ``AmortizedGuide`` that samples them."""
 
-from pyrovae.guides.amortized import AmortizedGuide
+from pyrovae.guides.amortized import AmortizedGuide, Classifier, SemiSupervisedGuide
 from pyrovae.guides.encoders import (
     DiagonalNormal,
     DiagonalNormalHead,
@@ -24,6 +24,7 @@ ENCODERS = {
 __all__ = [
     "ENCODERS",
     "AmortizedGuide",
+    "Classifier",
     "DiagonalNormal",
     "DiagonalNormalHead",
     "Encoder",
@@ -33,4 +34,5 @@ __all__ = [
     "FullCovarianceNormal",
     "LowRankHead",
     "LowRankNormal",
+    "SemiSupervisedGuide",
 ]

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyro
+import pyro.distributions as dist
+import torch
 from torch import Tensor, nn
 
 from pyrovae.model.distributions import as_pyro
+from pyrovae.model.networks import network
 from pyrovae.model.sites import DATA_PLATE, latent_sites
 
 
@@ -40,3 +43,64 @@ class AmortizedGuide(nn.Module):
             for name, layer in zip(above, self.layers, strict=True):
                 z = pyro.sample(name, as_pyro(layer(z)))
             return bottom
+
+
+class Classifier(nn.Module):
+    """q(y|x): a ``OneHotCategorical`` over ``classes`` from an MLP of x.
+
+    Args:
+        in_features: number of data features F.
+        classes: number of classes.
+        hidden: hidden layer sizes.
+        activation: activation between layers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        classes: int,
+        hidden: Sequence[int] = (500,),
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.net = network("mlp", in_features, classes, hidden, activation)
+
+    def forward(self, x: Tensor) -> dist.OneHotCategorical:
+        return dist.OneHotCategorical(logits=self.net(x))
+
+
+class SemiSupervisedGuide(nn.Module):
+    """The M2 guide: q(y|x) q(z|x, y), with y enumerated in parallel on unlabelled rows.
+
+    On labelled rows (``[x, one_hot(y)]``) it draws ``z_labelled ~ encoder([x, y])``; on the
+    others (``[x, 0]``) ``y ~ classifier(x)``, marked for parallel enumeration (summed out
+    exactly by ``TraceEnum_ELBO``, drawn when scored by importance sampling), then
+    ``z ~ encoder([x, y])``.
+
+    Args:
+        encoder: ``encoder(rows) -> Distribution`` over z, reading ``[x, one_hot(y)]``.
+        classifier: ``classifier(x) -> OneHotCategorical``, q(y|x).
+        classes: the number of classes (the width of the one-hot part of a row).
+    """
+
+    def __init__(self, encoder: nn.Module, classifier: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = classifier
+        self.classes = int(classes)
+        self.latent_sites = latent_sites(1)
+
+    def forward(self, rows: Tensor) -> Tensor | None:
+        x, code = rows[..., : -self.classes], rows[..., -self.classes :]
+        known = code.sum(-1) > 0
+        if known.any():
+            with pyro.plate("labelled", int(known.sum())):
+                pyro.sample("z_labelled", as_pyro(self.encoder(rows[known])))
+        if known.all():
+            return None
+        xu = x[~known]
+        with pyro.plate(DATA_PLATE, len(xu)):
+            y = pyro.sample("y", self.classifier(xu), infer={"enumerate": "parallel"})
+            shape = torch.broadcast_shapes(y.shape[:-1], xu.shape[:-1])
+            both = torch.cat([xu.expand(*shape, -1), y.to(xu).expand(*shape, -1)], -1)
+            return pyro.sample("z", as_pyro(self.encoder(both)))

@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("-o", "--output", help="image file to write (default: RUN/samples.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z), not its mean")
+    sample.add_argument(
+        "--label", type=int, help="class to draw, for a conditional run (default: each in turn)"
+    )
     sample.add_argument("--force", action="store_true", help="replace an existing output file")
     sample.set_defaults(command=cmd_sample)
 
@@ -232,8 +235,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
         )
     check_image_path(output)
     shape = _image_shape(run)
+    classes = getattr(run.model, "classes", 0)
+    if args.label is not None and not 0 <= args.label < max(classes, 1):
+        raise PyrovaeError(
+            f"--label {args.label} is not a class of {run.path} (classes 0 to {classes - 1})"
+            if classes
+            else f"--label needs a conditional run (model.labels = 'context'); {run.path} is not"
+        )
     pyro.set_rng_seed(args.seed)
-    images = run.model.sample(args.num_samples, mean=not args.draw)
+    options = {"labels": args.label} if classes else {}
+    images = run.model.sample(args.num_samples, mean=not args.draw, **options)
     save_image_grid(images, shape, output)
     print(f"wrote {args.num_samples} samples from {run.path} to {output}")
 
@@ -312,6 +323,8 @@ def _print_evaluation(evaluation: Evaluation, target: Path) -> None:
             )
         )
         how = f"AIS, {evaluation.num_chains} chains x {evaluation.num_steps} steps"
+    if evaluation.accuracy is not None:
+        rows.append(("classification accuracy of q(y|x)", f"{evaluation.accuracy:.2%}"))
     width = max(len(name) for name, _ in rows)
     print(
         f"{evaluation.run}: {evaluation.split} split, {evaluation.num_points} points, {how}, "

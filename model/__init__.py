@@ -22,7 +22,7 @@ from pyrovae.model.priors import (
     VampPrior,
 )
 from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED, latent_sites
-from pyrovae.model.vae import VAE
+from pyrovae.model.vae import VAE, ConditionalVAE, SemiSupervisedVAE
 
 __all__ = [
     "DATA_PLATE",
@@ -33,6 +33,7 @@ __all__ = [
     "PRIORS",
     "VAE",
     "Bernoulli",
+    "ConditionalVAE",
     "ConditionalNormal",
     "ContinuousBernoulli",
     "DiscretizedLogistic",
@@ -44,6 +45,7 @@ __all__ = [
     "LearnedNormal",
     "Decoder",
     "MixtureOfNormals",
+    "SemiSupervisedVAE",
     "StandardNormal",
     "VampPrior",
     "bits_per_dim",

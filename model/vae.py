@@ -89,3 +89,159 @@ class VAE(nn.Module):
             z = self._latents()
         px = self.decode(z)
         return px.mean if mean else px.sample()
+
+
+class ConditionalVAE(VAE):
+    """A conditional VAE (Sohn et al., 2015): a label y is observed context of both networks.
+
+    Each row of the data is ``[x, one_hot(y)]``: the first ``F`` columns are the data, the
+    last ``classes`` the label, so that training, scoring and sharding handle one tensor as
+    for any model. The model draws z from the prior (which ignores y) and observes
+    ``x ~ likelihood(decoder([z, one_hot(y)]))``; its guide reads the whole row, q(z | x, y).
+    ``log p(x)`` estimated for this model is log p(x | y).
+
+    Args:
+        prior, decoder, likelihood, layers: as for :class:`VAE`; the decoder takes
+            ``latent_dim + classes`` inputs.
+        classes: the number of classes, the size of the one-hot context.
+
+    References:
+        Learning Structured Output Representation using Deep Conditional Generative Models
+        (Sohn, Lee and Yan, 2015)
+    """
+
+    def __init__(
+        self,
+        prior: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        classes: int,
+        layers: Sequence[nn.Module] = (),
+    ) -> None:
+        super().__init__(prior, decoder, likelihood, layers)
+        if int(classes) != classes or classes < 2:
+            raise ValueError(f"classes must be an integer of at least 2, got {classes}")
+        self.classes = int(classes)
+
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, one_hot(y))``: a row's data columns and its label columns."""
+        return rows[..., : -self.classes], rows[..., -self.classes :]
+
+    def context_of(self, rows: Tensor) -> Tensor:
+        """The one-hot label of each row, what the decoder is given for it."""
+        return self.split(rows)[1]
+
+    def one_hot(self, labels: Tensor | int, num: int | None = None) -> Tensor:
+        """The context of ``labels`` (an int is repeated ``num`` times), in the model's dtype."""
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.dim() == 0:
+            labels = labels.expand(1 if num is None else num)
+        if ((labels < 0) | (labels >= self.classes)).any():
+            raise ValueError(
+                f"labels must lie in [0, {self.classes}), got {labels.unique().tolist()}"
+            )
+        like = next(iter(self.parameters()), torch.empty(0))
+        code = torch.nn.functional.one_hot(labels.to(like.device), self.classes)
+        return code.to(like.dtype)
+
+    def decode(self, z: Tensor, context: Tensor) -> dist.Distribution:  # type: ignore[override]
+        """p(x | z, y) for latents ``(..., latent_dim)`` and one-hot ``context (..., classes)``."""
+        context = context.to(z).expand(*z.shape[:-1], self.classes)
+        return super().decode(torch.cat([z, context], -1))
+
+    def forward(self, rows: Tensor) -> Tensor:
+        x, context = self.split(rows)
+        with pyro.plate(DATA_PLATE, rows.shape[0]):
+            z = self._latents()
+            pyro.sample(OBSERVED, self.decode(z, context), obs=x)
+        return z
+
+    @torch.no_grad()
+    def sample(  # type: ignore[override]
+        self, num_samples: int, mean: bool = True, labels: Tensor | int | None = None
+    ) -> Tensor:
+        """Generates data of given classes: ``labels`` (one int, or one per sample; default
+        the classes in turn, ``0, 1, ..., 0, 1, ...``), z ~ p(z), then x ~ p(x | z, y)."""
+        if labels is None:
+            labels = torch.arange(num_samples) % self.classes
+        context = self.one_hot(labels, num_samples)
+        if len(context) != num_samples:
+            raise ValueError(f"got {len(context)} labels for {num_samples} samples")
+        with pyro.plate(DATA_PLATE, num_samples):
+            z = self._latents()
+        px = self.decode(z, context)
+        return px.mean if mean else px.sample()
+
+
+class SemiSupervisedVAE(ConditionalVAE):
+    """M2 (Kingma et al., 2014): the label y is a latent discrete site, observed where known.
+
+    Rows are ``[x, one_hot(y)]`` for labelled points and ``[x, 0]`` for the others. Labelled
+    rows go to the plate ``"labelled"`` (sites ``z_labelled``, ``y_labelled`` observed,
+    ``x_labelled``) together with the classification term ``alpha * log q(y|x)`` as a factor;
+    unlabelled rows to the data plate (sites ``y``, ``z``, ``x``), where the guide's y is
+    enumerated by ``TraceEnum_ELBO`` (or sampled, when scored by importance sampling: log p(x)
+    is then estimated over y and z jointly). Evaluation data carry no labels, so they are
+    scored as any VAE's, on the data plate.
+
+    Args:
+        prior, decoder, likelihood: as for :class:`ConditionalVAE` (prior over z).
+        classes: the number of classes.
+        classifier: ``classifier(x) -> Distribution``, the guide's q(y|x) (a
+            ``OneHotCategorical``); referenced for the classification term, not owned: its
+            parameters are the guide's.
+        alpha: weight of log q(y|x) per labelled row (Kingma et al.: 0.1 N over all labelled
+            points, about 50 per labelled point for 100 labels among 50,000).
+
+    References:
+        Semi-Supervised Learning with Deep Generative Models (Kingma, Rezende, Mohamed and
+        Welling, 2014)
+    """
+
+    def __init__(
+        self,
+        prior: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        classes: int,
+        classifier: nn.Module,
+        alpha: float = 50.0,
+    ) -> None:
+        super().__init__(prior, decoder, likelihood, classes)
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be non-negative, got {alpha}")
+        object.__setattr__(self, "_classifier", classifier)  # the guide's module, unregistered
+        self.alpha = float(alpha)
+
+    def label_prior(self) -> dist.Distribution:
+        """p(y): uniform over the classes."""
+        probs = torch.full((self.classes,), 1 / self.classes, device=self._device())
+        return dist.OneHotCategorical(probs=probs)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.parameters()), torch.empty(0)).device
+
+    def forward(self, rows: Tensor) -> Tensor | None:
+        x, code = self.split(rows)
+        known = code.sum(-1) > 0
+        if known.any():
+            xl, yl = x[known], code[known]
+            with pyro.plate("labelled", len(xl)):
+                z = pyro.sample("z_labelled", as_pyro(self.prior()))
+                pyro.sample("y_labelled", self.label_prior(), obs=yl)
+                pyro.sample("x_labelled", self.decode(z, yl), obs=xl)
+                pyro.factor("classification", self.alpha * self._classifier(xl).log_prob(yl))
+        if known.all():
+            return None
+        xu = x[~known]
+        with pyro.plate(DATA_PLATE, len(xu)):
+            y = pyro.sample("y", self.label_prior())
+            z = pyro.sample("z", as_pyro(self.prior()))
+            pyro.sample(OBSERVED, self.decode(z, y), obs=xu)
+        return z
+
+    def context_of(self, rows: Tensor) -> Tensor:
+        """The one-hot label of each row: its own where labelled, else q(y|x)'s most probable."""
+        x, code = self.split(rows)
+        guess = self._classifier(x).probs.argmax(-1)
+        return torch.where(code.sum(-1, keepdim=True) > 0, code, self.one_hot(guess))

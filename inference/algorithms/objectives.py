@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBOModule
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor, nn
@@ -187,8 +187,24 @@ def _check_estimator(estimator: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(valid)}")
 
 
+def enumerated_elbo(num_particles: int = 1) -> TraceEnum_ELBO:
+    """The ELBO with discrete guide sites marked ``infer={"enumerate": "parallel"}`` summed
+    out exactly (Pyro's TraceEnum_ELBO): the semi-supervised model's unlabelled y.
+
+    Args:
+        num_particles: samples of the continuous latents per data point.
+    """
+    _check_particles(num_particles)
+    return TraceEnum_ELBO(
+        num_particles=num_particles,
+        vectorize_particles=num_particles > 1,
+        max_plate_nesting=MAX_PLATE_NESTING,
+    )
+
+
 OBJECTIVES = {
     "elbo": elbo,
+    "enumerated_elbo": enumerated_elbo,
     "analytic_kl": analytic_kl,
     "iwae": iwae,
 }

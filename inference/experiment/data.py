@@ -12,6 +12,7 @@ fixed seed (as in Burda et al. 2015), so evaluations are comparable across runs;
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 from dataclasses import dataclass, replace
@@ -36,6 +37,10 @@ _IDX_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 _NPZ_NAMES = {"mnist": "mnist.npz", "fashion-mnist": "fashion-mnist.npz"}
+
+
+LABEL_SEED = 0
+"""Seed of the choice of labelled training points (``data.labels_per_class``)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,60 @@ class Splits:
     @property
     def features(self) -> int:
         return self.train.shape[1]
+
+    def with_label_context(self, classes: int) -> Splits:
+        """The splits with each row followed by its label's one-hot code, ``[x, one_hot(y)]``:
+        the rows a conditional VAE (``model.labels = "context"``) reads. Labels stay as well.
+
+        Raises:
+            PyrovaeError: a split without labels, or a label outside ``[0, classes)``.
+        """
+        rows = {}
+        for name in ("train", "validation", "test"):
+            labels = getattr(self, f"{name}_labels")
+            if labels is None:
+                raise PyrovaeError(
+                    f"model.labels = 'context' needs labelled data, and the {name} split has "
+                    "no labels; use a data set with labels or set model.labels = 'none'"
+                )
+            if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+                raise PyrovaeError(
+                    f"the {name} labels run from {int(labels.min())} to {int(labels.max())}, "
+                    f"outside [0, model.classes = {classes}); set model.classes"
+                )
+            x = getattr(self, name)
+            code = torch.nn.functional.one_hot(labels.long(), classes).to(x.dtype)
+            rows[name] = torch.cat([x, code], 1)
+        return dataclasses.replace(self, **rows)
+
+    def with_partial_labels(self, classes: int, per_class: int | None) -> Splits:
+        """The rows a semi-supervised model (M2) reads: ``[x, one_hot(y)]`` for ``per_class``
+        training points of each class (picked with a fixed seed; all with None) and
+        ``[x, 0]`` for every other point, validation and test included (their labels stay
+        in ``*_labels``, for accuracy).
+
+        Raises:
+            PyrovaeError: as :meth:`with_label_context`, or a class with fewer than
+                ``per_class`` training points.
+        """
+        rows = self.with_label_context(classes)
+        keep = torch.zeros(len(self.train), dtype=torch.bool)
+        generator = torch.Generator().manual_seed(LABEL_SEED)
+        for c in range(classes):
+            members = (self.train_labels == c).nonzero().flatten()
+            if per_class is not None and len(members) < per_class:
+                raise PyrovaeError(
+                    f"class {c} has {len(members)} training points, fewer than "
+                    f"data.labels_per_class = {per_class}"
+                )
+            pick = members[torch.randperm(len(members), generator=generator)][:per_class]
+            keep[pick] = True
+        train = rows.train.clone()
+        train[~keep, -classes:] = 0
+        blank = {n: getattr(rows, n).clone() for n in ("validation", "test")}
+        for x in blank.values():
+            x[:, -classes:] = 0
+        return dataclasses.replace(rows, train=train, **blank)
 
     def split(self, name: str) -> tuple[Tensor, Tensor | None]:
         """Returns ``(x, labels)`` of the split ``train``, ``validation`` or ``test``, for evaluation.

@@ -81,6 +81,8 @@ class Evaluation:
             ``khat``, ``elbo``, ... each ``(N,)``) or
             :class:`~pyrovae.inference.algorithms.annealing.AnnealedLikelihood`
             (``log_px``, ``stderr``, ``acceptance``, ...).
+        accuracy: for a model with a classifier q(y|x) (M2), the share of the points whose
+            most probable class under it is their label; None otherwise.
     """
 
     run: Path
@@ -96,6 +98,7 @@ class Evaluation:
     features: int
     levels: int | None
     result: MarginalLikelihood | AnnealedLikelihood
+    accuracy: float | None = None
 
     @property
     def num_points(self) -> int:
@@ -106,6 +109,8 @@ class Evaluation:
         k̂ share (NaN when k̂ was not computed)."""
         summary = self.result.summary()
         summary["bits_per_dim"] = float(bits_per_dim(summary["log_px"], self.features, self.levels))
+        if self.accuracy is not None:
+            summary["accuracy"] = self.accuracy
         return summary
 
     def to_json(self) -> dict[str, Any]:
@@ -205,6 +210,17 @@ def evaluation_settings(
     }
 
 
+def _accuracy(run: Run, rows: Tensor, labels: Tensor | None) -> float | None:
+    """The classifier's accuracy on the points, for a guide with a ``classifier`` (M2)."""
+    classifier = getattr(run.guide, "classifier", None)
+    if classifier is None or labels is None or not len(labels):
+        return None
+    x = rows[..., : -run.guide.classes]
+    with torch.no_grad():
+        guess = torch.cat([classifier(part).probs.argmax(-1) for part in x.split(1000)])
+    return (guess == labels).double().mean().item()
+
+
 def evaluate_run(
     run: Run | str | Path,
     *,
@@ -264,10 +280,11 @@ def evaluate_run(
     target = Path(output) if output is not None else run.path / EVALUATION
     if write:
         check_evaluation_target(target, settings, force)
-    x, _ = load_run_data(run.spec).split(split)
+    x, labels = load_run_data(run.spec).split(split)
     likelihood = getattr(run.model, "likelihood", None)
     check_data(x, f"the {split} split", getattr(likelihood, "support", None))
     x = x[:limit]
+    accuracy = _accuracy(run, x, None if labels is None else labels[:limit])
 
     def estimate(index: int, block: Tensor) -> MarginalLikelihood | AnnealedLikelihood:
         if method == "is":
@@ -301,13 +318,14 @@ def evaluate_run(
         limit=limit,
         seed=seed,
         seconds=time.perf_counter() - start,
-        features=x[0].numel(),
+        features=x[0].numel() - getattr(run.model, "classes", 0),  # not the label columns
         # A density on [0, 1] data is reported on the scale of 256 grey levels; a pmf, or a
         # model without a likelihood module, as it is.
         levels=256
         if likelihood is not None and not getattr(likelihood, "discrete", False)
         else None,
         result=result,
+        accuracy=accuracy,
     )
     if write and writes:
         evaluation.write(target)

@@ -304,6 +304,10 @@ def _check_spec_matches(path: Path, spec: Spec, checkpoint: Checkpoint) -> None:
         saved = tomllib.loads(checkpoint.spec)
     except tomllib.TOMLDecodeError:
         return
+    try:  # keys added since the run was trained take their defaults on both sides
+        saved = Spec().replace(**saved).to_dict()
+    except PyrovaeError:
+        pass
     current = spec.to_dict()
     differ = [
         key

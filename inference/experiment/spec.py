@@ -24,17 +24,29 @@ import tomli_w
 import tomllib
 import torch
 
-from pyrovae.guides import ENCODERS, AmortizedGuide
+from pyrovae.guides import ENCODERS, AmortizedGuide, Classifier, SemiSupervisedGuide
 from pyrovae.inference.algorithms.objectives import OBJECTIVES
 from pyrovae.inference.algorithms.schedules import SCHEDULES, KLSchedule
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.recipes import LR_SCHEDULES, OPTIMIZERS
-from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE, ConditionalNormal
+from pyrovae.model import (
+    DECODERS,
+    LIKELIHOODS,
+    PRIORS,
+    VAE,
+    ConditionalNormal,
+    ConditionalVAE,
+    SemiSupervisedVAE,
+)
 
 
 def _table(**entries: Any) -> Any:
     return field(default_factory=lambda: dict(entries))
 
+
+LABEL_USES = ("none", "context", "latent")
+"""Values of ``model.labels``: unused by the model, observed context (a conditional VAE), or
+a latent class observed where known (M2, semi-supervised)."""
 
 MAX_LATENT_DIM = 4096
 """The largest ``model.latent_dim`` a spec may ask for."""
@@ -84,6 +96,9 @@ class DataSpec:
     path: str | None = None
     validation_size: int | float | None = _ranged(None, 0, above=True)
     limit: int | None = _ranged(None, 1)
+    # With model.labels = "latent": the training labels kept per class (a fixed seed picks
+    # them); the rest of the training split is unlabelled.
+    labels_per_class: int | None = _ranged(None, 1)
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,14 @@ class ModelSpec:
     likelihood: dict = _table(kind="gaussian", learn_scale=True)
     # Stacked latents above z (then named z1): none by default, a one-layer VAE.
     layers: list[LayerSpec] = field(default_factory=list)
+    # "context": the data's labels are observed context of encoder and decoder (a
+    # conditional VAE over `classes` classes); "latent": a latent class, observed for the
+    # data.labels_per_class labelled points (M2); "none": labels are only used by reports.
+    labels: str = "none"
+    classes: int = _ranged(10, 2, 1000)
+    # M2: weight of log q(y|x) per labelled point (Kingma et al.'s alpha = 0.1 N, over N_l
+    # labelled points: about 50 for 100 labels among 50,000 points).
+    classification_weight: float = _ranged(50.0, 0)
 
 
 @dataclass(frozen=True)
@@ -201,6 +224,10 @@ def check(spec: Spec) -> None:
     """Checks every component's kind and options against its registry, without building."""
     for registry, table, where in _components(spec):
         _constructor(registry, table, where)
+    if spec.model.labels not in LABEL_USES:
+        raise PyrovaeError(
+            f"model.labels must be one of {', '.join(LABEL_USES)}, got {spec.model.labels!r}"
+        )
 
 
 def build(
@@ -223,6 +250,16 @@ def build(
         "in_features": features,
         "image_shape": tuple(image_shape) if image_shape else None,
     }
+    classes = m.classes if m.labels in ("context", "latent") else 0
+    if classes and m.labels == "latent" and m.layers:
+        raise PyrovaeError("model.labels = 'latent' (M2) takes no model.layers; remove them")
+    if classes:
+        if spec.guide.encoder.get("network", "mlp") != "mlp" or m.prior["kind"] == "vamp":
+            raise PyrovaeError(
+                "model.labels = 'context' reads [x, one_hot(y)] rows, which needs an mlp "
+                "encoder and a prior other than vamp"
+            )
+        context["features"] = features - classes
     likelihood = component(LIKELIHOODS, m.likelihood, "model.likelihood", context)
     encoder = component(ENCODERS, spec.guide.encoder, "guide.encoder", context)
     dims = [m.latent_dim] + [layer.latent_dim for layer in m.layers]
@@ -233,10 +270,9 @@ def build(
         )
     top = {**context, "latent_dim": dims[-1], "encoder": encoder}
     prior = component(PRIORS, m.prior, "model.prior", top)
-    out_features = features * getattr(likelihood, "num_params", 1)
-    decoder = component(
-        DECODERS, m.decoder, "model.decoder", {**context, "out_features": out_features}
-    )
+    out_features = (features - classes) * getattr(likelihood, "num_params", 1)
+    decoder_context = {**context, "latent_dim": dims[0] + classes, "out_features": out_features}
+    decoder = component(DECODERS, m.decoder, "model.decoder", decoder_context)
     model_layers, guide_layers = [], []
     for i, layer in enumerate(m.layers):
         try:
@@ -248,7 +284,21 @@ def build(
             )
         except (TypeError, ValueError) as e:
             raise PyrovaeError(f"model.layers[{i}]: {e}") from None
-    model = VAE(prior, decoder, likelihood, model_layers)
+    if m.labels == "latent":
+        trunk = spec.guide.encoder
+        classifier = Classifier(
+            features - classes,
+            classes,
+            trunk.get("hidden") or [500],
+            trunk.get("activation", "relu"),
+        )
+        alpha = m.classification_weight
+        model = SemiSupervisedVAE(prior, decoder, likelihood, classes, classifier, alpha)
+        return model, SemiSupervisedGuide(encoder, classifier, classes)
+    if classes:
+        model = ConditionalVAE(prior, decoder, likelihood, classes, model_layers)
+    else:
+        model = VAE(prior, decoder, likelihood, model_layers)
     return model, AmortizedGuide(encoder, guide_layers)
 
 

@@ -274,6 +274,8 @@ def _initialize_from_data(model: Any, guide: Any, x: Tensor) -> None:
     training data (a VampPrior's pseudo-inputs, a learned likelihood scale). A restored run
     then overwrites these values with its checkpoint's."""
     seen: set[int] = set()
+    split = getattr(model, "split", None)  # a conditional model's rows carry their labels
+    x = split(x)[0] if split is not None else x
     for part in (model, guide):
         if not isinstance(part, nn.Module):
             continue

@@ -290,4 +290,9 @@ def _stopped(
 def load_run_data(spec: Spec) -> Splits:
     """The data set a spec names, split and binarized as training saw it."""
     d = spec.data
-    return load_data(d.name, d.binarize, d.path, d.validation_size, d.limit)
+    data = load_data(d.name, d.binarize, d.path, d.validation_size, d.limit)
+    if spec.model.labels == "context":
+        data = data.with_label_context(spec.model.classes)
+    elif spec.model.labels == "latent":
+        data = data.with_partial_labels(spec.model.classes, d.labels_per_class)
+    return data

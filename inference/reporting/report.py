@@ -220,22 +220,33 @@ def _image_sections(
     run: Run, diag: Diagnostics, x: Tensor, shape: tuple[int, ...], top: int, seed: int
 ) -> list[_Section]:
     model, n = run.model, min(32, len(x))
+    # A conditional model's rows are [x, one_hot(y)]: images from x, decoding with y.
+    x, context = (model.split(x)[0], model.context_of(x)) if hasattr(model, "split") else (x, None)
+
+    def rows(index: Tensor | slice) -> Tensor | None:
+        return None if context is None else context[index]
+
     recon = plots.image_panels_figure(
         [
             ("input x", x[:n]),
-            ("reconstruction at E_q[z|x]", _decode(model, diag.posterior_mean[:n])),
+            ("reconstruction at E_q[z|x]", _decode(model, diag.posterior_mean[:n], rows(slice(n)))),
         ],
         shape,
     )
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(diag.samples.shape[1], generator=generator)[:64]
     pyro.set_rng_seed(seed)
+    classes = getattr(model, "classes", 0)
+    if classes:  # one row per class, eight draws each
+        prior = (
+            "z ~ p(z), one row per class y",
+            model.sample(8 * classes, labels=torch.arange(classes).repeat_interleave(8)),
+        )
+    else:
+        prior = ("z ~ p(z): the prior", model.sample(len(picks)))
+    aggregate = _decode(model, diag.samples[0, picks], rows(picks))
     samples = plots.image_panels_figure(
-        [
-            ("z ~ p(z): the prior", model.sample(len(picks))),
-            ("z ~ q(z): the aggregate posterior", _decode(model, diag.samples[0, picks])),
-        ],
-        shape,
+        [prior, ("z ~ q(z): the aggregate posterior", aggregate)], shape
     )
     ranked = diag.activity.argsort(descending=True)
     active = ranked[diag.active[ranked]]
@@ -246,7 +257,7 @@ def _image_sections(
     for row, d in enumerate(dims):
         z[row, :, d] = diag.prior_mean[d] + values * diag.prior_variance[d].sqrt()
     labels = [f"z{d} ({diag.activity[d]:.2g})" for d in dims]
-    traversal = plots.traversal_figure(_decode(model, z), shape, labels, values)
+    traversal = plots.traversal_figure(_decode(model, z, rows(slice(1))), shape, labels, values)
     return [
         (
             "Reconstructions",
@@ -267,6 +278,13 @@ def _image_sections(
                 "only right when q(z) matches p(z) (small marginal KL); where the right "
                 "panel looks better than the left, the prior puts mass in regions the "
                 "decoder never saw in training (the holes of the aggregate posterior)."
+                + (
+                    f" This model is conditional: the left panel has one row per class y "
+                    f"(0 to {classes - 1} from the top, eight draws each), and the right "
+                    "decodes each z with its own point's label."
+                    if classes
+                    else ""
+                )
             ),
         ),
         (
@@ -298,7 +316,8 @@ def _latent_space(run: Run, diag: Diagnostics, labels: Tensor | None, shape: tup
         lo = torch.minimum(diag.prior_mean - 3 * sd, means.min(0).values)
         hi = torch.maximum(diag.prior_mean + 3 * sd, means.max(0).values)
         extent = (lo[0].item(), hi[0].item(), lo[1].item(), hi[1].item())
-        if len(shape) == 2:
+        conditional = hasattr(run.model, "split")
+        if len(shape) == 2 and not conditional:
             steps = GRID_STEPS
             u = torch.linspace(lo[0].item(), hi[0].item(), steps, dtype=torch.float64)
             v = torch.linspace(hi[1].item(), lo[1].item(), steps, dtype=torch.float64)
@@ -310,6 +329,12 @@ def _latent_space(run: Run, diag: Diagnostics, labels: Tensor | None, shape: tup
             "any point are gaps of the aggregate posterior: a prior sample there decodes to "
             "something the decoder was never trained to produce."
         )
+        if conditional:
+            text = (
+                "Each point is a data point's posterior mean, coloured by its label. No "
+                "decoded grid: a conditional decoder needs a class as well as z (see the "
+                "samples by class above)."
+            )
     else:
         _, s, v = torch.pca_lowrank(means, q=2, center=True)
         points = (means - means.mean(0)) @ v[:, :2]
@@ -367,11 +392,14 @@ def _khat(diag: Diagnostics) -> str:
     )
 
 
-def _decode(model: torch.nn.Module, z: Tensor) -> Tensor:
-    """The mean of p(x|z) for float64 diagnostics ``z``, in the model's own dtype."""
+def _decode(model: torch.nn.Module, z: Tensor, context: Tensor | None = None) -> Tensor:
+    """The mean of p(x|z) for float64 diagnostics ``z``, in the model's own dtype; a
+    conditional model's ``context`` rows (one-hot labels) go with them."""
     tensors = [*model.parameters(), *model.buffers()]
     dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
-    return model.decode(z.to(dtype)).mean
+    if context is None:
+        return model.decode(z.to(dtype)).mean
+    return model.decode(z.to(dtype), context.to(dtype)).mean
 
 
 def _figure(fig: object) -> str:

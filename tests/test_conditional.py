@@ -1,0 +1,104 @@
+"""The conditional VAE: labels as observed context of encoder and decoder."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+from pyrovae.inference import (
+    PyrovaeError,
+    build,
+    evaluate_run,
+    load_data,
+    load_run,
+    load_spec,
+    log_marginal_likelihood,
+    train_run,
+    write_report,
+)
+from pyrovae.inference.cli import main
+from pyrovae.model import ConditionalVAE
+
+CONDITIONAL = "model.labels=context"
+
+
+def test_label_context_appends_each_rows_one_hot_label():
+    data = load_data("digits", limit=100)
+    rows = data.with_label_context(10)
+    assert rows.train.shape == (len(data.train), 64 + 10)
+    assert torch.equal(rows.train[:, :64], data.train)
+    assert torch.equal(rows.train[:, 64:].argmax(1), data.train_labels)
+    assert torch.equal(rows.train[:, 64:].sum(1), torch.ones(len(data.train)))
+    with pytest.raises(PyrovaeError, match=r"outside \[0, model.classes = 5\)"):
+        data.with_label_context(5)
+
+
+def test_unlabelled_data_are_refused_for_a_conditional_model():
+    data = load_data("digits", limit=100)
+    import dataclasses
+
+    unlabelled = dataclasses.replace(data, test_labels=None)
+    with pytest.raises(PyrovaeError, match="needs labelled data.*test split"):
+        unlabelled.with_label_context(10)
+
+
+def test_a_conditional_spec_builds_a_cvae_whose_likelihood_sees_only_x():
+    spec = load_spec(None, [CONDITIONAL, "model.latent_dim=3"])
+    model, guide = build(spec, 64 + 10, (8, 8))
+    assert isinstance(model, ConditionalVAE) and model.classes == 10
+    rows = torch.cat([torch.rand(5, 64), torch.eye(10)[:5]], 1)
+    trace = pyro.poutine.trace(model).get_trace(rows)
+    assert torch.equal(trace.nodes["x"]["value"], rows[:, :64])
+    assert guide.encoder.net[0].in_features == 74  # q(z | x, y) reads the whole row
+    with pytest.raises(PyrovaeError, match="model.labels must be one of none, context, latent"):
+        load_spec(None, ["model.labels=observed"])
+
+
+def test_conditional_samples_follow_their_label():
+    spec = load_spec(None, [CONDITIONAL, "model.latent_dim=3"])
+    model, _ = build(spec, 74, (8, 8))
+    pyro.set_rng_seed(0)
+    threes = model.sample(6, labels=3)
+    pyro.set_rng_seed(0)
+    fours = model.sample(6, labels=4)
+    assert threes.shape == (6, 64) and not torch.allclose(threes, fours)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        model.sample(2, labels=10)
+
+
+@pytest.fixture(scope="module")
+def cvae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cvae") / "run"
+    return train_run(None, out, overrides=[CONDITIONAL, "train.epochs=5"], progress=False)
+
+
+def test_a_trained_cvae_uses_its_labels(cvae_run):
+    data = load_run(cvae_run.path)
+    rows, labels = load_data("digits").with_label_context(10).split("test")
+    rows = rows[:200]
+    model, guide = data.model, data.guide
+    wrong = rows.clone()
+    wrong[:, 64:] = wrong[:, 64:].roll(1, dims=1)  # every label shifted to the next class
+    pyro.set_rng_seed(0)
+    right = log_marginal_likelihood(model, guide, rows, num_samples=200).log_px
+    shifted = log_marginal_likelihood(model, guide, wrong, num_samples=200).log_px
+    # log p(x | y) with the true label is higher than with a wrong one on most points.
+    assert (right > shifted).float().mean() > 0.8
+    assert right.mean() > shifted.mean() + 1.0  # nats per point
+
+
+def test_a_cvae_run_evaluates_reports_and_samples_by_class(cvae_run, tmp_path, capsys):
+    run = cvae_run
+    evaluation = evaluate_run(run, num_samples=20, limit=50, output=tmp_path / "e.json")
+    assert evaluation.features == 64  # bits/dim over pixels, not the label columns
+    loaded = load_run(run.path)
+    again = evaluate_run(loaded, num_samples=20, limit=50, output=tmp_path / "f.json")
+    assert torch.equal(evaluation.result.log_px, again.result.log_px)
+    page = write_report(run.path, limit=60, num_samples=10, path=tmp_path / "r.html")
+    assert "one row per class" in page.read_text()
+    assert main(["sample", str(run.path), "--label", "3", "-o", str(tmp_path / "3.png")]) == 0
+    assert (tmp_path / "3.png").is_file()
+    code = main(["sample", str(run.path), "--label", "10", "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a class" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,145 @@
+"""M2, the semi-supervised VAE: partial labels, enumeration of y, accuracy, the CLI path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pyro.infer import TraceEnum_ELBO
+from torch import nn
+
+from pyrovae.guides import Classifier, SemiSupervisedGuide
+from pyrovae.inference import (
+    PyrovaeError,
+    build,
+    evaluate_run,
+    load_data,
+    load_run,
+    load_spec,
+    train_run,
+    write_report,
+)
+from pyrovae.inference.cli import main
+from pyrovae.model import Bernoulli, ConditionalNormal, SemiSupervisedVAE, StandardNormal
+
+M2 = ["model.labels=latent", 'train.objective={kind="enumerated_elbo"}']
+
+
+def test_partial_labels_keep_a_fixed_number_per_class_in_training_only():
+    data = load_data("digits")
+    rows = data.with_partial_labels(10, 5)
+    code = rows.train[:, -10:]
+    kept = code.sum(1) > 0
+    assert kept.sum() == 50
+    assert torch.equal(torch.bincount(data.train_labels[kept], minlength=10), torch.full((10,), 5))
+    assert torch.equal(code[kept].argmax(1), data.train_labels[kept])  # the true labels
+    assert rows.validation[:, -10:].abs().sum() == 0 and rows.test[:, -10:].abs().sum() == 0
+    again = data.with_partial_labels(10, 5)
+    assert torch.equal(again.train, rows.train)  # a fixed seed picks them
+    with pytest.raises(PyrovaeError, match="fewer than data.labels_per_class = 1000"):
+        data.with_partial_labels(10, 1000)
+
+
+def _tiny_m2(alpha: float = 2.0):
+    """M2 with 3 classes over 4 binary features, whose decoder reads only y and whose
+    q(z|x, y) is the prior N(0, I): the z terms cancel, and the ELBO is a sum over y."""
+    torch.manual_seed(0)
+    classes, features, latent = 3, 4, 2
+    decoder = nn.Linear(latent + classes, features)
+    encoder = ConditionalNormal(features + classes, latent, hidden=[])
+    with torch.no_grad():
+        decoder.weight[:, :latent] = 0  # p(x | y, z) = p(x | y)
+        encoder.net[0].weight.zero_()
+        encoder.net[0].bias.zero_()
+        one = torch.tensor(1.0 - encoder.min_scale)
+        encoder.net[0].bias[latent:] = one + torch.log(-torch.expm1(-one))  # scale 1
+    classifier = Classifier(features, classes, hidden=[])
+    model = SemiSupervisedVAE(
+        StandardNormal(latent), decoder, Bernoulli(), classes, classifier, alpha
+    )
+    guide = SemiSupervisedGuide(encoder, classifier, classes)
+    return model, guide, decoder, classifier
+
+
+def test_enumerated_elbo_equals_the_explicit_sum_over_the_labels():
+    model, guide, decoder, classifier = _tiny_m2(alpha=2.0)
+    x = torch.bernoulli(torch.full((8, 4), 0.5), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([2, 0, 1])
+    code = torch.zeros(8, 3)
+    code[5:] = torch.eye(3)[labels]  # the last 3 rows are labelled
+    rows = torch.cat([x, code], 1)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, rows)
+
+    def log_px_given_y(xs: torch.Tensor, y: int) -> torch.Tensor:
+        context = torch.eye(3)[y].expand(len(xs), 3)
+        logits = decoder(torch.cat([torch.zeros(len(xs), 2), context], 1))
+        return torch.distributions.Bernoulli(logits=logits).log_prob(xs).sum(1)
+
+    log_prior_y = math.log(1 / 3)
+    q = classifier(x[:5]).probs
+    unlabelled = sum(
+        q[:, y] * (log_prior_y + log_px_given_y(x[:5], y) - q[:, y].log()) for y in range(3)
+    )
+    labelled = torch.stack(
+        [
+            log_prior_y
+            + log_px_given_y(x[5 + i : 6 + i], int(y))[0]
+            + 2.0 * classifier(x[5 + i]).log_prob(torch.eye(3)[y])
+            for i, y in enumerate(labels)
+        ]
+    )
+    assert torch.allclose(loss, -(unlabelled.sum() + labelled.sum()), atol=1e-5)
+
+
+def test_a_spec_with_latent_labels_builds_m2():
+    spec = load_spec(None, [*M2, "model.latent_dim=3"])
+    model, guide = build(spec, 74, (8, 8))
+    assert isinstance(model, SemiSupervisedVAE) and isinstance(guide, SemiSupervisedGuide)
+    assert model._classifier is guide.classifier  # the guide's q(y|x), not a copy
+    assert not any(k.startswith("_classifier") for k in model.state_dict())
+    with pytest.raises(PyrovaeError, match="takes no model.layers"):
+        build(load_spec(None, [*M2, "model.layers=[{latent_dim=2}]"]), 74, (8, 8))
+
+
+@pytest.fixture(scope="module")
+def m2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m2") / "run"
+    overrides = [*M2, "data.labels_per_class=10", "train.epochs=3", "model.latent_dim=8"]
+    return train_run(None, out, overrides=overrides, progress=False)
+
+
+def test_m2_learns_to_classify_from_ten_labels_per_class(m2_run, tmp_path):
+    evaluation = evaluate_run(m2_run, num_samples=20, output=tmp_path / "e.json")
+    # 300 test digits, 100 labels in all, 3 epochs, seed 0: far above chance (10%).
+    assert evaluation.accuracy > 0.6
+    assert evaluation.summary()["accuracy"] == evaluation.accuracy
+    assert evaluation.features == 64
+    assert torch.isfinite(evaluation.result.log_px).all()
+
+
+def test_an_m2_run_round_trips_reports_and_samples(m2_run, tmp_path, capsys):
+    loaded = load_run(m2_run.path)
+    first = evaluate_run(m2_run, num_samples=20, limit=100, output=tmp_path / "a.json")
+    again = evaluate_run(loaded, num_samples=20, limit=100, output=tmp_path / "b.json")
+    assert torch.equal(first.result.log_px, again.result.log_px)
+    assert first.accuracy == again.accuracy
+    page = write_report(m2_run.path, limit=60, num_samples=10, path=tmp_path / "r.html")
+    assert "one row per class" in page.read_text()
+    assert main(["sample", str(m2_run.path), "--label", "7", "-o", str(tmp_path / "7.png")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(m2_run.path),
+                "-k",
+                "10",
+                "--limit",
+                "50",
+                "-o",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
+    assert "classification accuracy" in capsys.readouterr().out
