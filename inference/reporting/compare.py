@@ -101,7 +101,13 @@ def compare_runs(
     first = runs[0]
     for run in runs[1:]:
         ours, theirs = run.spec.data, first.spec.data
-        if ours != theirs or run.checkpoint.features != first.checkpoint.features:
+        # A conditional model's log p(x | y) and M2's rows are other quantities and data.
+        same_labels = run.spec.model.labels == first.spec.model.labels
+        if (
+            ours != theirs
+            or run.checkpoint.features != first.checkpoint.features
+            or not same_labels
+        ):
             raise PyrovaeError(
                 f"{run.path} was trained on other data than {first.path} ({_describe(run)} "
                 f"against {_describe(first)}); compare runs trained on the same data set"
@@ -200,4 +206,9 @@ def format_comparison(comparison: Comparison) -> str:
 
 def _describe(run: Run) -> str:
     spec = run.spec.data
-    return f"{spec.name}, binarize={spec.binarize}, {run.checkpoint.features} features"
+    text = f"{spec.name}, binarize={spec.binarize}, {run.checkpoint.features} features"
+    if run.spec.model.labels != "none":
+        text += f", labels as {run.spec.model.labels}"
+    if spec.labels_per_class is not None:
+        text += f", {spec.labels_per_class} labels per class"
+    return text
