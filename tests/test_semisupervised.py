@@ -143,3 +143,7 @@ def test_an_m2_run_round_trips_reports_and_samples(m2_run, tmp_path, capsys):
         == 0
     )
     assert "classification accuracy" in capsys.readouterr().out
+    ais = ["evaluate", str(m2_run.path), "--method", "ais", "--limit", "5", "--steps", "2"]
+    assert main([*ais, "-o", str(tmp_path / "d.json")]) == 2  # HMC cannot move the label
+    err = capsys.readouterr().err
+    assert "['y'] are discrete" in err and len(err.strip().splitlines()) == 1

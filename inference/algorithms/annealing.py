@@ -304,15 +304,26 @@ def _prior_trace(model: Program, x: Tensor) -> tuple[Trace, list[str]]:
 
 
 def _latent_values(trace: Trace, observed: list[str] = ()) -> dict[str, Tensor]:
-    """The values of a trace's latent sample sites (not data, not plates)."""
-    return {
-        name: site["value"].detach()
+    """The values of a trace's latent sample sites (not data, not plates).
+
+    Raises:
+        ValueError: a discrete latent site, which HMC cannot move.
+    """
+    latent = {
+        name: site
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
         and name not in observed
         and not site_is_subsample(site)
     }
+    discrete = [n for n, site in latent.items() if site["fn"].support.is_discrete]
+    if discrete:
+        raise ValueError(
+            f"AIS moves the latents by HMC, and site(s) {discrete} are discrete; estimate "
+            "log p(x) by importance sampling instead (method 'is')"
+        )
+    return {name: site["value"].detach() for name, site in latent.items()}
 
 
 def _values_trace(values: dict[str, Tensor]) -> Trace:
