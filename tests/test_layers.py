@@ -12,6 +12,7 @@ from pyrovae.guides import AmortizedGuide
 from pyrovae.inference import (
     PyrovaeError,
     build,
+    compare_runs,
     diagnose,
     evaluate_run,
     load_run,
@@ -165,3 +166,6 @@ def test_a_stacked_run_trains_round_trips_evaluates_and_reports(stacked_run):
     assert set(diag.sites) == {"z1", "z2"} and diag.primary == "z1"  # what the decoder reads
     page = write_report(run.path, limit=40, num_samples=20)
     assert page.is_file() and "Latent space" in page.read_text()
+    comparison = compare_runs([run.path, run.path], limit=30, num_samples=10)
+    assert torch.equal(comparison.log_px[0], comparison.log_px[1])  # seeded alike: Δ is 0
+    assert comparison.rows[1]["delta_log_px"] == 0
