@@ -20,6 +20,7 @@ from pyrovae.inference.algorithms.objectives import (
     ParticleBound,
     analytic_kl,
     elbo,
+    enumerated_elbo,
     iwae,
 )
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD, khat_bad_fraction, pareto_khat
@@ -89,6 +90,7 @@ __all__ = [
     "Splits",
     "TrainingDiverged",
     "analytic_kl",
+    "enumerated_elbo",
     "annealed_log_marginal_likelihood",
     "bdmc",
     "build",
