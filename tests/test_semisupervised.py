@@ -41,6 +41,17 @@ def test_partial_labels_keep_a_fixed_number_per_class_in_training_only():
         data.with_partial_labels(10, 1000)
 
 
+def test_a_labelled_share_repeats_the_labelled_rows_with_their_labels():
+    data = load_data("digits")
+    rows = data.with_partial_labels(10, 5, share=0.2)
+    known = rows.train[:, -10:].sum(1) > 0
+    copies = round(0.2 * (len(data.train) - 50) / (0.8 * 50))
+    assert known.sum() == 50 * copies and (~known).sum() == len(data.train) - 50
+    assert abs(known.float().mean().item() - 0.2) < 0.02  # whole copies: about the share
+    assert torch.equal(rows.train[known, -10:].argmax(1), rows.train_labels[known])
+    assert len(rows.train_labels) == len(rows.train)
+
+
 def _tiny_m2(alpha: float = 2.0):
     """M2 with 3 classes over 4 binary features, whose decoder reads only y and whose
     q(z|x, y) is the prior N(0, I): the z terms cancel, and the ELBO is a sum over y."""

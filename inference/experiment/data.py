@@ -96,11 +96,18 @@ class Splits:
             rows[name] = torch.cat([x, code], 1)
         return dataclasses.replace(self, **rows)
 
-    def with_partial_labels(self, classes: int, per_class: int | None) -> Splits:
+    def with_partial_labels(
+        self, classes: int, per_class: int | None, share: float | None = None
+    ) -> Splits:
         """The rows a semi-supervised model (M2) reads: ``[x, one_hot(y)]`` for ``per_class``
         training points of each class (picked with a fixed seed; all with None) and
         ``[x, 0]`` for every other point, validation and test included (their labels stay
         in ``*_labels``, for accuracy).
+
+        With ``share``, the labelled rows are repeated until they make up about that share of
+        the training rows, so that every batch holds some (Kingma et al. draw labelled
+        points into every minibatch): 100 labels among 50,000 rows are otherwise seen once
+        an epoch, one batch in five.
 
         Raises:
             PyrovaeError: as :meth:`with_label_context`, or a class with fewer than
@@ -120,6 +127,14 @@ class Splits:
             keep[pick] = True
         train = rows.train.clone()
         train[~keep, -classes:] = 0
+        labelled, unlabelled = int(keep.sum()), int((~keep).sum())
+        if share is not None and labelled and unlabelled:
+            copies = max(1, round(share * unlabelled / ((1 - share) * labelled)))
+            train = torch.cat([train[~keep], train[keep].repeat(copies, 1)])
+            labels = self.train_labels
+            rows = dataclasses.replace(
+                rows, train_labels=torch.cat([labels[~keep], labels[keep].repeat(copies)])
+            )
         blank = {n: getattr(rows, n).clone() for n in ("validation", "test")}
         for x in blank.values():
             x[:, -classes:] = 0

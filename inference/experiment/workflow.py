@@ -294,5 +294,5 @@ def load_run_data(spec: Spec) -> Splits:
     if spec.model.labels == "context":
         data = data.with_label_context(spec.model.classes)
     elif spec.model.labels == "latent":
-        data = data.with_partial_labels(spec.model.classes, d.labels_per_class)
+        data = data.with_partial_labels(spec.model.classes, d.labels_per_class, d.labelled_share)
     return data
