@@ -128,8 +128,10 @@ class Splits:
         train = rows.train.clone()
         train[~keep, -classes:] = 0
         labelled, unlabelled = int(keep.sum()), int((~keep).sum())
+        copies = 1
         if share is not None and labelled and unlabelled:
             copies = max(1, round(share * unlabelled / ((1 - share) * labelled)))
+        if copies > 1:  # else the rows stay in their order
             train = torch.cat([train[~keep], train[keep].repeat(copies, 1)])
             labels = self.train_labels
             rows = dataclasses.replace(

@@ -99,8 +99,9 @@ class DataSpec:
     # With model.labels = "latent": the training labels kept per class (a fixed seed picks
     # them); the rest of the training split is unlabelled.
     labels_per_class: int | None = _ranged(None, 1)
-    # ... and the labelled rows repeated to about this share of the training rows.
-    labelled_share: float | None = _ranged(None, 0, 1, above=True)
+    # ... and the labelled rows repeated to about this share of the training rows (0 or
+    # unset: each once).
+    labelled_share: float | None = _ranged(None, 0, 0.99)
 
 
 @dataclass(frozen=True)
