@@ -56,6 +56,36 @@ class LearnedNormal(nn.Module):
         return dist.Normal(self.loc, self.log_scale.exp()).to_event(1)
 
 
+class LabelNormal(nn.Module):
+    """A learned Gaussian prior per class, p(z | y) = N(loc_y, diag(scale_y^2)), for a
+    conditional VAE (``model.labels = "context"``): the labels are context of the prior too.
+
+    Starts as N(0, I) for every class. ``reads_labels`` tells the model to call it with the
+    rows' one-hot labels.
+
+    Args:
+        latent_dim: dimension of z.
+        classes: number of classes.
+
+    References:
+        Learning Structured Output Representation using Deep Conditional Generative Models
+        (Sohn, Lee and Yan, 2015): the conditional prior network p(z | y)
+    """
+
+    reads_labels = True
+
+    def __init__(self, latent_dim: int, classes: int) -> None:
+        super().__init__()
+        _check_latent_dim(latent_dim)
+        self.loc = nn.Parameter(torch.zeros(classes, latent_dim))
+        self.log_scale = nn.Parameter(torch.zeros(classes, latent_dim))
+
+    def forward(self, labels: Tensor) -> dist.Distribution:
+        """p(z | y) for one-hot ``labels (..., classes)``: batch shape ``labels.shape[:-1]``."""
+        labels = labels.to(self.loc)
+        return dist.Normal(labels @ self.loc, (labels @ self.log_scale).exp()).to_event(1)
+
+
 class MixtureOfNormals(nn.Module):
     """A learned mixture of ``components`` diagonal Gaussians.
 
@@ -258,6 +288,7 @@ def _check_components(components: int) -> None:
 PRIORS: dict[str, type[nn.Module]] = {
     "standard_normal": StandardNormal,
     "learned_normal": LearnedNormal,
+    "label_normal": LabelNormal,
     "mixture": MixtureOfNormals,
     "vamp": VampPrior,
     "flow": FlowPrior,

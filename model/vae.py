@@ -65,10 +65,12 @@ class VAE(nn.Module):
             pyro.sample(OBSERVED, self.decode(z), obs=x)
         return z
 
-    def _latents(self) -> Tensor:
-        """Draws the latents top-down inside the data plate; returns the bottom one."""
+    def _latents(self, labels: Tensor | None = None) -> Tensor:
+        """Draws the latents top-down inside the data plate; returns the bottom one. A prior
+        that ``reads_labels`` is given the rows' one-hot ``labels``."""
         *below, top = self.latent_sites
-        z = pyro.sample(top, as_pyro(self.prior()))
+        reads = labels is not None and getattr(self.prior, "reads_labels", False)
+        z = pyro.sample(top, as_pyro(self.prior(labels) if reads else self.prior()))
         for name, layer in zip(reversed(below), reversed(self.layers), strict=True):
             z = pyro.sample(name, as_pyro(layer(z)))
         return z
@@ -152,7 +154,7 @@ class ConditionalVAE(VAE):
     def forward(self, rows: Tensor) -> Tensor:
         x, context = self.split(rows)
         with pyro.plate(DATA_PLATE, rows.shape[0]):
-            z = self._latents()
+            z = self._latents(context)
             pyro.sample(OBSERVED, self.decode(z, context), obs=x)
         return z
 
@@ -168,7 +170,7 @@ class ConditionalVAE(VAE):
         if len(context) != num_samples:
             raise ValueError(f"got {len(context)} labels for {num_samples} samples")
         with pyro.plate(DATA_PLATE, num_samples):
-            z = self._latents()
+            z = self._latents(context)
         px = self.decode(z, context)
         return px.mean if mean else px.sample()
 

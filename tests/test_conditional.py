@@ -102,3 +102,20 @@ def test_a_cvae_run_evaluates_reports_and_samples_by_class(cvae_run, tmp_path, c
     code = main(["sample", str(run.path), "--label", "10", "-o", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert code == 2 and "not a class" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_label_prior_is_p_z_given_y_and_only_for_conditional_models():
+    spec = load_spec(None, [CONDITIONAL, "model.latent_dim=2", 'model.prior={kind="label_normal"}'])
+    model, guide = build(spec, 74, (8, 8))
+    with torch.no_grad():
+        model.prior.loc[3] = torch.tensor([5.0, -5.0])  # class 3 lives far from the others
+    rows = torch.cat([torch.rand(4, 64), torch.eye(10)[[3, 3, 0, 1]]], 1)
+    trace = pyro.poutine.trace(model).get_trace(rows)
+    prior = trace.nodes["z"]["fn"]
+    assert torch.allclose(prior.mean[:2], torch.tensor([[5.0, -5.0]] * 2))
+    assert torch.allclose(prior.mean[2:], torch.zeros(2, 2))
+    pyro.set_rng_seed(0)
+    draws = pyro.poutine.trace(lambda: model.sample(200, labels=3)).get_trace()
+    assert abs(draws.nodes["z"]["value"].mean(0) - torch.tensor([5.0, -5.0])).max() < 0.3
+    with pytest.raises(PyrovaeError, match="set model.labels = 'context'"):
+        build(load_spec(None, ['model.prior={kind="label_normal"}']), 64, (8, 8))

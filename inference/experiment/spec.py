@@ -271,7 +271,12 @@ def build(
             "model.prior kind 'vamp' needs q(z|x) of the top latent, which a stack of "
             "model.layers does not have in closed form; choose another prior or no layers"
         )
-    top = {**context, "latent_dim": dims[-1], "encoder": encoder}
+    top = {**context, "latent_dim": dims[-1], "encoder": encoder, "classes": m.classes}
+    if m.prior["kind"] == "label_normal" and m.labels != "context":
+        raise PyrovaeError(
+            "model.prior kind 'label_normal' is p(z | y) of a conditional VAE; set "
+            "model.labels = 'context'"
+        )
     prior = component(PRIORS, m.prior, "model.prior", top)
     out_features = (features - classes) * getattr(likelihood, "num_params", 1)
     decoder_context = {**context, "latent_dim": dims[0] + classes, "out_features": out_features}
@@ -371,6 +376,7 @@ def _constructor(
         "lr",
         "optimizer",
         "epochs",
+        "classes",
     }
     valid = [p for p in parameters if p not in context_names]
     options = {k: v for k, v in table.items() if k != "kind"}

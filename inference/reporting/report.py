@@ -357,7 +357,8 @@ def _histograms(run: Run, diag: Diagnostics) -> str:
         # The prior's own factors are the site's marginal only where the prior draws it: in a
         # stack the panels show z1, whose marginal is known through draws of the model.
         top = getattr(run.model, "latent_sites", (diag.primary,))[-1]
-        base = univariate_factors(run.model.prior()) if top == diag.primary else None
+        reads = getattr(run.model.prior, "reads_labels", False)  # p(z | y): no one marginal
+        base = univariate_factors(run.model.prior()) if top == diag.primary and not reads else None
         lo, hi = samples.min().item(), samples.max().item()
         if base is not None:
             grid = torch.linspace(min(lo, -4), max(hi, 4), 200, dtype=torch.float64)
