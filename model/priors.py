@@ -61,11 +61,12 @@ class LabelNormal(nn.Module):
     conditional VAE (``model.labels = "context"``): the labels are context of the prior too.
 
     Starts as N(0, I) for every class. ``reads_labels`` tells the model to call it with the
-    rows' one-hot labels.
+    rows' one-hot labels; called without them it is the marginal p(z) = mean_y p(z | y), a
+    mixture.
 
     Args:
         latent_dim: dimension of z.
-        classes: number of classes.
+        classes: number of classes (the spec fills in ``model.classes``).
 
     References:
         Learning Structured Output Representation using Deep Conditional Generative Models
@@ -74,14 +75,20 @@ class LabelNormal(nn.Module):
 
     reads_labels = True
 
-    def __init__(self, latent_dim: int, classes: int) -> None:
+    def __init__(self, latent_dim: int, classes: int = 10) -> None:
         super().__init__()
         _check_latent_dim(latent_dim)
+        _check_components(classes)
         self.loc = nn.Parameter(torch.zeros(classes, latent_dim))
         self.log_scale = nn.Parameter(torch.zeros(classes, latent_dim))
 
-    def forward(self, labels: Tensor) -> dist.Distribution:
-        """p(z | y) for one-hot ``labels (..., classes)``: batch shape ``labels.shape[:-1]``."""
+    def forward(self, labels: Tensor | None = None) -> dist.Distribution:
+        """p(z | y) for one-hot ``labels (..., classes)``, batch shape ``labels.shape[:-1]``;
+        the marginal over equally likely classes without them."""
+        if labels is None:
+            weights = dist.Categorical(logits=torch.zeros_like(self.loc[:, 0]))
+            components = dist.Normal(self.loc, self.log_scale.exp()).to_event(1)
+            return dist.MixtureSameFamily(weights, components)
         labels = labels.to(self.loc)
         return dist.Normal(labels @ self.loc, (labels @ self.log_scale).exp()).to_event(1)
 
