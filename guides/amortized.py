@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from pyrovae.model.distributions import as_pyro
 from pyrovae.model.networks import network
 from pyrovae.model.sites import DATA_PLATE, latent_sites
+from pyrovae.model.vae import split_labels
 
 
 class AmortizedGuide(nn.Module):
@@ -91,7 +92,7 @@ class SemiSupervisedGuide(nn.Module):
         self.latent_sites = latent_sites(1)
 
     def forward(self, rows: Tensor) -> Tensor | None:
-        x, code = rows[..., : -self.classes], rows[..., -self.classes :]
+        x, code = split_labels(rows, self.classes)
         known = code.sum(-1) > 0
         if known.any():
             with pyro.plate("labelled", int(known.sum())):

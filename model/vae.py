@@ -93,6 +93,12 @@ class VAE(nn.Module):
         return px.mean if mean else px.sample()
 
 
+def split_labels(rows: Tensor, classes: int) -> tuple[Tensor, Tensor]:
+    """``(x, one_hot(y))`` of rows laid out ``[x, one_hot(y)]``, as labelled models read
+    them; an unlabelled row's label columns are zero."""
+    return rows[..., :-classes], rows[..., -classes:]
+
+
 class ConditionalVAE(VAE):
     """A conditional VAE (Sohn et al., 2015): a label y is observed context of both networks.
 
@@ -127,7 +133,11 @@ class ConditionalVAE(VAE):
 
     def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, one_hot(y))``: a row's data columns and its label columns."""
-        return rows[..., : -self.classes], rows[..., -self.classes :]
+        return split_labels(rows, self.classes)
+
+    def _like(self) -> Tensor:
+        """An empty tensor of the model's dtype and device."""
+        return next(iter(self.parameters()), torch.empty(0))[:0]
 
     def context_of(self, rows: Tensor) -> Tensor:
         """The one-hot label of each row, what the decoder is given for it."""
@@ -142,7 +152,7 @@ class ConditionalVAE(VAE):
             raise ValueError(
                 f"labels must lie in [0, {self.classes}), got {labels.unique().tolist()}"
             )
-        like = next(iter(self.parameters()), torch.empty(0))
+        like = self._like()
         code = torch.nn.functional.one_hot(labels.to(like.device), self.classes)
         return code.to(like.dtype)
 
@@ -217,11 +227,9 @@ class SemiSupervisedVAE(ConditionalVAE):
 
     def label_prior(self) -> dist.Distribution:
         """p(y): uniform over the classes."""
-        probs = torch.full((self.classes,), 1 / self.classes, device=self._device())
+        like = self._like()
+        probs = torch.full((self.classes,), 1 / self.classes, dtype=like.dtype, device=like.device)
         return dist.OneHotCategorical(probs=probs)
-
-    def _device(self) -> torch.device:
-        return next(iter(self.parameters()), torch.empty(0)).device
 
     def forward(self, rows: Tensor) -> Tensor | None:
         x, code = self.split(rows)

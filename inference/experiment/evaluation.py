@@ -33,6 +33,7 @@ from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable,
 from pyrovae.inference.experiment.training import resolve_device
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.model.likelihoods import bits_per_dim
+from pyrovae.model.vae import split_labels
 
 __all__ = [
     "EVALUATION",
@@ -215,7 +216,7 @@ def _accuracy(run: Run, rows: Tensor, labels: Tensor | None) -> float | None:
     classifier = getattr(run.guide, "classifier", None)
     if classifier is None or labels is None or not len(labels):
         return None
-    x = rows[..., : -run.guide.classes]
+    x, _ = split_labels(rows, run.guide.classes)
     with torch.no_grad():
         guess = torch.cat([classifier(part).probs.argmax(-1) for part in x.split(1000)])
     return (guess == labels).double().mean().item()
