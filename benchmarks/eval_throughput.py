@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
+from common import find_mnist
 from torch import Tensor
 from torch.nn.functional import binary_cross_entropy_with_logits
 
@@ -37,9 +38,7 @@ from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import log_marginal_likelihood
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 
-REPO = Path(__file__).resolve().parents[1]
-
-MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
+MNIST = find_mnist()
 LATENT_DIM, HIDDEN, FEATURES = 50, [400], 784
 TEST_SET_SIZE, FULL_K = 10_000, 5000
 MEMORY_KS = (500, 5000)
@@ -285,8 +284,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args)
-    if not MNIST.is_file():
-        print(f"skipped: MNIST not found at {MNIST}")
+    if MNIST is None:
+        print("skipped: mnist.npz not found; set PYROVAE_DATA to its folder")
         return
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -37,6 +37,7 @@ from typing import Any
 
 import pyro
 import torch
+from common import find_mnist
 
 from pyrovae.inference import (
     Checkpoint,
@@ -69,7 +70,7 @@ BURDA_VAE, BURDA_IWAE = -86.76, -84.78
 def main() -> None:
     """Runs the grid, rewriting the results after every pair."""
     args = _parser().parse_args()
-    data_path = _find_data(args.data)
+    data_path = find_mnist(args.data)
     if data_path is None:
         print(
             "skipped: mnist.npz not found; pass --data DIR or set PYROVAE_DATA "
@@ -325,13 +326,6 @@ def _delta(row: dict[str, Any], baseline: dict[str, Any] | None) -> str:
 
 def _relative(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-
-
-def _find_data(data: str | None) -> Path | None:
-    """``mnist.npz`` from ``--data``, else ``$PYROVAE_DATA``, else ``../shared/data``."""
-    path = Path(data or os.environ.get("PYROVAE_DATA") or ROOT.parent / "shared" / "data")
-    path = path / "mnist.npz" if path.is_dir() else path
-    return path.resolve() if path.is_file() else None
 
 
 def _parser() -> argparse.ArgumentParser:

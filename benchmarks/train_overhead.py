@@ -12,7 +12,7 @@ the same process, epochs interleaved:
 The ratios of median epoch times to the plain loop are printed.
 
     .venv/bin/python benchmarks/train_overhead.py [--num-points 50000] [--repeats 3]
-        [--batch-size 128]
+        [--batch-size 128] [--device cuda] [--data DIR]
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyro
 import torch
+from common import find_mnist
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
 from torch import nn
@@ -36,7 +36,6 @@ from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import fit
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 LATENT, HIDDEN = 50, 400
 
 
@@ -63,11 +62,17 @@ class PlainVAE(nn.Module):
         return nll + log_q - log_p
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def plain_epoch(
     vae: PlainVAE, optimizer: torch.optim.Optimizer, x_train: torch.Tensor, batch: int
 ) -> float:
     n = x_train.shape[0]
-    order = torch.randperm(n)
+    order = torch.randperm(n, device=x_train.device)
+    synchronize(x_train.device)
     start_time = time.perf_counter()
     for start in range(0, n, batch):
         x = torch.bernoulli(x_train[order[start : start + batch]])
@@ -75,6 +80,7 @@ def plain_epoch(
         optimizer.zero_grad(set_to_none=True)
         (loss / x.shape[0]).backward()
         optimizer.step()
+    synchronize(x_train.device)
     return time.perf_counter() - start_time
 
 
@@ -93,7 +99,7 @@ def pyrovae_epoch(
         batch_size=batch,
         optimizer=optimizer,
         transform=torch.bernoulli,
-        device="cpu",
+        device=str(x_train.device),
         seed=None,
         progress=False,
     )
@@ -103,11 +109,13 @@ def pyrovae_epoch(
 def pyro_example_epoch(svi: SVI, x_train: torch.Tensor, batch: int) -> float:
     """The loop of Pyro's examples/vae/vae.py: SVI.step per batch, validation on."""
     n = x_train.shape[0]
-    order = torch.randperm(n)
+    order = torch.randperm(n, device=x_train.device)
+    synchronize(x_train.device)
     start_time = time.perf_counter()
     with pyro.validation_enabled(True):
         for start in range(0, n, batch):
             svi.step(torch.bernoulli(x_train[order[start : start + batch]]))
+    synchronize(x_train.device)
     return time.perf_counter() - start_time
 
 
@@ -117,13 +125,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="epochs of each, interleaved")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--data", help="mnist.npz or its folder (default: PYROVAE_DATA)")
     args = parser.parse_args()
-    if not MNIST.is_file():
-        sys.exit(f"skipped: MNIST not found at {MNIST}")
+    mnist = find_mnist(args.data)
+    if mnist is None:
+        sys.exit("skipped: mnist.npz not found; pass --data or set PYROVAE_DATA")
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     x_train = torch.from_numpy(
-        np.load(MNIST)["x_train"][: args.num_points].reshape(-1, 784) / 255.0
-    ).float()
+        np.load(mnist)["x_train"][: args.num_points].reshape(-1, 784) / 255.0
+    ).to(device, torch.float32)
 
     def modules() -> tuple[VAE, AmortizedGuide]:
         model = VAE(StandardNormal(LATENT), Decoder(LATENT, 784, [HIDDEN], "softplus"), Bernoulli())
@@ -133,10 +145,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, guide = modules()
+    model.to(device)
+    guide.to(device)
     pyro_opt = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-3)
-    plain = PlainVAE()
+    plain = PlainVAE().to(device)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     example_model, example_guide = modules()
+    example_model.to(device)
+    example_guide.to(device)
 
     def example_model_fn(x: torch.Tensor) -> None:
         pyro.module("decoder", example_model)
@@ -162,7 +178,9 @@ def main() -> None:
             times[name].append(run(x_train))
     reference = statistics.median(times["plain PyTorch"])
     print(
-        f"points per epoch: {len(x_train)}, batch {args.batch_size}, threads {torch.get_num_threads()}"
+        f"points per epoch: {len(x_train)}, batch {args.batch_size}, device {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, pyro {pyro.__version__}"
     )
     for name, values in times.items():
         ratio = statistics.median(values) / reference

@@ -1,0 +1,16 @@
+"""What the benchmarks share: where MNIST is found."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_mnist(data: str | None = None) -> Path | None:
+    """``mnist.npz`` from ``data`` (a file or a folder), else ``$PYROVAE_DATA``, else
+    ``../shared/data`` beside the checkout; None where it is not there."""
+    path = Path(data or os.environ.get("PYROVAE_DATA") or ROOT.parent / "shared" / "data")
+    path = path / "mnist.npz" if path.is_dir() else path
+    return path.resolve() if path.is_file() else None
