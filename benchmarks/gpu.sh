@@ -15,21 +15,7 @@
 set -uo pipefail
 out=$(realpath -m "${1:-${OUT:-runs/gpu}}")
 mkdir -p "$out"
-if ! python3 -c "import pyro, zuko, arviz" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/pyrovae
-  export PYTHONPATH=/tmp/site:/tmp/pkg
-fi
-export PYROVAE_DATA=${PYROVAE_DATA:-$PWD/.data}
-export PYROVAE_TEST_MNIST=${PYROVAE_TEST_MNIST:-$PYROVAE_DATA/mnist.npz}
-export PYTHONUNBUFFERED=1
-if ! command -v pyrovae >/dev/null; then  # the checkout, not installed: a launcher for it
-  mkdir -p /tmp/bin
-  printf '#!/usr/bin/env python3\nimport sys\nfrom pyrovae.inference.cli import main\nsys.exit(main())\n' >/tmp/bin/pyrovae
-  chmod +x /tmp/bin/pyrovae
-  export PATH=/tmp/bin:$PATH
-fi
+source "$(dirname "$0")/gpu_env.sh" || exit 1
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log
   local name=$1 limit=$2
   shift 2

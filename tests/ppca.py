@@ -16,7 +16,7 @@ def gaussian_posterior(
 ) -> tuple[Tensor, Tensor]:
     """Posterior of z ~ N(0, prior_var I), x|z ~ N(decoder(z), noise² I): loc and scale_tril."""
     weight, bias = decoder.weight, decoder.bias
-    eye = torch.eye(weight.shape[1], dtype=weight.dtype)
+    eye = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
     cov = torch.linalg.inv(eye / prior_var + weight.T @ weight / noise**2)
     loc = (x - bias) @ weight @ cov.T / noise**2
     return loc, torch.linalg.cholesky(cov).expand(len(x), *cov.shape)
@@ -25,7 +25,7 @@ def gaussian_posterior(
 def ppca_log_px(decoder: nn.Linear, noise: float, x: Tensor, prior_var: float = 1.0) -> Tensor:
     """The closed-form log p(x) per row of ``x``."""
     weight, bias = decoder.weight, decoder.bias
-    eye = torch.eye(weight.shape[0], dtype=x.dtype)
+    eye = torch.eye(weight.shape[0], dtype=x.dtype, device=x.device)
     return dist.MultivariateNormal(bias, prior_var * weight @ weight.T + noise**2 * eye).log_prob(x)
 
 

@@ -17,8 +17,12 @@ def test_there_are_configs():
     assert len(CONFIGS) >= 16
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_a_shipped_config_builds_and_steps(path):
+def test_a_shipped_config_builds_and_steps(path, device):
     spec = load_spec(path)
     classes = spec.model.classes if spec.model.labels != "none" else 0
     pyro.set_rng_seed(0)
@@ -28,6 +32,8 @@ def test_a_shipped_config_builds_and_steps(path):
         code = torch.eye(classes)[torch.arange(6) % classes]
         code[::2] = 0 if spec.model.labels == "latent" else code[::2]  # M2: half unlabelled
         x = torch.cat([x, code], 1)
-    loss = build_objective(spec)(model, guide)(x)
+    loss_fn = build_objective(spec)(model, guide).to(device)
+    loss = loss_fn(x.to(device))
     loss.backward()
-    assert torch.isfinite(loss)
+    assert torch.isfinite(loss) and loss.device.type == device
+    assert all(p.grad is None or p.grad.device.type == device for p in loss_fn.parameters())
