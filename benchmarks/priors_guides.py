@@ -30,7 +30,9 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,8 @@ BURDA_VAE, BURDA_IWAE = -86.76, -84.78
 def main() -> None:
     """Runs the grid, rewriting the results after every pair."""
     args = _parser().parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data_path = find_mnist(args.data)
     if data_path is None:
         print(
@@ -77,27 +81,85 @@ def main() -> None:
             f"(looked in {args.data or os.environ.get('PYROVAE_DATA') or ROOT.parent / 'shared' / 'data'})"
         )
         return
-    pairs = [(p, g) for p in args.priors for g in args.guides]
-    data = load_data("mnist", "dynamic", path=str(data_path))
-    rows = []
-    for prior, guide in pairs:
-        print(f"== {prior} x {guide}", flush=True)
-        row = run_pair(prior, guide, args, data_path, data)
-        rows.append(row)
-        print("   " + json.dumps(row), flush=True)
-        write_results(rows, args, Path(args.output))
+    runs = [(p, g, seed) for p in args.priors for g in args.guides for seed in args.seeds]
+    if args.jobs > 1:
+        rows = run_in_parallel(runs, args)
+    else:
+        data = load_data("mnist", "dynamic", path=str(data_path))
+        rows = []
+        for prior, guide, seed in runs:
+            print(f"== {prior} x {guide}, seed {seed}", flush=True)
+            row = run_pair(prior, guide, seed, args, data_path, data)
+            rows.append(row)
+            print("   " + json.dumps(row), flush=True)
+            write_results(rows, args, Path(args.output))
+    write_results(rows, args, Path(args.output))
     print(f"wrote {args.output}.md and {args.output}.json")
 
 
+def run_in_parallel(runs: list[tuple[str, str, int]], args: argparse.Namespace) -> list[dict]:
+    """Each (prior, guide, seed) in its own single-threaded process of this script, ``--jobs``
+    at a time (several runs share one GPU well: each step is mostly Python); the results are
+    rewritten as each finishes, in grid order."""
+    passed = _passed_options(args)
+    rows: dict[tuple[str, str, int], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def launch(prior: str, guide: str, seed: int) -> subprocess.Popen:
+            output = Path(tmp) / f"{prior}-{guide}-{seed}"
+            command = [
+                sys.executable, __file__, *passed, "--jobs", "1", "--threads", "1",
+                "--priors", prior, "--guides", guide, "--seeds", str(seed),
+                "--output", str(output),
+            ]  # fmt: skip
+            log = open(output.with_suffix(".log"), "w")  # noqa: SIM115 (closed with the process)
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+        pending, running = list(runs), {}
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                key = pending.pop(0)
+                running[key] = launch(*key)
+            time.sleep(1)
+            for key, process in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[key]
+                result = Path(tmp) / "{}-{}-{}.json".format(*key)
+                if process.returncode != 0 or not result.is_file():
+                    log = Path(tmp) / "{}-{}-{}.log".format(*key)
+                    print(f"== {key} failed:\n{log.read_text()[-2000:]}", flush=True)
+                    continue
+                rows[key] = json.loads(result.read_text())["rows"][0]
+                print(f"== {key[0]} x {key[1]}, seed {key[2]}: done", flush=True)
+                write_results([rows[k] for k in runs if k in rows], args, Path(args.output))
+    return [rows[k] for k in runs if k in rows]
+
+
+def _passed_options(args: argparse.Namespace) -> list[str]:
+    """The options every child process takes from this one."""
+    options = [
+        f"--epochs={args.epochs}", f"--num-test={args.num_test}",
+        f"--num-samples={args.num_samples}", f"--num-diagnose={args.num_diagnose}",
+        f"--runs={args.runs}", f"--max-train-minutes={args.max_train_minutes}",
+        f"--probe-steps={args.probe_steps}", f"--seed={args.seed}",
+        *(f"--set={item}" for item in args.set),
+    ]  # fmt: skip
+    if args.data:
+        options.append(f"--data={args.data}")
+    return options + (["--retrain"] if args.retrain else [])
+
+
 def run_pair(
-    prior: str, guide: str, args: argparse.Namespace, data_path: Path, data: Splits
+    prior: str, guide: str, seed: int, args: argparse.Namespace, data_path: Path, data: Splits
 ) -> dict[str, Any]:
-    """Trains (or reuses) one pair's run and estimates its test log p(x)."""
+    """Trains (or reuses) one pair's run with training seed ``seed`` and estimates its test
+    log p(x)."""
     config = ROOT / "configs" / f"mnist-{prior}-{guide}.toml"
-    run_dir = Path(args.runs) / f"{prior}-{guide}"
-    row: dict[str, Any] = {"prior": prior, "guide": guide, "epochs": args.epochs}
+    run_dir = Path(args.runs) / (f"{prior}-{guide}" + (f"-seed{seed}" if seed else ""))
+    row: dict[str, Any] = {"prior": prior, "guide": guide, "epochs": args.epochs, "seed": seed}
     row["probe_seconds_per_step"] = None
-    overrides = [f"data.path={data_path}", *args.set]
+    overrides = [f"data.path={data_path}", *args.set, f"train.seed={seed}"]
     spec = load_spec(config, overrides)
     row["steps_per_epoch"] = math.ceil(len(data.train) / spec.train.batch_size)
     checkpoint = Checkpoint.load(run_dir) if run_dir.is_dir() else None
@@ -218,8 +280,11 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, output: 
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        "threads": 1 if args.jobs > 1 else torch.get_num_threads(),
         "machine": platform.machine(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "seeds": args.seeds,
+        "jobs": args.jobs,
         "date": time.strftime("%Y-%m-%d"),
     }
     (output.with_suffix(".json")).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -235,16 +300,17 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Adam (lr 1e-3, batch 100, single-sample ELBO) on the 50k training split; test "
         f"figures on the first {meta['num_test']} MNIST test points (binarized once, fixed "
         f"seed) with K = {meta['num_samples']} importance samples from the guide. log p(x) is "
+        f"{_seeds_text(meta)}"
         "the mean over points ± its standard error across points; Δ is the paired difference "
-        "to standard x diagonal on the same points ± its standard error; test ELBO is the "
+        "to standard x diagonal on the same points ± its standard error (with several seeds: "
+        "to the baseline of the same seed, averaged, with each seed's Δ); test ELBO is the "
         "mean log weight; KL is the mean of log q(z|x) - log p(z) over the same draws; active "
         "units (of 50) and the marginal KL(q(z) ‖ p(z)) come from `diagnose` on the first "
         f"{meta['num_diagnose']} test points (4 draws each; the marginal KL of the N-point "
         "aggregate is biased up for finite N, equally for every pair); k̂ > 0.7 is the share "
         "of points whose K weights have a PSIS Pareto shape above 0.7 (estimate unreliable). "
         "Train s is the sum of the epochs' training time (no validation, no start-up); eval s "
-        "is the time of the log p(x) estimate, both on a 2-core CPU where timings vary by 10% "
-        "or more from run to run.",
+        f"is the time of the log p(x) estimate, both on {_where(meta)}.",
         "",
         "| prior | guide | epochs | test ELBO | log p(x) | Δ log p(x) | KL | active | marginal KL "
         "| k̂ > 0.7 | train s | eval s |",
@@ -252,35 +318,41 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     notes = []
     trained = [r for r in rows if "skipped" not in r]
-    baseline = next(
-        (r for r in trained if (r["prior"], r["guide"]) == ("standard", "diagonal")), None
-    )
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["prior"], row["guide"]), []).append(row)
+    baselines = {r.get("seed", 0): r for r in groups.get(("standard", "diagonal"), [])}
     per_step = [r["train_seconds"] / (r["epochs"] * r["steps_per_epoch"]) for r in trained]
     collapsed, unreliable = [], []
-    for row in rows:
-        if "skipped" in row:
-            lines.append(
-                f"| {row['prior']} | {row['guide']} | — | — | — | — | — | — | — | — | see note | — |"
-            )
+    for (prior, guide), group in groups.items():
+        done = [r for r in group if "skipped" not in r]
+        if not done:
+            lines.append(f"| {prior} | {guide} | — | — | — | — | — | — | — | — | see note | — |")
             others = (
                 f"; the trained pairs averaged {statistics.median(per_step):.3f} s per step "
                 "(median over pairs)"
                 if per_step
                 else ""
             )
-            notes.append(f"- {row['prior']} x {row['guide']}: {row['skipped']}{others}.")
+            notes.append(f"- {prior} x {guide}: {group[0]['skipped']}{others}.")
             continue
+
+        def mean(key: str, done: list[dict[str, Any]] = done) -> float:
+            return statistics.fmean(r[key] for r in done)
+
+        per_point = torch.tensor([r["log_px_per_point"] for r in done]).mean(0)
+        se = (per_point.std() / math.sqrt(len(per_point))).item()
         lines.append(
-            f"| {row['prior']} | {row['guide']} | {row['epochs']} | {row['test_elbo']:.2f} | "
-            f"{row['log_px']:.2f} ± {row['log_px_se_points']:.2f} | {_delta(row, baseline)} | "
-            f"{row['kl']:.2f} | {row['active_units']:.0f} | {row['marginal_kl']:.2f} | "
-            f"{100 * row['khat_bad_fraction']:.1f}% | {row['train_seconds']:.0f} | "
-            f"{row['eval_seconds']:.0f} |"
+            f"| {prior} | {guide} | {done[0]['epochs']} | {mean('test_elbo'):.2f} | "
+            f"{mean('log_px'):.2f} ± {se:.2f} | {_delta(done, baselines)} | "
+            f"{mean('kl'):.2f} | {mean('active_units'):.0f} | {mean('marginal_kl'):.2f} | "
+            f"{100 * mean('khat_bad_fraction'):.1f}% | {mean('train_seconds'):.0f} | "
+            f"{mean('eval_seconds'):.0f} |"
         )
-        name = f"{row['prior']} x {row['guide']}"
-        if row["kl"] < COLLAPSE_KL:
+        name = f"{prior} x {guide}"
+        if mean("kl") < COLLAPSE_KL:
             collapsed.append(name)
-        if row["khat_bad_fraction"] > 0.5:
+        if mean("khat_bad_fraction") > 0.5:
             unreliable.append(name)
     if collapsed:
         notes.append(
@@ -291,7 +363,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "collapse a stable optimum."
         )
     if unreliable:
-        everywhere = len(unreliable) == len(trained) - len(collapsed)
+        pairs_trained = {(r["prior"], r["guide"]) for r in trained}
+        everywhere = len(unreliable) == len(pairs_trained) - len(collapsed)
         where = "every pair without collapse" if everywhere else ", ".join(unreliable)
         notes.append(
             f"- k̂ > 0.7 for most points in {where}: the importance weights are "
@@ -301,8 +374,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     total = sum(r["train_seconds"] + r["eval_seconds"] for r in trained)
     lines += [
         "",
-        f"Command: `{meta['command']}` ({meta['cpus']} CPU cores, {meta['threads']} torch "
-        f"threads, torch {meta['torch']}, Pyro {meta['pyro']}, {meta['date']}). Training and "
+        f"Command: `{meta['command']}` ({meta.get('device', 'CPU')}, {meta['cpus']} CPU "
+        f"cores, {meta['threads']} torch threads, torch {meta['torch']}, Pyro {meta['pyro']}, "
+        f"{meta['date']}). Training and "
         f"evaluation of the trained pairs took {total / 60:.1f} minutes in all (the sum of the "
         "two time columns; start-up and the validation pass after each epoch come on top).",
         "",
@@ -316,12 +390,46 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _delta(row: dict[str, Any], baseline: dict[str, Any] | None) -> str:
-    """The paired difference of log p(x) to the baseline on the same points, ± its se."""
-    if baseline is None or row is baseline:
-        return "baseline" if row is baseline else "—"
-    diff = torch.tensor(row["log_px_per_point"]) - torch.tensor(baseline["log_px_per_point"])
-    return f"{diff.mean().item():+.2f} ± {(diff.std() / math.sqrt(len(diff))).item():.2f}"
+def _delta(rows: list[dict[str, Any]], baselines: dict[int, dict[str, Any]]) -> str:
+    """The paired difference of log p(x) to the baseline run of the same training seed on the
+    same points: its mean ± the standard error over points for one seed; with several seeds,
+    the mean over seeds and each seed's difference."""
+    if rows[0]["prior"] == "standard" and rows[0]["guide"] == "diagonal":
+        return "baseline"
+    deltas, errors = [], []
+    for row in rows:
+        baseline = baselines.get(row.get("seed", 0))
+        if baseline is None or "log_px_per_point" not in baseline:
+            continue
+        diff = torch.tensor(row["log_px_per_point"]) - torch.tensor(baseline["log_px_per_point"])
+        deltas.append(diff.mean().item())
+        errors.append((diff.std() / math.sqrt(len(diff))).item())
+    if not deltas:
+        return "—"
+    if len(deltas) == 1:
+        return f"{deltas[0]:+.2f} ± {errors[0]:.2f}"
+    seeds = ", ".join(f"{d:+.2f}" for d in deltas)
+    return f"{statistics.fmean(deltas):+.2f} (seeds: {seeds})"
+
+
+def _seeds_text(meta: dict[str, Any]) -> str:
+    seeds = meta.get("seeds", [0])
+    if len(seeds) == 1:
+        return ""
+    return (
+        f"Every pair is trained once per training seed ({', '.join(map(str, seeds))}) and "
+        "each figure is the mean over its runs; "
+    )
+
+
+def _where(meta: dict[str, Any]) -> str:
+    jobs = meta.get("jobs", 1)
+    shared = f", {jobs} runs at a time" if jobs > 1 else ""
+    if meta.get("device", "CPU") == "CPU":
+        return (
+            f"{meta['cpus']} CPU cores{shared}, where timings vary by 10% or more from run to run"
+        )
+    return f"one {meta['device']}{shared}, so times are those of a shared device"
 
 
 def _relative(path: Path) -> str:
@@ -365,6 +473,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--retrain", action="store_true", help="retrain finished runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds: a run of each pair each"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time, in processes")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return parser
 
 
