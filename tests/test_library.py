@@ -37,6 +37,7 @@ from pyrovae.inference import (
     log_marginal_likelihood,
     train_run,
 )
+from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.model import DATA_PLATE, OBSERVED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +201,9 @@ def test_train_run_and_evaluate_run_in_process(tmp_path):
 def test_a_run_trained_on_cuda_resumes_and_evaluates_on_either_device(tmp_path):
     run = train_run(None, tmp_path / "run", overrides=[*TINY, "train.device=cuda"], progress=False)
     assert all(p.is_cuda for p in (*run.model.parameters(), *run.guide.parameters()))
+    x = load_run_data(run.spec).test[:50]  # on the CPU: diagnose moves it to the run's device
+    d = diagnose(run.model, run.guide, x, num_samples=50, num_latent_samples=4)
+    assert math.isfinite(d.marginal_kl) and math.isfinite(d.summary()["log_px"])
     on_cpu = train_run(
         None, tmp_path / "run", overrides=["train.epochs=3", "train.device=cpu"], resume=True
     )

@@ -307,3 +307,6 @@ def test_cuda_matches_cpu(ppca):
     guide = AmortizedGuide(PPCAPosterior(decoder, NOISE))
     result = log_marginal_likelihood(vae.cuda(), guide.cuda(), x.cuda(), 500)
     torch.testing.assert_close(result.log_px, log_px, atol=1e-6, rtol=0)
+    # Data left on the CPU go to the programs' device.
+    result = log_marginal_likelihood(vae, guide, x, 500)
+    torch.testing.assert_close(result.log_px, log_px, atol=1e-6, rtol=0)

@@ -186,7 +186,7 @@ def log_marginal_likelihood(
         >>> result.log_px.mean(), (result.khat > 0.7).sum()
     """
     _check_arguments(x, num_samples, chunk_size, batch_size, max_memory, max_plate_nesting)
-    x = _in_model_dtype(x, model, guide)
+    x = like_parameters(x, model, guide)
     if max_memory is None:
         cpu = x.device.type == "cpu"
         max_memory = DEFAULT_MAX_MEMORY if cpu else DEFAULT_MAX_MEMORY_ACCELERATOR
@@ -244,9 +244,10 @@ def _check_arguments(
         raise ValueError("x contains NaN or infinite values; clean or impute the data first")
 
 
-def _in_model_dtype(x: Tensor, *programs: Program) -> Tensor:
-    """Floating data in the dtype of the programs' parameters (float64 data for a float32
-    model, say); integer data are refused, since their scale is unknown."""
+def like_parameters(x: Tensor, *programs: Program) -> Tensor:
+    """Floating data in the dtype and on the device of the programs' parameters (float64
+    data for a float32 model, CPU data for a model on a GPU, say); integer data are refused,
+    since their scale is unknown."""
     if not x.is_floating_point():
         raise ValueError(
             f"x has integer dtype {x.dtype}; pass floats in the scale the model was trained on "
@@ -256,7 +257,7 @@ def _in_model_dtype(x: Tensor, *programs: Program) -> Tensor:
         if isinstance(program, torch.nn.Module):
             for p in program.parameters():
                 if p.is_floating_point():
-                    return x.to(p.dtype)
+                    return x.to(p.device, p.dtype)
     return x
 
 

@@ -40,7 +40,11 @@ from pyro import poutine
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
-from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
+from pyrovae.inference.algorithms.marginal import (
+    MarginalLikelihood,
+    like_parameters,
+    log_marginal_likelihood,
+)
 from pyrovae.inference.algorithms.psis import khat_bad_fraction
 from pyrovae.inference.algorithms.scoring import (
     MAX_PLATE_NESTING,
@@ -280,6 +284,7 @@ def diagnose(
     """
     if x.dim() < 2 or len(x) < 2:
         raise ValueError(f"x must be (N, *features) with N >= 2, got shape {tuple(x.shape)}")
+    x = like_parameters(x, model, guide)
     for name, value in (("num_latent_samples", num_latent_samples), ("batch_size", batch_size)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
