@@ -138,3 +138,17 @@ class DiscretizedLogistic(dist.TorchDistribution):
         grid = torch.linspace(0, 1, self.levels, dtype=self.loc.dtype, device=self.loc.device)
         grid = grid.reshape(-1, *(1,) * len(self.batch_shape))
         return (grid * self.log_prob(grid).exp()).sum(0)
+
+
+@torch.distributions.kl.register_kl(dist.MultivariateNormal, dist.Independent)
+def _kl_mvn_diagonal_normal(q: dist.MultivariateNormal, p: dist.Independent) -> Tensor:
+    """KL(N(mu, L L^T) || N(m, diag(s^2))) in closed form: a full-covariance guide against a
+    diagonal Gaussian prior (torch registers MVN against MVN only)."""
+    base = p.base_dist
+    if not (isinstance(base, dist.Normal) and p.reinterpreted_batch_ndims == 1):
+        raise NotImplementedError
+    scale = base.scale.expand(q.loc.shape)
+    trace = (q.scale_tril / scale.unsqueeze(-1)).square().sum((-2, -1))
+    mahalanobis = ((q.loc - base.loc) / scale).square().sum(-1)
+    log_det = 2 * scale.log().sum(-1) - 2 * q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace + mahalanobis - q.loc.shape[-1] + log_det)
