@@ -56,9 +56,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PyrovaeError, OSError) as e:
         if args.debug:
             raise
-        print(f"pyrovae: error: {_one_line(e)}", file=sys.stderr)
+        line = f"pyrovae: error: {_one_line(e)}"
+        print(line, file=sys.stderr)
+        _tell_the_launcher(line)
         return 2
     return 0
+
+
+def _tell_the_launcher(line: str) -> None:
+    """Under torchrun, writes the error line where torch.distributed.elastic reads a failed
+    rank's error (``TORCHELASTIC_ERROR_FILE``), in the plain-message form it accepts, so that
+    the "Root Cause" of torchrun's own failure summary names it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    except OSError:
+        pass  # the line is on stderr already
 
 
 def _one_line(error: BaseException) -> str:

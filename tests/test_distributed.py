@@ -97,3 +97,22 @@ def test_two_processes_train_one_run_and_shard_its_evaluation(tmp_path):
         rtol=0,
         atol=1e-5,
     )
+
+
+def test_a_bad_input_under_torchrun_is_one_line_that_torchruns_summary_names(tmp_path):
+    """Each rank refuses with pyrovae's one line before any work; torchrun then prints its own
+    failure summary (and exits 1), whose root cause is that line rather than a pointer to
+    its documentation, and nothing is written."""
+    pyrovae = Path(sys.executable).with_name("pyrovae")
+    done = torchrun(
+        str(pyrovae), "train", "--out", "run", "--set", "train.batch_size=0", cwd=tmp_path
+    )
+    line = "pyrovae: error: train.batch_size must be an integer >= 1, got 0"
+    assert done.returncode != 0
+    ours = [text for text in done.stderr.splitlines() if text.startswith("pyrovae:")]
+    assert ours and set(ours) == {line}
+    assert f"traceback : {line}" in done.stderr
+    package = Path(__file__).parents[1]
+    for part in ("inference", "model", "guides"):  # no traceback through pyrovae's code
+        assert f'File "{package / part}' not in done.stderr
+    assert not (tmp_path / "run").exists()
