@@ -96,7 +96,17 @@ def test_exact_ppca_posterior_matches_mutual_information_and_prior():
     torch.testing.assert_close(d.prior_variance, torch.ones(3).double())
 
 
-def test_kl_falls_back_to_monte_carlo_without_a_factorized_closed_form():
+class LowRankExactPosterior(ExactPosterior):
+    """The same posterior as a ``LowRankMultivariateNormal`` (a zero factor): torch has no
+    closed-form KL from it to a diagonal Gaussian prior."""
+
+    def forward(self, x: Tensor) -> dist.Distribution:
+        q = super().forward(x).base_dist
+        factor = q.loc.new_zeros(*q.loc.shape, 1)
+        return dist.LowRankMultivariateNormal(q.loc, factor, q.scale.square())
+
+
+def test_a_full_covariance_guide_gets_its_kl_in_closed_form_but_not_per_dimension():
     model = ppca()
     x = model.sample(40, mean=False)
     exact = diagnose(model, AmortizedGuide(ExactPosterior(model.decoder)), x, num_samples=0)
@@ -105,14 +115,29 @@ def test_kl_falls_back_to_monte_carlo_without_a_factorized_closed_form():
         AmortizedGuide(ExactPosterior(model.decoder, full_covariance=True)),
         x,
         num_samples=0,
+    )
+    assert full.kl_method == "analytic" and full.kl_per_dim is None
+    torch.testing.assert_close(full.kl, exact.kl, atol=1e-9, rtol=0)
+    torch.testing.assert_close(full.posterior_mean, exact.posterior_mean)
+
+
+def test_kl_falls_back_to_monte_carlo_without_a_closed_form():
+    model = ppca()
+    x = model.sample(40, mean=False)
+    exact = diagnose(model, AmortizedGuide(ExactPosterior(model.decoder)), x, num_samples=0)
+    low_rank = diagnose(
+        model,
+        AmortizedGuide(LowRankExactPosterior(model.decoder)),
+        x,
+        num_samples=0,
         num_latent_samples=200,
     )
-    assert full.kl_method == "monte carlo" and full.kl_per_dim is None
-    assert any("Monte Carlo" in note for note in full.notes)
+    assert low_rank.kl_method == "monte carlo" and low_rank.kl_per_dim is None
+    assert any("Monte Carlo" in note for note in low_rank.notes)
     # 200 draws: the Monte Carlo KL of each point has a standard deviation under 0.1 nats.
-    torch.testing.assert_close(full.kl, exact.kl, atol=0.3, rtol=0)
-    assert full.kl.mean().item() == pytest.approx(exact.kl.mean().item(), abs=0.05)
-    torch.testing.assert_close(full.posterior_mean, exact.posterior_mean)
+    torch.testing.assert_close(low_rank.kl, exact.kl, atol=0.3, rtol=0)
+    assert low_rank.kl.mean().item() == pytest.approx(exact.kl.mean().item(), abs=0.05)
+    torch.testing.assert_close(low_rank.posterior_mean, exact.posterior_mean)
 
 
 def test_importance_sampling_summary_with_an_exact_guide():

@@ -91,10 +91,19 @@ def test_elbo_with_exact_posterior_equals_log_marginal(objective):
         covariance_matrix=weight @ weight.T + sigma**2 * torch.eye(features, dtype=torch.float64),
     )
     exact = marginal.log_prob(x).sum()
+    if objective is elbo:
+        with torch.no_grad():
+            estimate = -objective(num_particles=3)(model, guide)(x)
+        # Every Monte Carlo sample of log p(x, z) - log q(z|x) equals log p(x) when q is exact.
+        torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-9)
+        return
+    # With the KL in closed form only E_q[log p(x|z)] is sampled: the estimate is unbiased but
+    # not exact. One particle's standard deviation here is 3.3 nats, so 10,000 particles give
+    # 0.033; the tolerance is 4.5 of those.
+    torch.manual_seed(0)
     with torch.no_grad():
-        estimate = -objective(num_particles=3)(model, guide)(x)
-    # Every Monte Carlo sample of log p(x, z) - log q(z|x) equals log p(x) when q is exact.
-    torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-9)
+        estimate = -objective(num_particles=10_000)(model, guide)(x)
+    torch.testing.assert_close(estimate, exact, rtol=0, atol=0.15)
 
 
 def test_elbo_below_log_marginal_with_wrong_guide():
