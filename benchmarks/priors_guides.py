@@ -112,8 +112,8 @@ def run_in_parallel(runs: list[tuple[str, str, int]], args: argparse.Namespace) 
                 "--priors", prior, "--guides", guide, "--seeds", str(seed),
                 "--output", str(output),
             ]  # fmt: skip
-            log = open(output.with_suffix(".log"), "w")  # noqa: SIM115 (closed with the process)
-            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            with open(output.with_suffix(".log"), "w") as log:  # the child keeps its own copy
+                return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
         pending, running = list(runs), {}
         while pending or running:

@@ -147,7 +147,7 @@ def _kl_mvn_diagonal_normal(q: dist.MultivariateNormal, p: dist.Independent) -> 
     base = p.base_dist
     if not (isinstance(base, dist.Normal) and p.reinterpreted_batch_ndims == 1):
         raise NotImplementedError
-    scale = base.scale.expand(q.loc.shape)
+    scale = base.scale.expand(torch.broadcast_shapes(q.loc.shape, base.scale.shape))
     trace = (q.scale_tril / scale.unsqueeze(-1)).square().sum((-2, -1))
     mahalanobis = ((q.loc - base.loc) / scale).square().sum(-1)
     log_det = 2 * scale.log().sum(-1) - 2 * q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
