@@ -71,7 +71,10 @@ BURDA_VAE, BURDA_IWAE = -86.76, -84.78
 
 def main() -> None:
     """Runs the grid, rewriting the results after every pair."""
-    args = _parser().parse_args()
+    parser = _parser()
+    args = parser.parse_args()
+    if args.jobs < 1 or min(args.seeds) < 0:
+        parser.error("--jobs must be at least 1 and every --seeds value at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     data_path = find_mnist(args.data)
