@@ -7,6 +7,11 @@ decoders make), where ``hidden`` lists units per layer for an MLP and channels p
 convolution for a conv network. The head turns the trunk's output into the distribution:
 diagonal, full-covariance or low-rank Gaussian, or a conditional flow
 (:class:`~pyrovae.guides.flows.FlowEncoder`).
+
+The richer heads have a ``base_only`` switch: while it is on, the head gives its diagonal
+Gaussian base (the same loc and scales, no correlations, no flow), which is how a guide
+warm-up (``pyrovae.inference.GuideWarmup``, ``train.guide_warmup``) trains a richer guide as
+the diagonal one for its first epochs.
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ class FullCovarianceHead(nn.Module):
     entries' learning by the same factor: with a single-sample ELBO their gradients are
     mostly noise, and Adam, which steps every weight by about the learning rate whatever its
     gradient's size, would otherwise let D (D - 1) / 2 noisy correlations wander.
+
+    With ``base_only`` set, q is the diagonal Gaussian of the same loc and diagonal entries
+    (the factor's diagonal is exactly the diagonal guide's scale).
     """
 
     def __init__(
@@ -101,9 +109,13 @@ class FullCovarianceHead(nn.Module):
         rows, cols = torch.tril_indices(latent_dim, latent_dim)
         factor = torch.where(rows == cols, 1.0, off_diagonal_scale)
         self.register_buffer("factor", factor, persistent=False)
+        self.base_only = False
 
     def forward(self, params: Tensor) -> dist.Distribution:
         loc, tril = params[..., : self.latent_dim], params[..., self.latent_dim :]
+        if self.base_only:
+            diagonal = vec_to_tril_matrix(tril).diagonal(dim1=-2, dim2=-1)
+            return dist.Normal(loc, softplus(diagonal) + self.min_scale).to_event(1)
         scale_tril = self.to_cholesky(vec_to_tril_matrix(tril * self.factor.to(tril)))
         eye = torch.eye(self.latent_dim, dtype=params.dtype, device=params.device)
         return dist.MultivariateNormal(loc, scale_tril=scale_tril + self.min_scale * eye)
@@ -112,7 +124,8 @@ class FullCovarianceHead(nn.Module):
 class LowRankHead(nn.Module):
     """A ``LowRankMultivariateNormal`` with covariance ``W W^T + D`` of rank ``rank``; W is the
     outputs times ``factor_scale``, small for the reason :class:`FullCovarianceHead` gives
-    (and not zero: W's gradient vanishes at W = 0)."""
+    (and not zero: W's gradient vanishes at W = 0). With ``base_only`` set, q is the diagonal
+    Gaussian ``N(loc, D)``."""
 
     def __init__(
         self, latent_dim: int, rank: int = 1, min_scale: float = 1e-4, factor_scale: float = 0.01
@@ -128,11 +141,14 @@ class LowRankHead(nn.Module):
         self.rank = int(rank)
         self.min_scale = min_scale
         self.factor_scale = factor_scale
+        self.base_only = False
 
     def forward(self, params: Tensor) -> dist.Distribution:
         loc, raw_scale, factor = params.split(
             [self.latent_dim, self.latent_dim, self.latent_dim * self.rank], dim=-1
         )
+        if self.base_only:
+            return dist.Normal(loc, softplus(raw_scale) + self.min_scale).to_event(1)
         cov_factor = self.factor_scale * factor.unflatten(-1, (self.latent_dim, self.rank))
         cov_diag = (softplus(raw_scale) + self.min_scale) ** 2
         return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)

@@ -35,7 +35,8 @@ class ContextDiagNormal(zuko.lazy.LazyDistribution):
 
 
 class FlowHead(nn.Module):
-    """The head of a flow encoder: ``ZukoToPyro(flow(h))`` for a conditional zuko flow.
+    """The head of a flow encoder: ``ZukoToPyro(flow(h))`` for a conditional zuko flow; with
+    ``base_only`` set, the flow's base distribution alone, ``ZukoToPyro(flow.base(h))``.
 
     Args:
         flow: a zuko flow conditioned on a context of ``context_features`` numbers.
@@ -46,8 +47,11 @@ class FlowHead(nn.Module):
         super().__init__()
         self.flow = flow
         self.in_features = context_features
+        self.base_only = False
 
     def forward(self, context: Tensor) -> dist.Distribution:
+        if self.base_only:
+            return ZukoToPyro(self.flow.base(context).expand(context.shape[:-1]))
         return ZukoToPyro(self.flow(context))
 
 

@@ -41,6 +41,7 @@ from pyrovae.inference.experiment.callbacks import (
     CollapseAlarm,
     EarlyStopping,
     FitState,
+    GuideWarmup,
     ProgressBar,
 )
 from pyrovae.inference.experiment.data import Splits, load_data
@@ -73,6 +74,7 @@ __all__ = [
     "CyclicalAnnealing",
     "Diagnostics",
     "EarlyStopping",
+    "GuideWarmup",
     "Evaluation",
     "FitState",
     "FreeBits",

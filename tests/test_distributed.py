@@ -1,5 +1,6 @@
 """Two processes under torchrun on the CPU (gloo): one run, written once, the same parameters
-on both ranks, and a sharded evaluation equal to the single-process one per point."""
+on both ranks (a flow guide whose flow waits out a one-epoch guide warm-up without gradients),
+and a sharded evaluation equal to the single-process one per point."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+FLOW_GUIDE_WARMED_UP = ['guide.encoder.kind="flow"', "train.guide_warmup=1"]
+"""A flow guide whose flow gets no gradient in the first epoch: DDP must expect that."""
+
+
 def test_two_processes_train_one_run_and_shard_its_evaluation(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(
@@ -39,7 +44,7 @@ def test_two_processes_train_one_run_and_shard_its_evaluation(tmp_path):
             import os, sys, torch
             from pyrovae.inference import train_run
 
-            run = train_run(None, "run", overrides={SMALL!r}, progress=False)
+            run = train_run(None, "run", overrides={[*SMALL, *FLOW_GUIDE_WARMED_UP]!r}, progress=False)
             state = {{**run.model.state_dict(), **run.guide.state_dict()}}
             torch.save({{"state": state, "history": run.history}}, f"rank{{os.environ['RANK']}}.pt")
             """

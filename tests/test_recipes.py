@@ -20,12 +20,14 @@ from pyrovae.inference import (
     CollapseAlarm,
     EarlyStopping,
     FitState,
+    GuideWarmup,
     fit,
     load_data,
     load_spec,
     train_run,
 )
-from pyrovae.inference.experiment.callbacks import collapse_message
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.callbacks import Callback, collapse_message, set_base_only
 from pyrovae.inference.experiment.spec import build_lr_schedule
 from pyrovae.model import (
     VAE,
@@ -112,6 +114,113 @@ def test_fit_starts_vamp_pseudo_inputs_and_a_learned_scale_from_the_data(digits)
     fixed = Gaussian(scale=0.3, learn_scale=True, scale_from_data=False)
     fixed.initialize_from_data(grey)
     assert fixed.log_scale.exp().item() == pytest.approx(0.3)
+
+
+# --- guide warm-up ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fullcov", "lowrank", "flow"])
+def test_a_richer_head_switched_to_its_base_is_the_diagonal_gaussian_of_its_loc_and_scales(
+    kind, digits
+):
+    torch.manual_seed(0)
+    x = digits.train[:20]
+    if kind == "flow":
+        encoder = FlowEncoder(64, D, hidden=[32], context_features=8)
+        base = encoder.head.flow.base(encoder.net(x))
+        loc, scale = base.mean, base.stddev
+    else:
+        cls = FullCovarianceNormal if kind == "fullcov" else LowRankNormal
+        encoder = cls(64, D, hidden=[32])
+        full = encoder(x)
+        loc = full.loc
+        scale = (
+            full.scale_tril.diagonal(dim1=-2, dim2=-1)
+            if kind == "fullcov"
+            else full.cov_diag.sqrt()
+        )
+    assert set_base_only(encoder, True) == 1
+    q = encoder(x)
+    z = q()  # Pyro distributions (ZukoToPyro too) draw through their call
+    expected = dist.Normal(loc, scale).to_event(1).log_prob(z)
+    torch.testing.assert_close(q.log_prob(z), expected, rtol=1e-5, atol=1e-5)
+    assert q.batch_shape == (20,) and q.event_shape == (D,)
+    assert set_base_only(encoder, False) == 1
+    assert set_base_only(DiagonalNormal(64, D, hidden=[32]), True) == 0
+
+
+def test_a_guide_warm_up_trains_the_base_alone_and_hands_back_the_full_guide(digits):
+    torch.manual_seed(0)
+    encoder = FlowEncoder(64, D, hidden=[16], context_features=8)
+    model = VAE(StandardNormal(D), Decoder(D, 64, [16]), Bernoulli())
+    guide = AmortizedGuide(encoder)
+    flow = {k: v.clone() for k, v in encoder.head.flow.transform.state_dict().items()}
+    trunk = {k: v.clone() for k, v in encoder.net.state_dict().items()}
+    seen = []
+
+    class Watch(Callback):
+        def on_step_end(self, state, step, loss):
+            if step == 0:
+                seen.append(encoder.head.base_only)
+
+    fit(model, guide, digits.train[:256], epochs=2, batch_size=64, guide_warmup=2,
+        callbacks=[Watch()], progress=False)  # fmt: skip
+    assert seen == [True, True] and not encoder.head.base_only
+    for key, value in encoder.head.flow.transform.state_dict().items():
+        torch.testing.assert_close(value, flow[key], rtol=0, atol=0)
+    assert any(not torch.equal(v, trunk[k]) for k, v in encoder.net.state_dict().items())
+
+    fit(model, guide, digits.train[:256], epochs=1, batch_size=64, progress=False)
+    moved = encoder.head.flow.transform.state_dict()
+    assert any(not torch.equal(v, flow[k]) for k, v in moved.items())
+
+
+def test_the_guide_warm_up_follows_the_epoch_and_the_spec_and_early_stopping_waits(tmp_path):
+    warmup = GuideWarmup(2)
+    guide = AmortizedGuide(FullCovarianceNormal(8, 2, hidden=[4]))
+    state = FitState(None, guide, None, None, epochs=5, steps_per_epoch=1, batch_size=1)
+    switched = []
+    for epoch in (1, 2, 3, 2):  # the last: a run resumed inside its warm-up
+        state.epoch = epoch
+        warmup.on_epoch_start(state)
+        switched.append(guide.encoder.head.base_only)
+    assert switched == [True, True, False, True]
+    warmup.on_fit_end(state)
+    assert not guide.encoder.head.base_only
+    with pytest.raises(PyrovaeError, match="at least 1"):
+        GuideWarmup(0)
+
+    seen = []
+
+    class Watch(Callback):
+        """Records the switch, and makes every epoch's validation ELBO look worse than the last
+        one's (-1, -2, ...: far above the real one until rewritten, after early stopping ran)."""
+
+        def on_epoch_end(self, state):
+            seen.append(state.guide.encoder.head.base_only)
+            state.history[-1]["validation_elbo"] = -float(state.epoch)
+
+    overrides = [
+        "model.latent_dim=2",
+        "model.decoder.hidden=[16]",
+        "guide.encoder.hidden=[16]",
+        'guide.encoder.kind="full_covariance_normal"',
+        "train.batch_size=256",
+        "train.epochs=3",
+        "train.patience=1",
+    ]
+    run = train_run(
+        None, tmp_path / "r", overrides=[*overrides, "train.guide_warmup=2"], progress=False,
+        callbacks=[Watch()],
+    )  # fmt: skip
+    assert seen == [True, True, False]
+    # Early stopping counts from the end of the warm-up; without it, patience 1 ends epoch 2.
+    assert len(run.history) == 3
+    seen.clear()
+    run = train_run(None, tmp_path / "s", overrides=overrides, progress=False, callbacks=[Watch()])
+    assert seen == [False, False] and len(run.history) == 2
+    with pytest.raises(PyrovaeError, match="guide_warmup"):
+        load_spec(None, ["train.guide_warmup=-1"])
 
 
 # --- learning-rate schedules ----------------------------------------------------------------

@@ -154,6 +154,7 @@ class TrainSpec:
     seed: int = _ranged(0, 0, 2**32 - 1)  # NumPy seeds take 32 bits
     grad_clip: float | None = _ranged(None, 0, above=True)
     patience: int | None = _ranged(None, 1)
+    guide_warmup: int = _ranged(0, 0)  # epochs a richer guide trains as its diagonal base
     device: str = "auto"
     log: str = "none"
 

@@ -27,6 +27,7 @@ from pyrovae.inference.experiment.callbacks import (
     Checkpointing,
     EarlyStopping,
     FitState,
+    GuideWarmup,
     ProgressBar,
     device_of,
 )
@@ -80,6 +81,7 @@ def fit(
     lr_scheduler: Any = None,
     grad_clip: float | None = None,
     patience: int | None = None,
+    guide_warmup: int = 0,
     transform: Callable[[Tensor], Tensor] | None = None,
     device: str | torch.device = "auto",
     seed: int | None = 0,
@@ -115,6 +117,8 @@ def fit(
             checkpointed with the run.
         grad_clip: clip the gradient norm to this value.
         patience: shorthand for an :class:`EarlyStopping` callback.
+        guide_warmup: shorthand for a :class:`GuideWarmup` callback of that many epochs
+            (0: none): a richer guide trains as its diagonal base first.
         transform: applied to every training batch on the device, e.g. ``torch.bernoulli``
             for dynamic binarization.
         device: ``auto``, ``cpu``, ``cuda``...; modules are moved there.
@@ -152,6 +156,8 @@ def fit(
         if x_val is None:
             raise PyrovaeError("early stopping (patience) needs validation data")
         callbacks.append(EarlyStopping(patience))
+    if guide_warmup:
+        callbacks.append(GuideWarmup(guide_warmup))
     if progress:
         callbacks.append(ProgressBar())
     if seed is not None:
@@ -179,7 +185,9 @@ def fit(
     )
     train_module = loss_fn
     if world > 1:
-        train_module = _data_parallel(loss_fn, model, guide, device, batch_size, world)
+        # A guide warm-up leaves the richer part of the guide without gradients at first.
+        warmup = any(isinstance(c, GuideWarmup) for c in callbacks)
+        train_module = _data_parallel(loss_fn, model, guide, device, batch_size, world, warmup)
         # Every rank starts from rank 0's parameters (DDP broadcasts them); its own draws.
         pyro.set_rng_seed((0 if seed is None else seed) + 7919 * rank)
 
@@ -190,6 +198,8 @@ def fit(
                 callback.on_fit_start(state)
             while len(state.history) < epochs and not state.stop:
                 state.epoch = len(state.history) + 1
+                for callback in callbacks:
+                    callback.on_epoch_start(state)
                 seconds, train_elbo = _train_epoch(
                     state,
                     train_module,
@@ -313,8 +323,10 @@ def _data_parallel(
     device: torch.device,
     batch_size: int,
     world: int,
+    unused: bool = False,
 ) -> nn.Module:
-    """The loss module in ``DistributedDataParallel``, as Pyro's Lightning example wraps it."""
+    """The loss module in ``DistributedDataParallel``, as Pyro's Lightning example wraps it;
+    ``unused``: some parameters may get no gradient in a step (DDP must look for them)."""
     if not (isinstance(model, nn.Module) and isinstance(guide, nn.Module)):
         raise PyrovaeError("training on several processes needs model and guide as nn.Modules")
     if batch_size < world:
@@ -323,7 +335,9 @@ def _data_parallel(
             f"processes, {world}"
         )
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(loss_fn, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(
+        loss_fn, device_ids=device_ids, find_unused_parameters=unused
+    )
 
 
 def _train_epoch(

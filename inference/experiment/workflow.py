@@ -23,6 +23,7 @@ from pyrovae.inference.experiment.callbacks import (
     CollapseAlarm,
     EarlyStopping,
     FitState,
+    GuideWarmup,
     TensorBoard,
 )
 from pyrovae.inference.experiment.data import Splits, check_data, load_data
@@ -168,11 +169,16 @@ def train_run(
             spec=resolved.to_toml(),
         )
         own = [checkpointing] if staging is None else [checkpointing, _Promote(checkpointing, out)]
+        if train.guide_warmup:
+            own.append(GuideWarmup(train.guide_warmup))
         if train.patience is not None:
-            # A KL warm-up lowers the ELBO while it runs: early stopping waits for its end.
+            # A KL warm-up lowers the ELBO while it runs, and a guide warm-up trains another
+            # guide: early stopping waits for the end of both.
             steps = math.ceil(len(data.train) / train.batch_size)
             warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
-            own.append(EarlyStopping(train.patience, start_epoch=warmup + 1))
+            own.append(
+                EarlyStopping(train.patience, start_epoch=max(warmup, train.guide_warmup) + 1)
+            )
         own.append(CollapseAlarm())
         if train.log == "tensorboard":
             own.append(
