@@ -221,6 +221,14 @@ def test_the_guide_warm_up_follows_the_epoch_and_the_spec_and_early_stopping_wai
     assert seen == [False, False] and len(run.history) == 2
     with pytest.raises(PyrovaeError, match="guide_warmup"):
         load_spec(None, ["train.guide_warmup=-1"])
+    # A diagonal guide has nothing to warm up: refused before the run directory is made.
+    with pytest.raises(PyrovaeError, match="nothing to hold back"):
+        train_run(None, tmp_path / "t", overrides=["train.guide_warmup=2"], progress=False)
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(PyrovaeError, match="nothing to hold back"):
+        fit(VAE(StandardNormal(2), Decoder(2, 8, [4]), Bernoulli()),
+            AmortizedGuide(DiagonalNormal(8, 2, hidden=[4])), torch.rand(16, 8).round(),
+            guide_warmup=1, progress=False)  # fmt: skip
 
 
 # --- learning-rate schedules ----------------------------------------------------------------

@@ -217,11 +217,24 @@ class GuideWarmup(Callback):
             )
         self.epochs = int(epochs)
 
+    def on_fit_start(self, state: FitState) -> None:
+        check_warmup(state.guide, self.epochs)
+
     def on_epoch_start(self, state: FitState) -> None:
         set_base_only(state.guide, state.epoch <= self.epochs)
 
     def on_fit_end(self, state: FitState) -> None:
         set_base_only(state.guide, False)
+
+
+def check_warmup(guide: Any, epochs: int) -> None:
+    """Refuses a guide warm-up that would change nothing: a guide without a richer head."""
+    if epochs and set_base_only(guide, False) == 0:
+        raise PyrovaeError(
+            f"a guide warm-up of {epochs} epochs has nothing to hold back: the guide has no "
+            "full-covariance, low-rank or flow head; use one of those encoders or drop the warm-up "
+            "(train.guide_warmup = 0)"
+        )
 
 
 def set_base_only(guide: Any, on: bool) -> int:

@@ -25,6 +25,7 @@ from pyrovae.inference.experiment.callbacks import (
     FitState,
     GuideWarmup,
     TensorBoard,
+    check_warmup,
 )
 from pyrovae.inference.experiment.data import Splits, check_data, load_data
 from pyrovae.inference.experiment.distributed import process_group, rank_and_world
@@ -149,6 +150,7 @@ def train_run(
         check_data(
             data.test, "test data", getattr(getattr(model, "likelihood", None), "support", None)
         )
+        check_warmup(guide, train.guide_warmup)
         _probe_step(model, guide, objective, schedule, data, train.batch_size)
         if resume:
             check_writable(out / SPEC, "run")
