@@ -203,8 +203,8 @@ class GuideWarmup(Callback):
     (their q is exactly the prior) and puts the information in the others. A full-covariance
     or flow guide trained from the first step spreads it over rotated directions instead and
     after 10 MNIST epochs is 2 to 4 nats below the diagonal guide; warmed up for 5 epochs it
-    starts learning correlations from the diagonal guide's solution (README, prior x guide
-    grid).
+    starts learning correlations from the diagonal guide's solution. With learned priors the
+    warm-up gained 1.6 nats on one seed as well (README, prior x guide grid).
 
     Args:
         epochs: epochs of the warm-up, at least 1.
@@ -319,9 +319,6 @@ class ProgressBar(Callback):
         self.bar = tqdm(total=remaining, unit="batch", disable=None if state.rank == 0 else True)
         # Reading the running loss syncs with the device: a few times per epoch only.
         self.refresh = max(1, state.steps_per_epoch // 10)
-
-    def on_epoch_start(self, state: FitState) -> None:
-        """Before the optimizer steps of epoch ``state.epoch``."""
 
     def on_step_end(self, state: FitState, step: int, loss: Tensor) -> None:
         if self.bar is None or self.bar.disable:

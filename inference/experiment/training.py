@@ -116,7 +116,8 @@ def fit(
             after every epoch's validation (``ReduceLROnPlateau`` on the validation ELBO);
             checkpointed with the run.
         grad_clip: clip the gradient norm to this value.
-        patience: shorthand for an :class:`EarlyStopping` callback.
+        patience: shorthand for an :class:`EarlyStopping` callback (counting from the end
+            of a guide warm-up).
         guide_warmup: shorthand for a :class:`GuideWarmup` callback of that many epochs
             (0: none): a richer guide trains as its diagonal base first.
         transform: applied to every training batch on the device, e.g. ``torch.bernoulli``
@@ -155,7 +156,7 @@ def fit(
     if patience is not None:
         if x_val is None:
             raise PyrovaeError("early stopping (patience) needs validation data")
-        callbacks.append(EarlyStopping(patience))
+        callbacks.append(EarlyStopping(patience, start_epoch=guide_warmup + 1))
     if guide_warmup:
         callbacks.append(GuideWarmup(guide_warmup))
     if progress:
