@@ -109,13 +109,15 @@ class FullCovarianceHead(nn.Module):
         rows, cols = torch.tril_indices(latent_dim, latent_dim)
         factor = torch.where(rows == cols, 1.0, off_diagonal_scale)
         self.register_buffer("factor", factor, persistent=False)
+        # Where the diagonal entries sit in the packed lower triangle (row-major).
+        self.register_buffer("diagonal", (rows == cols).nonzero().squeeze(-1), persistent=False)
         self.base_only = False
 
     def forward(self, params: Tensor) -> dist.Distribution:
         loc, tril = params[..., : self.latent_dim], params[..., self.latent_dim :]
         if self.base_only:
-            diagonal = vec_to_tril_matrix(tril).diagonal(dim1=-2, dim2=-1)
-            return dist.Normal(loc, softplus(diagonal) + self.min_scale).to_event(1)
+            scale = softplus(tril[..., self.diagonal]) + self.min_scale
+            return dist.Normal(loc, scale).to_event(1)
         scale_tril = self.to_cholesky(vec_to_tril_matrix(tril * self.factor.to(tril)))
         eye = torch.eye(self.latent_dim, dtype=params.dtype, device=params.device)
         return dist.MultivariateNormal(loc, scale_tril=scale_tril + self.min_scale * eye)

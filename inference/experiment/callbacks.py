@@ -229,7 +229,7 @@ class GuideWarmup(Callback):
 
 def check_warmup(guide: Any, epochs: int) -> None:
     """Refuses a guide warm-up that would change nothing: a guide without a richer head."""
-    if epochs and set_base_only(guide, False) == 0:
+    if epochs and not _switchable(guide):
         raise PyrovaeError(
             f"a guide warm-up of {epochs} epochs has nothing to hold back: the guide has no "
             "full-covariance, low-rank or flow head; use one of those encoders or drop the warm-up "
@@ -240,14 +240,17 @@ def check_warmup(guide: Any, epochs: int) -> None:
 def set_base_only(guide: Any, on: bool) -> int:
     """Sets the ``base_only`` switch of every submodule of ``guide`` that has one; returns how
     many have one (0 for a diagonal guide, or a guide that is not an ``nn.Module``)."""
-    heads = (
-        [m for m in guide.modules() if hasattr(m, "base_only")]
-        if isinstance(guide, nn.Module)
-        else []
-    )
+    heads = _switchable(guide)
     for head in heads:
         head.base_only = on
     return len(heads)
+
+
+def _switchable(guide: Any) -> list[nn.Module]:
+    """The submodules of ``guide`` with a ``base_only`` switch."""
+    if not isinstance(guide, nn.Module):
+        return []
+    return [m for m in guide.modules() if hasattr(m, "base_only")]
 
 
 COLLAPSE_KL = 0.1
