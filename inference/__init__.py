@@ -56,11 +56,13 @@ from pyrovae.inference.experiment.spec import (
 )
 from pyrovae.inference.experiment.training import TrainingDiverged, fit
 from pyrovae.inference.experiment.workflow import train_run
+from pyrovae.inference.reporting.aggregate import AggregateKL, aggregate_kl
 from pyrovae.inference.reporting.compare import compare_runs, format_comparison
 from pyrovae.inference.reporting.diagnostics import Diagnostics, SiteDiagnostics, diagnose
 from pyrovae.inference.reporting.report import write_report
 
 __all__ = [
+    "AggregateKL",
     "BDMC",
     "KHAT_THRESHOLD",
     "AnnealedLikelihood",
@@ -91,6 +93,7 @@ __all__ = [
     "Spec",
     "Splits",
     "TrainingDiverged",
+    "aggregate_kl",
     "analytic_kl",
     "enumerated_elbo",
     "annealed_log_marginal_likelihood",

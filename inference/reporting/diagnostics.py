@@ -24,7 +24,9 @@ estimates of the same quantities for the data distribution they are biased for f
 mixture of N components is lumpier than the population's aggregate posterior, so the mutual
 information is biased down (it is the InfoNCE bound, at most log N) and the marginal KL up by
 the same amount, since their sum, the average KL, is unbiased. The bias shrinks as N grows;
-with N = 500 points, an MI near log 500 ≈ 6.2 nats means the bound is saturated.
+with N = 500 points, an MI near log 500 ≈ 6.2 nats means the bound is saturated, and the
+marginal KL is then the mean KL minus about log N. :func:`~pyrovae.inference.aggregate_kl`
+bounds the population's marginal KL from below without that ceiling.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ __all__ = [
     "Diagnostics",
     "SiteDiagnostics",
     "diagnose",
+    "ancestral_draws",
     "khat_bad_fraction",
+    "primary_site",
     "univariate_factors",
 ]
 
@@ -304,7 +308,7 @@ def diagnose(
         names = blocks[0][0].latent_sites
         own_guide, root_prior = _independent_sites(model, guide, x[:2], names)
         guide_fns = _trace(guide, x)
-        prior_draws = _prior_draws(model, x, names)
+        prior_draws = ancestral_draws(model, x, names, _PRIOR_MOMENT_SAMPLES)
         reconstruction = torch.cat([_cpu(scores.log_likelihood.mean(0)) for scores, _ in blocks])
         sites = {}
         for name in names:
@@ -321,9 +325,14 @@ def diagnose(
                 "the aggregate posterior of a site whose guide or prior depends on other "
                 "latents has no closed form here."
             )
+    return Diagnostics(reconstruction, sites, primary_site(model, names), marginal, tuple(notes))
+
+
+def primary_site(model: Program, names: list[str]) -> str:
+    """The site the decoder reads: the first of a model's ``latent_sites`` (``"z"``, or the
+    bottom ``"z1"`` of a stack), else ``"z"``, else the first of ``names``."""
     own = getattr(model, "latent_sites", (LATENT,))
-    primary = own[0] if own and own[0] in sites else LATENT if LATENT in sites else names[0]
-    return Diagnostics(reconstruction, sites, primary, marginal, tuple(notes))
+    return own[0] if own and own[0] in names else LATENT if LATENT in names else names[0]
 
 
 def _score_block(
@@ -438,13 +447,20 @@ def _independent_sites(
     return own_guide, root_prior
 
 
-def _prior_draws(model: Program, x: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """About 10,000 ancestral draws of every latent site: the model run with its data
-    unobserved, under a particle plate."""
-    num_particles = math.ceil(_PRIOR_MOMENT_SAMPLES / len(x))
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(MAX_PLATE_NESTING + 1)):
-        trace = _trace(poutine.uncondition(model), x)
-    return {name: _flat(trace.nodes[name]["value"]).flatten(0, 1) for name in names}
+def ancestral_draws(
+    model: Program, x: Tensor, names: list[str], num_draws: int, chunk: int = 16_384
+) -> dict[str, Tensor]:
+    """``num_draws`` ancestral draws ``(num_draws, D)`` of each latent site: the model run
+    with its data unobserved under a particle plate, at most about ``chunk`` draws a run."""
+    per_run = max(1, chunk // len(x))
+    draws: dict[str, list[Tensor]] = {name: [] for name in names}
+    for start in range(0, math.ceil(num_draws / len(x)), per_run):
+        num_particles = min(per_run, math.ceil(num_draws / len(x)) - start)
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(MAX_PLATE_NESTING + 1)):
+            trace = _trace(poutine.uncondition(model), x)
+        for name in names:
+            draws[name].append(_flat(trace.nodes[name]["value"]).flatten(0, 1))
+    return {name: torch.cat(parts)[:num_draws] for name, parts in draws.items()}
 
 
 def _prior_moments(p: Distribution, draws: Tensor) -> tuple[Tensor | None, Tensor | None]:
