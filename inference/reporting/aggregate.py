@@ -29,11 +29,12 @@ from typing import Any
 
 import pyro
 import torch
+from pyro import poutine
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyrovae.inference.algorithms.marginal import like_parameters
-from pyrovae.inference.algorithms.scoring import score
+from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, PARTICLE_PLATE, score
 from pyrovae.inference.reporting.diagnostics import ancestral_draws, diagnose, primary_site
 
 __all__ = ["AggregateKL", "aggregate_kl"]
@@ -277,11 +278,12 @@ def _posterior_draws(
     model: Program, guide: Program, x: Tensor, name: str, num_draws: int
 ) -> Tensor:
     """``(N * num_draws, D)`` draws of the site from q(z|x_n), point by point (the draws of
-    the last points are the last rows), a block of points at a time."""
+    the last points are the last rows), a block of points at a time. Only the guide runs:
+    scoring the draws under a VampPrior alone would cost a pass over all its components."""
     draws = []
     for block in x.split(max(1, 4096 // num_draws)):
-        scores = score(model, guide, block, num_particles=num_draws, scaled=False)
-        value = scores.guide_trace.nodes[name]["value"]
+        with pyro.plate(PARTICLE_PLATE, num_draws, dim=-(MAX_PLATE_NESTING + 1)):
+            value = poutine.trace(guide).get_trace(block).nodes[name]["value"]
         draws.append(value.reshape(num_draws, len(block), -1).transpose(0, 1))
     return torch.cat(draws).flatten(0, 1)
 
