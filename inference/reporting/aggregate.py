@@ -48,7 +48,8 @@ class AggregateKL:
 
     Attributes:
         site: the latent site.
-        lower: the Donsker-Varadhan bound E_q[T] - log E_p[exp T] on held-out draws.
+        lower: the Donsker-Varadhan bound E_q[T] - log E_p[exp T] on held-out draws; a
+            Monte Carlo estimate, so it can exceed the KL by its noise.
         lower_se: its standard error (delta method over both Monte Carlo means).
         upper: the marginal KL of the N-point aggregate of the held-out points
             (:func:`diagnose`), an upper bound in expectation; NaN where not computed.
