@@ -7,8 +7,8 @@ posteriors it sits there, so its marginal KL is the mean KL minus log N whatever
 By the joint convexity of the KL its expectation over the N points is still an upper bound
 on the population's KL(q || p). :func:`aggregate_kl` adds a lower bound that no N caps:
 
-- a critic T(z), a small network, learns to tell draws of q(z) (one posterior draw per
-  point of a training pool) from draws of p(z), by logistic regression; at the optimum its
+- a critic T(z), a small network, learns to tell draws of q(z) (posterior draws of the
+  points of a training pool) from draws of p(z), by logistic regression; at the optimum its
   logit is log q(z) - log p(z);
 - for any T, ``KL(q || p) >= E_q[T] - log E_p[exp T]`` (Donsker and Varadhan), so the bound
   is evaluated on draws the critic never saw: posterior draws of held-out points and fresh
@@ -125,8 +125,8 @@ def aggregate_kl(
         The :class:`AggregateKL`.
 
     Raises:
-        ValueError: too few points for a validation share, a site the model does not
-            sample, or a non-positive size.
+        ValueError: data that is not a batch of points, too few points for a validation
+            share, a site the model does not sample, or a non-positive size.
 
     References:
         ELBO surgery: yet another way to carve up the variational evidence lower bound
@@ -148,6 +148,12 @@ def aggregate_kl(
     ):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for what, points in (("x", x), ("x_test", x_test)):
+        if points.dim() < 2:
+            raise ValueError(
+                f"{what} must be (N, *features), got shape {tuple(points.shape)}; "
+                "pass a batch of points, e.g. x[None] for one"
+            )
     if not 0 < validation < 1:
         raise ValueError(f"validation must be a share in (0, 1), got {validation!r}")
     num_validation = round(validation * len(x))
