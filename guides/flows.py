@@ -65,7 +65,7 @@ class FlowEncoder(Encoder):
     ``ZukoToPyro`` for the ELBO).
 
     Scoring points not drawn from this guide (a VampPrior mixture, ``log_prob`` of another z)
-    is the flow's sequential direction. The distribution has batch shape ``(B,)``; Pyro's
+    is the flow's sequential direction: ``latent_dim`` passes per transform, or ``passes``. The distribution has batch shape ``(B,)``; Pyro's
     vectorized particles expand it to ``(P, B)``, which draws P samples per data point
     against the same context.
 
@@ -76,6 +76,10 @@ class FlowEncoder(Encoder):
         transforms: number of autoregressive transforms (at least one).
         flow_hidden: hidden layer sizes of each transform's masked MLP.
         context_features: size of the context vector h beside loc and scale.
+        passes: passes of the density direction per transform, None for ``latent_dim``
+            (fully autoregressive, Kingma et al.'s IAF); 2 makes each transform a coupling
+            layer, whose density of other points is also cheap: what a VampPrior over this
+            guide needs, as it scores every sample under every pseudo-input's posterior.
         min_scale: floor added to the base distribution's softplus scale.
         **trunk: options of the trunk (:class:`~pyrovae.guides.encoders.Encoder`) from x to h.
 
@@ -93,6 +97,7 @@ class FlowEncoder(Encoder):
         transforms: int = 3,
         flow_hidden: Sequence[int] = (64, 64),
         context_features: int = 32,
+        passes: int | None = None,
         min_scale: float = 1e-4,
         **trunk: Any,
     ) -> None:
@@ -102,5 +107,7 @@ class FlowEncoder(Encoder):
             raise ValueError(f"min_scale must be positive, got {min_scale}")
         context = 2 * latent_dim + int(context_features)
         base = ContextDiagNormal(latent_dim, min_scale)
-        conditional = autoregressive_flow(flow, latent_dim, context, transforms, flow_hidden, base)
+        conditional = autoregressive_flow(
+            flow, latent_dim, context, transforms, flow_hidden, base, passes
+        )
         super().__init__(in_features, FlowHead(inverse_flow(conditional), context), **trunk)

@@ -24,11 +24,16 @@ def autoregressive_flow(
     transforms: int = 3,
     hidden: Sequence[int] = (64, 64),
     base: nn.Module | None = None,
+    passes: int | None = None,
 ) -> zuko.flows.Flow:
     """A zuko autoregressive flow over ``features`` dimensions, optionally conditional.
 
     Consecutive transforms alternate the autoregressive order. NSF splines act on [-5, 5]
-    and are the identity outside it. Every transform starts as the identity
+    and are the identity outside it. A transform is one pass of its masked network in its
+    cheap direction and ``passes`` sequential passes in the other: ``None`` (fully
+    autoregressive, the most expressive) is ``features`` passes; ``2`` makes each transform a
+    coupling layer (RealNVP's: one half of the features, alternating, conditions the
+    other), cheap both ways. Every transform starts as the identity
     (:func:`start_at_identity`), so a new flow is its base distribution.
 
     Args:
@@ -38,6 +43,8 @@ def autoregressive_flow(
         transforms: number of autoregressive transforms (at least one).
         hidden: hidden layer sizes of each transform's masked MLP.
         base: a lazy base distribution ``base(c)`` replacing the flow's standard normal.
+        passes: sequential passes of the expensive direction, from 2 to ``features``, or
+            None for ``features``.
 
     Returns:
         The flow: ``flow(c)`` is a ``zuko.distributions.NormalizingFlow``.
@@ -50,11 +57,17 @@ def autoregressive_flow(
         raise ValueError(f"unknown flow {kind!r}; valid: {', '.join(FLOWS)}")
     if int(transforms) != transforms or transforms < 1:
         raise ValueError(f"transforms must be a positive integer, got {transforms}")
+    if passes is not None and (int(passes) != passes or not 2 <= passes <= max(features, 2)):
+        raise ValueError(
+            f"passes must be an integer from 2 to the latent dimension {features}, or left "
+            f"out for a fully autoregressive flow; got {passes}"
+        )
     flow = FLOWS[kind](
         features,
         context,
         transforms=int(transforms),
         hidden_features=check_sizes(hidden, "flow hidden sizes"),
+        passes=None if passes is None else int(passes),
     )
     if base is not None:
         flow.base = base
@@ -89,7 +102,8 @@ def inverse_flow(flow: zuko.flows.Flow) -> zuko.flows.Flow:
     A MAF evaluates densities in one pass and samples in ``features`` sequential passes;
     inverted, it is an inverse autoregressive flow (IAF): one pass to sample, and
     ``rsample_and_log_prob`` gives the density of its own samples in that same pass. The
-    density of other points becomes the sequential direction. This is zuko's pattern for
+    density of other points becomes the sequential direction (``passes`` of
+    :func:`autoregressive_flow` sets how many passes it takes). This is zuko's pattern for
     flows trained by reverse KL.
 
     References:

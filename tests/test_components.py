@@ -36,6 +36,8 @@ SMALL = {"hidden": (16,), "flow_hidden": (16,), "context_features": 8, "componen
 VARIANTS = [
     ("prior", "flow", {"flow": "nsf"}),
     ("encoder", "flow", {"flow": "nsf"}),
+    ("prior", "flow", {"passes": 2}),
+    ("encoder", "flow", {"passes": 2}),
     ("encoder", "diagonal_normal", {"network": "conv"}),
     ("encoder", "flow", {"network": "conv", "hidden": (4, 8)}),
     ("decoder", "feedforward", {"network": "conv", "hidden": (8, 4)}),
@@ -338,6 +340,8 @@ FLOW_CASES = [
     ("prior", "flow", {"flow": "nsf"}),
     ("encoder", "flow", {}),
     ("encoder", "flow", {"flow": "nsf"}),
+    ("prior", "flow", {"passes": 2}),
+    ("encoder", "flow", {"passes": 2}),
 ]
 
 
@@ -374,10 +378,46 @@ def test_flow_guide_scores_its_samples_in_the_sampling_pass(
     assert torch.isfinite(loss) and calls == []
 
 
+@pytest.mark.parametrize("family", ["prior", "encoder"])
+@pytest.mark.parametrize("passes", [None, 2, 3])
+def test_a_flow_takes_its_passes_in_the_sequential_direction(
+    family: str, passes: int | None, digits: Tensor
+):
+    """With 6 latent dimensions, each transform's masked network runs ``passes`` times (6 when
+    fully autoregressive) where the flow is sequential, once where it is cheap: sampling for
+    the prior (a MAF), scoring other points for the guide (an IAF); the sequential direction
+    inverts the cheap one."""
+    options = {} if passes is None else {"passes": passes}
+    vae, guide = build((family, "flow", options), latent_dim=6)
+    vae.double(), guide.double()
+    module = vae.prior if family == "prior" else guide.encoder
+    calls = []
+    hypers = [m.hyper for m in module.modules() if hasattr(m, "hyper")]
+    for hyper in hypers:
+        hyper.register_forward_hook(lambda *_: calls.append(1))
+    d = vae.prior() if family == "prior" else guide.encoder(digits[:4].double())
+    z = torch.randn((4, 6), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        calls.clear()
+        log_p = d.log_prob(z)
+        scoring = len(calls)
+        calls.clear()
+        draws = d.dist.rsample()
+        sampling = len(calls)
+        torch.testing.assert_close(d.dist.transform.inv(d.dist.transform(draws)), draws)
+    sequential, cheap = (sampling, scoring) if family == "prior" else (scoring, sampling)
+    # The guide's score takes one more pass per transform, for the log-determinant at the
+    # solution; the prior's draws need none.
+    extra = 3 if family == "encoder" else 0
+    assert len(hypers) == 3 and torch.isfinite(log_p).all()
+    assert (sequential, cheap) == (3 * (passes or 6) + extra, 3)
+
+
 # --- the VampPrior with every encoder ------------------------------------------------------
 
 VAMP_ENCODERS = [pytest.param(n, {}, id=n) for n in ENCODERS] + [
-    pytest.param("flow", {"flow": "nsf"}, id="flow[flow=nsf]")
+    pytest.param("flow", {"flow": "nsf"}, id="flow[flow=nsf]"),
+    pytest.param("flow", {"passes": 2}, id="flow[passes=2]"),
 ]
 """Every encoder as the VampPrior's components, flows (IAF and NSF) included."""
 
@@ -523,6 +563,9 @@ BAD = [
     ("prior", "flow", {"latent_dim": 2, "hidden": (0,)}, "hidden"),
     ("encoder", "flow", {**_ENC, "transforms": 0}, "transforms"),
     ("encoder", "flow", {**_ENC, "context_features": 0}, "context_features"),
+    ("encoder", "flow", {**_ENC, "passes": 1}, "passes"),
+    ("encoder", "flow", {**_ENC, "passes": 3}, "passes"),
+    ("prior", "flow", {"latent_dim": 4, "passes": 2.5}, "passes"),
     ("encoder", "low_rank_normal", {**_ENC, "rank": 0}, "rank"),
     ("encoder", "low_rank_normal", {**_ENC, "rank": 3}, "rank"),
     ("encoder", "diagonal_normal", {**_ENC, "network": "conv"}, "image_shape"),
