@@ -25,6 +25,7 @@ from pyrovae.inference.experiment.data import Splits
 from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.inference.reporting import plots
+from pyrovae.inference.reporting.aggregate import AggregateKL, aggregate_kl
 from pyrovae.inference.reporting.diagnostics import Diagnostics, diagnose, univariate_factors
 
 __all__ = ["REPORT", "write_report"]
@@ -46,6 +47,7 @@ def write_report(
     data: Splits | None = None,
     path: str | Path | None = None,
     progress: bool = False,
+    aggregate: bool = False,
 ) -> Path:
     """Evaluates a run on a data split and writes its report as one HTML file.
 
@@ -60,12 +62,17 @@ def write_report(
         data: the run's data, if already loaded; else loaded from its spec.
         path: where to write; default ``RUN/report.html``.
         progress: show a progress bar over the importance-sampled points.
+        aggregate: also bound the marginal KL(q(z) || p(z)) from below with
+            :func:`~inference.reporting.aggregate.aggregate_kl`, its critic trained on the
+            training split (the validation split for a report of the training split); minutes
+            on MNIST.
 
     Returns:
         The path written.
 
     Raises:
-        PyrovaeError: an unknown split, fewer than two points, or data that do not match.
+        PyrovaeError: an unknown split, fewer than two points, data that do not match, or
+            too few points for the critic.
     """
     run = run if isinstance(run, Run) else load_run(run)
     out = Path(path) if path is not None else run.path / REPORT
@@ -92,9 +99,10 @@ def write_report(
         num_latent_samples=num_latent_samples,
         progress=progress,
     )
+    bracket = _aggregate(run, data, data_split, x, seed) if aggregate else None
     shape = tuple(run.image_shape)
     sections = [
-        ("Summary", _summary(run, diag, data_split)),
+        ("Summary", _summary(run, diag, data_split, bracket)),
         ("Training curves", _training(run, diag)),
         ("Latent units", _units(diag)),
     ]
@@ -111,7 +119,20 @@ def write_report(
     return out
 
 
-def _summary(run: Run, diag: Diagnostics, split: str) -> str:
+def _aggregate(run: Run, data: Splits, split: str, x: Tensor, seed: int) -> AggregateKL:
+    """The critic's bound on the report's points, trained on another split's posteriors."""
+    pool_split = "validation" if split == "train" else "train"
+    pool, _ = data.split(pool_split)
+    try:
+        return aggregate_kl(run.model, run.guide, pool, x, upper=False, seed=seed)
+    except ValueError as error:
+        raise PyrovaeError(
+            f"cannot bound the marginal KL: the critic trains on the {pool_split} split "
+            f"({len(pool)} points): {error}"
+        ) from None
+
+
+def _summary(run: Run, diag: Diagnostics, split: str, bracket: AggregateKL | None) -> str:
     s = diag.summary()
     n, d = int(s["num_points"]), int(s["latent_dim"])
     rows = [("ELBO", f"{s['elbo']:.3f}")]
@@ -132,8 +153,16 @@ def _summary(run: Run, diag: Diagnostics, split: str) -> str:
             f"{s['mutual_information']:.3f} (at most log N = {math.log(n):.2f})",
         ),
         ("marginal KL(q(z) ‖ p(z))", f"{s['marginal_kl']:.3f}"),
-        ("active units", f"{int(s['active_units'])} of {d}"),
     ]
+    if bracket is not None:
+        rows.append(
+            (
+                "marginal KL, lower bound (critic)",
+                f"{bracket.lower:.3f} ± {bracket.lower_se:.3f} (site {bracket.site}, "
+                f"{bracket.epochs} critic epochs)",
+            )
+        )
+    rows.append(("active units", f"{int(s['active_units'])} of {d}"))
     if "khat_bad_fraction" in s:
         rows.append((f"share of points with k̂ > {KHAT_THRESHOLD}", f"{s['khat_bad_fraction']:.1%}"))
         rows.append(("mean effective sample size", f"{s['ess']:.1f}"))
@@ -143,8 +172,16 @@ def _summary(run: Run, diag: Diagnostics, split: str) -> str:
         "(the spread of the data), the Monte Carlo error of the estimator is in brackets. "
         "The average KL splits into the information z carries about x (mutual "
         "information) and the mismatch between the aggregate posterior q(z) and the prior "
-        "(marginal KL); with finite N the first is biased down and the second up."
+        "(marginal KL); with finite N the first is biased down and the second up: the "
+        "marginal KL of N points is an upper bound in expectation."
     )
+    if bracket is not None:
+        caption += (
+            " The critic's lower bound holds for the whole data distribution's q(z): a "
+            "classifier of posterior against prior draws, trained on another split, gives the "
+            "Donsker-Varadhan bound on these points (± its standard error); the truth lies "
+            "between the two, up to their Monte Carlo error."
+        )
     notes = "".join(_note(note) for note in diag.notes)
     run_info = (
         f"<p>Run <code>{_e(run.path)}</code>, epoch {run.epoch}.</p>"
