@@ -108,6 +108,18 @@ def test_the_report_brackets_the_marginal_kl_when_asked(run_dir, tmp_path):
         assert "site z" in page and "Donsker-Varadhan" in page
 
 
+def test_the_bracket_of_a_semi_supervised_run_uses_unlabelled_rows(tmp_path):
+    """M2's training rows include labelled ones, a plate of their own; the critic's pool
+    drops their labels, so q(z) is that of unlabelled points, like the report's."""
+    run = tmp_path / "m2"
+    common = ["--epochs", "1", "--set", "model.latent_dim=2", "--no-progress"]
+    assert main(["train", "--out", str(run), "--set", 'model.labels="latent"', *common]) == 0
+    out = tmp_path / "m2.html"
+    args = ["report", str(run), "--aggregate-kl", "--limit", "50", "-k", "30", "-o", str(out)]
+    assert main(args) == 0
+    assert re.search(r"lower bound \(critic\)</td><td>\d+\.\d+ ± ", out.read_text())
+
+
 def test_report_projects_wider_latents_and_skips_images_for_vectors(wide_dir, tmp_path):
     run = load_run(wide_dir)
     vectors = dataclasses.replace(

@@ -123,6 +123,9 @@ def _aggregate(run: Run, data: Splits, split: str, x: Tensor, seed: int) -> Aggr
     """The critic's bound on the report's points, trained on another split's posteriors."""
     pool_split = "validation" if split == "train" else "train"
     pool, _ = data.split(pool_split)
+    if run.spec.model.labels == "latent":  # M2: q(z) of unlabelled points, as the report's
+        pool = pool.clone()
+        pool[:, -run.spec.model.classes :] = 0
     try:
         return aggregate_kl(run.model, run.guide, pool, x, upper=False, seed=seed)
     except ValueError as error:
