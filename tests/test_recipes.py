@@ -245,6 +245,7 @@ def lrs(kind: str, epochs: int = 40, metric=None, **options) -> list[float]:
         rates.append(optimizer.param_groups[0]["lr"])
         if scheduler is None:
             continue
+        optimizer.step()  # an epoch's steps come before the schedule's, as in fit
         if metric is None:
             scheduler.step()
         else:
