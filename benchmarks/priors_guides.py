@@ -11,8 +11,9 @@ Before training, a few optimizer steps of each pair are timed in this process; a
 estimated training time exceeds ``--max-train-minutes`` is reported with that estimate
 instead of being trained (a VampPrior over a fully autoregressive IAF guide scores B x K
 pairs in the flow's sequential direction, 50 passes per transform; the shipped
-``mnist-vamp-iaf.toml`` uses coupling transforms, 2 passes, and takes about 45 minutes). Finished runs under ``--runs``, and their test figures when computed
-with the same settings, are reused unless ``--retrain``.
+``mnist-vamp-iaf.toml`` uses coupling transforms, 2 passes, and takes about 45 minutes).
+Finished runs under ``--runs``, and their test figures when computed with the same
+settings, are reused unless ``--retrain``.
 
     .venv/bin/python benchmarks/priors_guides.py [--epochs 10] [--num-test 1000]
         [--num-samples 500] [--data ../shared/data] [--priors vamp flow] [--guides iaf]

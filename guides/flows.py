@@ -65,9 +65,9 @@ class FlowEncoder(Encoder):
     ``ZukoToPyro`` for the ELBO).
 
     Scoring points not drawn from this guide (a VampPrior mixture, ``log_prob`` of another z)
-    is the flow's sequential direction: ``latent_dim`` passes per transform, or ``passes``. The distribution has batch shape ``(B,)``; Pyro's
-    vectorized particles expand it to ``(P, B)``, which draws P samples per data point
-    against the same context.
+    is the flow's sequential direction: ``latent_dim`` passes per transform, or ``passes``.
+    The distribution has batch shape ``(B,)``; Pyro's vectorized particles expand it to
+    ``(P, B)``, which draws P samples per data point against the same context.
 
     Args:
         in_features: number of data features F.

@@ -55,12 +55,12 @@ def autoregressive_flow(
     """
     if kind not in FLOWS:
         raise ValueError(f"unknown flow {kind!r}; valid: {', '.join(FLOWS)}")
-    if int(transforms) != transforms or transforms < 1:
-        raise ValueError(f"transforms must be a positive integer, got {transforms}")
-    if passes is not None and (int(passes) != passes or not 2 <= passes <= max(features, 2)):
+    if not _is_integer(transforms) or transforms < 1:
+        raise ValueError(f"transforms must be a positive integer, got {transforms!r}")
+    if passes is not None and (not _is_integer(passes) or not 2 <= passes <= max(features, 2)):
         raise ValueError(
             f"passes must be an integer from 2 to the latent dimension {features}, or left "
-            f"out for a fully autoregressive flow; got {passes}"
+            f"out for a fully autoregressive flow; got {passes!r}"
         )
     flow = FLOWS[kind](
         features,
@@ -73,6 +73,15 @@ def autoregressive_flow(
         flow.base = base
     start_at_identity(flow)
     return flow
+
+
+def _is_integer(value: object) -> bool:
+    """A whole number (an int, or a float such as 2.0), not a bool or a string."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and float(value).is_integer()
+    )
 
 
 def start_at_identity(flow: zuko.flows.Flow, scale: float = 0.01) -> None:
