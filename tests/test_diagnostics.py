@@ -101,6 +101,34 @@ def test_exact_ppca_posterior_matches_mutual_information_and_prior():
     torch.testing.assert_close(d.prior_variance, torch.ones(3).double())
 
 
+class WithoutMoments(ExactPosterior):
+    """The exact posterior as a distribution with no closed-form mean or variance, as a flow
+    guide is: diagnostics fall back on sample moments of the draws."""
+
+    def forward(self, x: Tensor) -> dist.Distribution:
+        return dist.TransformedDistribution(super().forward(x), [])
+
+
+def test_sample_posterior_means_do_not_make_unused_units_active():
+    """With S = 32 draws per point, the sample mean of the unused unit (posterior N(0, 1) at
+    every x) varies over points by about 1/32, three times the threshold of 0.01; less its
+    Monte Carlo variance it is near 0 (standard error 0.002 with N = 500). The used units stay
+    active and the aggregate variance near the prior's 1 (exact, as x comes from the model)."""
+    model = ppca()
+    x = model.sample(500, mean=False)
+    guide = AmortizedGuide(WithoutMoments(model.decoder))
+    d = diagnose(model, guide, x, num_samples=0, num_latent_samples=32, aggregate=False)
+    assert math.isnan(d.marginal_kl) and math.isnan(d.mutual_information)
+    assert d.posterior_mean_error is not None
+    assert d.posterior_mean[:, 2].var().item() > 0.025  # what counted as activity before
+    assert d.activity[2].item() < 0.01
+    assert d.active.tolist() == [True, True, False]
+    torch.testing.assert_close(d.aggregate_variance, torch.ones(3).double(), atol=0.12, rtol=0)
+    exact = diagnose(model, AmortizedGuide(ExactPosterior(model.decoder)), x, num_samples=0)
+    assert exact.posterior_mean_error is None
+    torch.testing.assert_close(d.activity[:2], exact.activity[:2], atol=0.1, rtol=0.1)
+
+
 @pytest.mark.parametrize(
     ("form", "method", "tolerance"),
     [

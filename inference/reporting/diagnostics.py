@@ -97,6 +97,11 @@ class SiteDiagnostics:
         mutual_information: I(x; z) under the N-point aggregate (NaN where not computed).
         marginal_kl: KL(q(z) || p(z)), Monte Carlo over the same draws (NaN likewise).
         activity_threshold: the variance of the posterior mean above which a unit is active.
+        posterior_mean_error: ``(N, D)`` the Monte Carlo variance of each posterior mean
+            where it is a mean over the S draws (the draws' sample variance over S), or None
+            where the means are exact. Unit activity and the aggregate variance subtract
+            its average: with S = 4 draws, a unit the guide leaves at N(0, 1) for every point
+            would otherwise show a variance of its means near 1/4 and count as active.
     """
 
     name: str
@@ -113,6 +118,7 @@ class SiteDiagnostics:
     mutual_information: float
     marginal_kl: float
     activity_threshold: float = ACTIVITY_THRESHOLD
+    posterior_mean_error: Tensor | None = None
 
     @property
     def latent_dim(self) -> int:
@@ -120,8 +126,13 @@ class SiteDiagnostics:
 
     @property
     def activity(self) -> Tensor:
-        """``(D,)`` Var_x(E_q[z_d|x]), the variance over points of each posterior mean."""
-        return self.posterior_mean.var(0)
+        """``(D,)`` Var_x(E_q[z_d|x]), the variance over points of each posterior mean, less
+        the Monte Carlo variance of sample means (:attr:`posterior_mean_error`), at least 0."""
+        return (self.posterior_mean.var(0) - self._mean_error()).clamp(min=0)
+
+    def _mean_error(self) -> Tensor | float:
+        error = self.posterior_mean_error
+        return 0.0 if error is None else error.mean(0)
 
     @property
     def active(self) -> Tensor:
@@ -136,7 +147,8 @@ class SiteDiagnostics:
     @property
     def aggregate_variance(self) -> Tensor:
         """``(D,)`` the variance of q(z): mean posterior variance plus variance of the means."""
-        return self.posterior_variance.mean(0) + self.posterior_mean.var(0, correction=0)
+        between = self.posterior_mean.var(0, correction=0) - self._mean_error()
+        return self.posterior_variance.mean(0) + between.clamp(min=0)
 
 
 @dataclass(frozen=True)
@@ -233,6 +245,7 @@ _SITE_VIEWS = {
     "mutual_information",
     "marginal_kl",
     "activity_threshold",
+    "posterior_mean_error",
     "latent_dim",
     "activity",
     "active",
@@ -250,6 +263,7 @@ def diagnose(
     num_latent_samples: int = 16,
     marginal: MarginalLikelihood | None = None,
     activity_threshold: float = ACTIVITY_THRESHOLD,
+    aggregate: bool = True,
     batch_size: int = 256,
     max_memory: int = _DEFAULT_MAX_MEMORY,
     progress: bool = False,
@@ -266,6 +280,10 @@ def diagnose(
         marginal: an importance-sampling result for the same ``x`` to reuse, instead of
             running the estimator.
         activity_threshold: the variance of the posterior mean above which a unit is active.
+        aggregate: compute the mutual information and the marginal KL, which score all
+            N S draws under each of the N posteriors: the costly part for a flow guide,
+            whose density of other points' draws is its sequential direction. Without it
+            they are NaN, and many draws for the posterior means (unit activity) stay cheap.
         batch_size: points scored at a time (times S draws).
         max_memory: approximate budget in bytes of the ``(z, point)`` log-density matrix
             of one chunk of the aggregate posterior.
@@ -312,14 +330,14 @@ def diagnose(
         reconstruction = torch.cat([_cpu(scores.log_likelihood.mean(0)) for scores, _ in blocks])
         sites = {}
         for name in names:
-            aggregate = None
-            if name in own_guide and name in root_prior:
-                aggregate = guide_fns.nodes[name]["fn"]
+            components = None
+            if aggregate and name in own_guide and name in root_prior:
+                components = guide_fns.nodes[name]["fn"]
             sites[name] = _site(
-                name, blocks, aggregate, prior_draws[name], max_memory, activity_threshold, notes
+                name, blocks, components, prior_draws[name], max_memory, activity_threshold, notes
             )
         missing = [n for n in names if n not in own_guide or n not in root_prior]
-        if missing:
+        if missing and aggregate:
             notes.append(
                 f"mutual information and marginal KL are not computed for {', '.join(missing)}: "
                 "the aggregate posterior of a site whose guide or prior depends on other "
@@ -356,7 +374,8 @@ def _site(
     notes: list[str],
 ) -> SiteDiagnostics:
     """One site's diagnostics from the scored blocks of points."""
-    kls, per_dims, means, variances, samples, methods = [], [], [], [], [], set()
+    kls, per_dims, means, variances, errors, samples = [], [], [], [], [], []
+    methods = set()
     for scores, sites in blocks:
         guide_site, model_site = sites[name]
         q, p = guide_site["fn"], model_site["fn"]
@@ -368,8 +387,11 @@ def _site(
         mean, variance = _moments(q)
         if mean is None:
             mean, variance = z.mean(0), z.var(0)
+            errors.append(variance / len(z) if len(z) > 1 else torch.zeros_like(mean))
         else:
+            # S particles: conditional moments given each particle's parent draws, if any.
             mean, variance = _flat(mean), _flat(variance)
+            errors.append(mean.var(0) / len(mean) if len(mean) > 1 else torch.zeros_like(mean[0]))
             mean, variance = mean.mean(0), variance.mean(0) + mean.var(0, correction=0)
         means.append(mean)
         variances.append(variance)
@@ -423,6 +445,7 @@ def _site(
         mutual_information=math.nan if mutual_information is None else mutual_information,
         marginal_kl=math.nan if marginal_kl is None else marginal_kl,
         activity_threshold=activity_threshold,
+        posterior_mean_error=_cpu(torch.cat(errors)) if any(e.any() for e in errors) else None,
     )
 
 
