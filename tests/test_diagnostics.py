@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from pyrovae.guides import AmortizedGuide
 from pyrovae.inference.reporting.diagnostics import diagnose, khat_bad_fraction
+from pyrovae.inference.reporting.sites import FLOW_BYTES_PER_PAIR
 from pyrovae.model import VAE, Gaussian, StandardNormal
 
 FEATURES, SIGMA = 6, 0.5
@@ -127,6 +129,44 @@ def test_sample_posterior_means_do_not_make_unused_units_active():
     exact = diagnose(model, AmortizedGuide(ExactPosterior(model.decoder)), x, num_samples=0)
     assert exact.posterior_mean_error is None
     torch.testing.assert_close(d.activity[:2], exact.activity[:2], atol=0.1, rtol=0.1)
+
+
+class _Recorded(dist.TransformedDistribution):
+    """A distribution without moments that records how many draws each aggregate-posterior
+    call scores (values of shape ``(chunk, 1, D)`` against every point's posterior)."""
+
+    chunks: list[int] = []
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if value.dim() == 3 and value.shape[1] == 1:
+            _Recorded.chunks.append(value.shape[0])
+        return super().log_prob(value)
+
+
+class RecordedPosterior(ExactPosterior):
+    def forward(self, x: Tensor) -> dist.Distribution:
+        return _Recorded(super().forward(x), [])
+
+
+def test_a_flow_guide_scores_the_aggregate_posterior_in_chunks_within_the_budget():
+    """A flow's density of other points' draws takes far more memory per (draw, posterior)
+    pair than D numbers (an NSF guide grew past 13 GB in one diagnosis): a guide without
+    closed-form moments is charged FLOW_BYTES_PER_PAIR per pair, and chunking leaves the
+    figures as they are."""
+    model = ppca()
+    x = model.sample(40, mean=False)
+    guide = AmortizedGuide(RecordedPosterior(model.decoder))
+    budget = 3 * len(x) * FLOW_BYTES_PER_PAIR
+    figures, chunks = [], []
+    for max_memory in (budget, 2**40):
+        _Recorded.chunks.clear()
+        pyro.set_rng_seed(0)
+        d = diagnose(model, guide, x, num_samples=0, num_latent_samples=4, max_memory=max_memory)
+        figures.append((d.marginal_kl, d.mutual_information))
+        chunks.append(list(_Recorded.chunks))
+    assert sum(chunks[0]) == sum(chunks[1]) == 4 * len(x)
+    assert max(chunks[0]) == 3 and chunks[1] == [4 * len(x)]
+    assert figures[0] == pytest.approx(figures[1], abs=1e-10)
 
 
 @pytest.mark.parametrize(
