@@ -59,10 +59,12 @@ from pyrovae.inference.experiment.workflow import train_run
 from pyrovae.inference.reporting.aggregate import AggregateKL, aggregate_kl
 from pyrovae.inference.reporting.compare import compare_runs, format_comparison
 from pyrovae.inference.reporting.diagnostics import Diagnostics, SiteDiagnostics, diagnose
+from pyrovae.inference.reporting.prior_fit import PriorFit, fit_prior
 from pyrovae.inference.reporting.report import write_report
 
 __all__ = [
     "AggregateKL",
+    "PriorFit",
     "BDMC",
     "KHAT_THRESHOLD",
     "AnnealedLikelihood",
@@ -94,6 +96,7 @@ __all__ = [
     "Splits",
     "TrainingDiverged",
     "aggregate_kl",
+    "fit_prior",
     "analytic_kl",
     "enumerated_elbo",
     "annealed_log_marginal_likelihood",

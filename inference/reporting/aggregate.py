@@ -37,7 +37,7 @@ from pyrovae.inference.algorithms.marginal import like_parameters
 from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, PARTICLE_PLATE, score
 from pyrovae.inference.reporting.diagnostics import ancestral_draws, diagnose, primary_site
 
-__all__ = ["AggregateKL", "aggregate_kl"]
+__all__ = ["AggregateKL", "aggregate_kl", "posterior_draws"]
 
 Program = Callable[..., Any]
 
@@ -173,8 +173,8 @@ def aggregate_kl(
                     f"site {name!r} is not a latent site of the model; choose one of {names}"
                 )
             x_train, x_valid = x[: len(x) - num_validation], x[len(x) - num_validation :]
-            valid = _posterior_draws(model, guide, x_valid, name, num_draws)
-            held_out = _posterior_draws(model, guide, x_test, name, num_draws)
+            valid = posterior_draws(model, guide, x_valid, name, num_draws)
+            held_out = posterior_draws(model, guide, x_test, name, num_draws)
             prior_valid, prior_test = ancestral_draws(
                 model, x[:batch_size], [name], 2 * num_prior_draws
             )[name].split(num_prior_draws)
@@ -183,7 +183,7 @@ def aggregate_kl(
             # Fresh draws of both every epoch: a critic that sees the same draws again
             # learns their lumps, and its bound on new draws falls.
             with torch.no_grad(), pyro.validation_enabled(False):
-                q = _posterior_draws(model, guide, x_train, name, num_draws)
+                q = posterior_draws(model, guide, x_train, name, num_draws)
                 p = ancestral_draws(model, x[:batch_size], [name], len(q))[name]
             return q, p
 
@@ -281,9 +281,7 @@ def _donsker_varadhan(t_q: Tensor, t_p: Tensor) -> tuple[float, float]:
     return (t_q.mean() - log_mean_exp).item(), variance.sqrt().item()
 
 
-def _posterior_draws(
-    model: Program, guide: Program, x: Tensor, name: str, num_draws: int
-) -> Tensor:
+def posterior_draws(model: Program, guide: Program, x: Tensor, name: str, num_draws: int) -> Tensor:
     """``(N * num_draws, D)`` draws of the site from q(z|x_n), point by point (the draws of
     the last points are the last rows), a block of points at a time. Only the guide runs:
     scoring the draws under a VampPrior alone would cost a pass over all its components."""
