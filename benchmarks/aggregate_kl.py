@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import pyro
 import torch
-from common import ROOT, find_mnist
+from common import command_line, find_mnist
 
 from pyrovae.inference import aggregate_kl, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
@@ -86,7 +84,7 @@ def main() -> None:
 
 def write(args: argparse.Namespace, rows: list[dict], lines: list[str]) -> None:
     meta = {
-        "command": shlex.join([_relative(Path(sys.executable)), *sys.argv]),
+        "command": command_line(),
         "num_test": args.num_test,
         "log_num_test": math.log(args.num_test),
         "seed": args.seed,
@@ -112,13 +110,6 @@ def write(args: argparse.Namespace, rows: list[dict], lines: list[str]) -> None:
         "",
     ]
     args.output.with_suffix(".md").write_text("\n".join(text))
-
-
-def _relative(path: Path) -> str:
-    try:
-        return str(path.relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 if __name__ == "__main__":

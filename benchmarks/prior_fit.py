@@ -31,14 +31,12 @@ import copy
 import dataclasses
 import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import pyro
 import torch
-from common import ROOT, find_mnist
+from common import ROOT, command_line, find_mnist
 
 from pyrovae.inference import evaluate_run, fit_prior, load_run, load_spec
 from pyrovae.inference.experiment.runs import Run, atomic_write
@@ -167,7 +165,7 @@ def _reference(run_dir: Path, args: argparse.Namespace) -> torch.Tensor | None:
 
 def write(args: argparse.Namespace, rows: list[dict], lines: list[str]) -> None:
     meta = {
-        "command": shlex.join([_relative(Path(sys.executable)), *sys.argv]),
+        "command": command_line(),
         "num_test": args.num_test,
         "num_samples": args.num_samples,
         "seed": args.seed,
@@ -199,13 +197,6 @@ def write(args: argparse.Namespace, rows: list[dict], lines: list[str]) -> None:
     ]
     atomic_write(args.output.with_suffix(".json"), results.encode())
     atomic_write(args.output.with_suffix(".md"), "\n".join(text).encode())
-
-
-def _relative(path: Path) -> str:
-    try:
-        return str(path.relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 
 import pyro
 import torch
-from common import find_mnist
+from common import command_line, find_mnist
 
 from pyrovae.inference import (
     Checkpoint,
@@ -307,7 +306,7 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, output: 
     """Writes the table (markdown) and every figure (JSON)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": shlex.join([_relative(Path(sys.executable)), *sys.argv]),
+        "command": command_line(),
         "epochs": args.epochs,
         "num_test": args.num_test,
         "num_samples": args.num_samples,
@@ -466,10 +465,6 @@ def _where(meta: dict[str, Any]) -> str:
             f"{meta['cpus']} CPU cores{shared}, where timings vary by 10% or more from run to run"
         )
     return f"one {meta['device']}{shared}, so times are those of a shared device"
-
-
-def _relative(path: Path) -> str:
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -90,7 +90,7 @@ def test_rejects_bad_arguments(kwargs, message):
 def test_rejects_a_pool_too_small_to_validate_and_a_single_unbatched_point():
     model, guide = ppca()
     x = model.sample(10, mean=False)
-    with pytest.raises(ValueError, match="at least 2 pool, 2 validation"):
+    with pytest.raises(ValueError, match="at least 2 training, 2 validation"):
         aggregate_kl(model, guide, x, x, validation=0.05)
     with pytest.raises(ValueError, match=r"x_test must be \(N, \*features\)"):
         aggregate_kl(model, guide, x, x[0])

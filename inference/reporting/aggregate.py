@@ -37,7 +37,7 @@ from pyrovae.inference.algorithms.marginal import like_parameters
 from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, PARTICLE_PLATE, score
 from pyrovae.inference.reporting.diagnostics import ancestral_draws, diagnose, primary_site
 
-__all__ = ["AggregateKL", "aggregate_kl", "posterior_draws"]
+__all__ = ["AggregateKL", "aggregate_kl", "check_held_out", "posterior_draws"]
 
 Program = Callable[..., Any]
 
@@ -138,30 +138,17 @@ def aggregate_kl(
         >>> kl = aggregate_kl(run.model, run.guide, data.train, data.test)
         >>> f"{kl.lower:.2f} <= KL(q(z) || p(z)) <= {kl.upper:.2f}"
     """
-    for name, value in (
-        ("num_draws", num_draws),
-        ("num_prior_draws", num_prior_draws),
-        ("hidden", hidden),
-        ("epochs", epochs),
-        ("patience", patience),
-        ("batch_size", batch_size),
-    ):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for what, points in (("x", x), ("x_test", x_test)):
-        if points.dim() < 2:
-            raise ValueError(
-                f"{what} must be (N, *features), got shape {tuple(points.shape)}; "
-                "pass a batch of points, e.g. x[None] for one"
-            )
-    if not 0 < validation < 1:
-        raise ValueError(f"validation must be a share in (0, 1), got {validation!r}")
-    num_validation = round(validation * len(x))
-    if num_validation < 2 or len(x) - num_validation < 2 or len(x_test) < 2:
-        raise ValueError(
-            f"need at least 2 pool, 2 validation and 2 held-out points; got {len(x)} in x "
-            f"({num_validation} for validation) and {len(x_test)} in x_test"
-        )
+    num_validation = check_held_out(
+        x,
+        x_test,
+        validation,
+        num_draws=num_draws,
+        num_prior_draws=num_prior_draws,
+        hidden=hidden,
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+    )
     x, x_test = like_parameters(x, model, guide), like_parameters(x_test, model, guide)
     with torch.random.fork_rng(devices=_devices(x)):
         pyro.set_rng_seed(seed)
@@ -207,6 +194,34 @@ def aggregate_kl(
         epochs=len(history),
         validation=tuple(history),
     )
+
+
+def check_held_out(x: Tensor, x_test: Tensor, validation: float, **sizes: int) -> int:
+    """Checks what a fit on ``x``, stopped on its last ``validation`` share and measured on
+    ``x_test``, needs: batches of points, a share in (0, 1) leaving at least 2 points on
+    each side and 2 held out, and positive integer ``sizes``; returns the validation count.
+
+    Raises:
+        ValueError: naming the first value that fails.
+    """
+    for name, value in sizes.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for what, points in (("x", x), ("x_test", x_test)):
+        if points.dim() < 2:
+            raise ValueError(
+                f"{what} must be (N, *features), got shape {tuple(points.shape)}; "
+                "pass a batch of points, e.g. x[None] for one"
+            )
+    if not 0 < validation < 1:
+        raise ValueError(f"validation must be a share in (0, 1), got {validation!r}")
+    num_validation = round(validation * len(x))
+    if num_validation < 2 or len(x) - num_validation < 2 or len(x_test) < 2:
+        raise ValueError(
+            f"need at least 2 training, 2 validation and 2 held-out points; got {len(x)} in "
+            f"x ({num_validation} for validation) and {len(x_test)} in x_test"
+        )
+    return num_validation
 
 
 class _Critic(nn.Module):

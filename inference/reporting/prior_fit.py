@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from pyrovae.inference.algorithms.marginal import like_parameters
-from pyrovae.inference.reporting.aggregate import posterior_draws
+from pyrovae.inference.reporting.aggregate import check_held_out, posterior_draws
 from pyrovae.model.distributions import as_pyro
 
 __all__ = ["PriorFit", "fit_prior"]
@@ -122,33 +122,20 @@ def fit_prior(
         >>> fit = fit_prior(run.model, run.guide, FlowPrior(50), data.train, data.test)
         >>> fit.gain, fit.gain_se  # nats of KL(q(z) || N(0, I)) the flow prior closes
     """
-    for name, value in (
-        ("num_draws", num_draws),
-        ("epochs", epochs),
-        ("patience", patience),
-        ("batch_size", batch_size),
-    ):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not callable(getattr(model, "prior", None)) or not getattr(model, "latent_sites", None):
         raise ValueError(
             "fit_prior needs a model with a prior module and latent_sites, such as a VAE; "
             f"got {type(model).__name__}"
         )
-    for what, points in (("x", x), ("x_test", x_test)):
-        if points.dim() < 2:
-            raise ValueError(
-                f"{what} must be (N, *features), got shape {tuple(points.shape)}; "
-                "pass a batch of points, e.g. x[None] for one"
-            )
-    if not 0 < validation < 1:
-        raise ValueError(f"validation must be a share in (0, 1), got {validation!r}")
-    num_validation = round(validation * len(x))
-    if num_validation < 2 or len(x) - num_validation < 2 or len(x_test) < 2:
-        raise ValueError(
-            f"need at least 2 training, 2 validation and 2 held-out points; got {len(x)} in "
-            f"x ({num_validation} for validation) and {len(x_test)} in x_test"
-        )
+    num_validation = check_held_out(
+        x,
+        x_test,
+        validation,
+        num_draws=num_draws,
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+    )
     shared = {
         id(p) for part in (model, guide) if isinstance(part, nn.Module) for p in part.parameters()
     }
