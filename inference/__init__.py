@@ -35,6 +35,7 @@ from pyrovae.inference.algorithms.schedules import (
 )
 from pyrovae.inference.algorithms.scoring import Scores, score
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.build import build, build_objective, build_schedule
 from pyrovae.inference.experiment.callbacks import (
     Callback,
     Checkpointing,
@@ -47,13 +48,7 @@ from pyrovae.inference.experiment.callbacks import (
 from pyrovae.inference.experiment.data import Splits, load_data
 from pyrovae.inference.experiment.evaluation import Evaluation, evaluate_run
 from pyrovae.inference.experiment.runs import Checkpoint, Run, load_run
-from pyrovae.inference.experiment.spec import (
-    Spec,
-    build,
-    build_objective,
-    build_schedule,
-    load_spec,
-)
+from pyrovae.inference.experiment.spec import Spec, load_spec
 from pyrovae.inference.experiment.training import TrainingDiverged, fit
 from pyrovae.inference.experiment.workflow import train_run
 from pyrovae.inference.reporting.aggregate import AggregateKL, aggregate_kl

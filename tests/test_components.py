@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 from pyrovae.guides import ENCODERS, AmortizedGuide
-from pyrovae.inference.experiment.spec import schema
+from pyrovae.inference.experiment.build import schema
 from pyrovae.model import DECODERS, LIKELIHOODS, PRIORS, VAE, priors
 
 REGISTRIES = {"prior": PRIORS, "encoder": ENCODERS, "decoder": DECODERS, "likelihood": LIKELIHOODS}

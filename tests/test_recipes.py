@@ -27,8 +27,8 @@ from pyrovae.inference import (
     train_run,
 )
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.build import build_lr_schedule
 from pyrovae.inference.experiment.callbacks import Callback, collapse_message, set_base_only
-from pyrovae.inference.experiment.spec import build_lr_schedule
 from pyrovae.model import (
     VAE,
     Bernoulli,

@@ -23,8 +23,8 @@ from pyrovae.inference.algorithms.schedules import (
     KLWeight,
     LinearWarmup,
 )
+from pyrovae.inference.experiment.build import build_schedule
 from pyrovae.inference.experiment.runs import Checkpoint
-from pyrovae.inference.experiment.spec import build_schedule
 from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
 
 LATENT_DIM, FEATURES, BATCH = 3, 4, 6

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from pyrovae.inference.errors import PyrovaeError
-from pyrovae.inference.experiment.spec import Spec, build, load_spec
+from pyrovae.inference.experiment.build import build
+from pyrovae.inference.experiment.spec import Spec, load_spec
 
 __all__ = [
     "CHECKPOINT",

@@ -17,6 +17,13 @@ import torch
 from torch import nn
 
 from pyrovae.inference.errors import Interrupted, PyrovaeError
+from pyrovae.inference.experiment.build import (
+    build,
+    build_lr_schedule,
+    build_objective,
+    build_optimizer,
+    build_schedule,
+)
 from pyrovae.inference.experiment.callbacks import (
     Callback,
     Checkpointing,
@@ -40,16 +47,7 @@ from pyrovae.inference.experiment.runs import (
     promote_run,
     stage_run,
 )
-from pyrovae.inference.experiment.spec import (
-    Spec,
-    build,
-    build_lr_schedule,
-    build_objective,
-    build_optimizer,
-    build_schedule,
-    load_spec,
-    with_overrides,
-)
+from pyrovae.inference.experiment.spec import Spec, load_spec, with_overrides
 from pyrovae.inference.experiment.training import (
     TrainingDiverged,
     check_inputs,
