@@ -54,7 +54,7 @@ from pyrovae.inference.algorithms.scoring import (
     check_sites,
     score,
 )
-from pyrovae.inference.experiment.training import ACTIVITY_THRESHOLD
+from pyrovae.inference.experiment.validation import ACTIVITY_THRESHOLD
 from pyrovae.inference.reporting.sites import (
     SiteDiagnostics,
     flat_site,

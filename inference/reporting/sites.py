@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
 from pyrovae.inference.algorithms.scoring import Scores
-from pyrovae.inference.experiment.training import ACTIVITY_THRESHOLD
+from pyrovae.inference.experiment.validation import ACTIVITY_THRESHOLD
 
 __all__ = ["SiteDiagnostics", "flat_site", "site_diagnostics", "to_cpu", "univariate_factors"]
 
