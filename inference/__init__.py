@@ -42,7 +42,6 @@ from pyrovae.inference.experiment.callbacks import (
     CollapseAlarm,
     EarlyStopping,
     FitState,
-    GuideWarmup,
     ProgressBar,
 )
 from pyrovae.inference.experiment.data import Splits, load_data
@@ -50,6 +49,7 @@ from pyrovae.inference.experiment.evaluation import Evaluation, evaluate_run
 from pyrovae.inference.experiment.runs import Checkpoint, Run, load_run
 from pyrovae.inference.experiment.spec import Spec, load_spec
 from pyrovae.inference.experiment.training import TrainingDiverged, fit
+from pyrovae.inference.experiment.warmup import GuideWarmup
 from pyrovae.inference.experiment.workflow import train_run
 from pyrovae.inference.reporting.aggregate import AggregateKL, aggregate_kl
 from pyrovae.inference.reporting.compare import compare_runs, format_comparison

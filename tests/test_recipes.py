@@ -28,7 +28,8 @@ from pyrovae.inference import (
 )
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.build import build_lr_schedule
-from pyrovae.inference.experiment.callbacks import Callback, collapse_message, set_base_only
+from pyrovae.inference.experiment.callbacks import Callback, collapse_message
+from pyrovae.inference.experiment.warmup import set_base_only
 from pyrovae.model import (
     VAE,
     Bernoulli,

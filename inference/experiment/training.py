@@ -26,7 +26,6 @@ from pyrovae.inference.experiment.callbacks import (
     Checkpointing,
     EarlyStopping,
     FitState,
-    GuideWarmup,
     ProgressBar,
     device_of,
 )
@@ -34,6 +33,7 @@ from pyrovae.inference.experiment.data import check_data
 from pyrovae.inference.experiment.distributed import all_reduce_sum, rank_and_world
 from pyrovae.inference.experiment.recipes import step_schedule
 from pyrovae.inference.experiment.validation import validate
+from pyrovae.inference.experiment.warmup import GuideWarmup
 
 __all__ = [
     "TrainingDiverged",

@@ -30,9 +30,7 @@ from pyrovae.inference.experiment.callbacks import (
     CollapseAlarm,
     EarlyStopping,
     FitState,
-    GuideWarmup,
     TensorBoard,
-    check_warmup,
 )
 from pyrovae.inference.experiment.data import Splits, check_data, load_data
 from pyrovae.inference.experiment.distributed import process_group, rank_and_world
@@ -54,6 +52,7 @@ from pyrovae.inference.experiment.training import (
     fit,
     resolve_device,
 )
+from pyrovae.inference.experiment.warmup import GuideWarmup, check_warmup
 
 __all__ = ["load_run_data", "train_run"]
 
