@@ -13,8 +13,6 @@ fixed seed (as in Burda et al. 2015), so evaluations are comparable across runs;
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,19 +22,17 @@ from torch import Tensor
 from torch.distributions.constraints import Constraint
 
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.sources import (
+    NPZ_NAMES,
+    read_digits,
+    read_mnist_like,
+    read_user_file,
+)
 
 BINARIZE = ("none", "dynamic", "static")
 NAMED = ("digits", "mnist", "fashion-mnist")
 BINARIZE_SEED = 20151101
 """Seed of the fixed binarization of evaluation splits (and of static training data)."""
-
-_IDX_FILES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
-}
-_NPZ_NAMES = {"mnist": "mnist.npz", "fashion-mnist": "fashion-mnist.npz"}
 
 
 LABEL_SEED = 0
@@ -186,19 +182,19 @@ def load_data(
         raise PyrovaeError(f"unknown data.binarize {binarize!r}; valid: {', '.join(BINARIZE)}")
     source = None
     if name == "digits":
-        arrays = _digits()
-    elif name in _NPZ_NAMES:
-        arrays, source = _mnist_like(name, path)
+        arrays = read_digits()
+    elif name in NPZ_NAMES:
+        arrays, source = read_mnist_like(name, path)
     elif name.endswith((".npz", ".npy")):
         source = Path(path or name)
-        arrays = _user_file(source)
+        arrays = read_user_file(source)
         source = source.resolve()
     else:
         raise PyrovaeError(
             f"unknown data.name {name!r}; valid: {', '.join(NAMED)}, or a path to .npz/.npy"
         )
     if validation_size is None:
-        validation_size = 10_000 if name in _NPZ_NAMES else 0.1
+        validation_size = 10_000 if name in NPZ_NAMES else 0.1
     splits = replace(_split(arrays, validation_size), source=source)
     if limit is not None:
         labels = splits.train_labels
@@ -237,124 +233,6 @@ def check_data(x: Tensor, what: str, support: Constraint | None = None) -> None:
             f"{what} has values in [{lo:g}, {hi:g}] outside the likelihood's support {named}; "
             "rescale the data or choose a likelihood that fits it (e.g. gaussian)"
         )
-
-
-def _digits() -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = digits.images.astype(np.float32) / 16.0
-    y = digits.target
-    # A fixed permutation: the bundled file is ordered by writer, not shuffled.
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
-    n_test = 300
-    return {
-        "x_train": x[:-n_test],
-        "y_train": y[:-n_test],
-        "x_test": x[-n_test:],
-        "y_test": y[-n_test:],
-    }
-
-
-def _mnist_like(name: str, path: str | None) -> tuple[dict[str, np.ndarray], Path | None]:
-    looked: list[str] = []
-    candidates = [Path(path)] if path else []
-    if os.environ.get("PYROVAE_DATA"):
-        candidates.append(Path(os.environ["PYROVAE_DATA"]))
-    for candidate in candidates:
-        found = _read_local(candidate, name)
-        if found is not None:
-            return found
-        looked.append(str(candidate))
-    arrays, why = _torchvision(name)
-    if arrays is not None:
-        return arrays, None
-    where = ", ".join(looked) if looked else "nowhere (no data.path, PYROVAE_DATA unset)"
-    raise PyrovaeError(
-        f"{name} not found: looked in {where}, and {why}; put a Keras-layout "
-        f"{_NPZ_NAMES[name]} (x_train, y_train, x_test, y_test) or the IDX files in a "
-        "directory and set data.path or PYROVAE_DATA to it"
-    )
-
-
-def _read_local(candidate: Path, name: str) -> tuple[dict[str, np.ndarray], Path] | None:
-    """The arrays found at ``candidate`` (a file or a directory) and the file or folder they
-    came from, or None."""
-    if candidate.is_file():
-        return _user_file(candidate), candidate.resolve()
-    if not candidate.is_dir():
-        return None
-    npz = candidate / _NPZ_NAMES[name]
-    if npz.is_file():
-        return _user_file(npz), npz.resolve()
-    for folder in (candidate, candidate / name, candidate / name.replace("-", "_").upper() / "raw"):
-        files = {k: _idx_path(folder, v) for k, v in _IDX_FILES.items()}
-        if all(f is not None for f in files.values()):
-            return {k: _read_idx(f) for k, f in files.items()}, folder.resolve()
-    return None
-
-
-def _idx_path(folder: Path, stem: str) -> Path | None:
-    for suffix in ("", ".gz"):
-        f = folder / (stem + suffix)
-        if f.is_file():
-            return f
-    return None
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _torchvision(name: str) -> tuple[dict[str, np.ndarray] | None, str]:
-    """The data set through torchvision's downloader, or None and why not."""
-    try:
-        from torchvision import datasets
-    except ImportError:
-        return None, "torchvision, which could download it, is not installed"
-    except Exception as e:  # noqa: BLE001 - a broken install is reported the same way
-        return None, f"torchvision does not import ({type(e).__name__})"
-    root = Path(os.environ.get("PYROVAE_DATA", Path.home() / ".cache" / "pyrovae"))
-    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
-    try:
-        train = cls(root, train=True, download=True)
-        test = cls(root, train=False, download=True)
-    except Exception:  # noqa: BLE001 - offline or blocked: fall through to the error message
-        return None, "torchvision could not download it (offline?)"
-    arrays = {
-        "x_train": train.data.numpy(),
-        "y_train": train.targets.numpy(),
-        "x_test": test.data.numpy(),
-        "y_test": test.targets.numpy(),
-    }
-    return arrays, ""
-
-
-def _user_file(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise PyrovaeError(f"data file {path} does not exist; check data.name or data.path")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001
-        raise PyrovaeError(f"cannot read {path} as a NumPy file: {e}") from None
-    if isinstance(loaded, np.ndarray):
-        return {"x_train": loaded}
-    with loaded:
-        keys = set(loaded.files)
-        if "x_train" in keys:
-            return {k: loaded[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in keys}
-        if len(keys) == 1:
-            return {"x_train": loaded[keys.pop()]}
-    raise PyrovaeError(
-        f"{path} has arrays {sorted(keys)}; expected x_train (and optionally y_train, x_test, "
-        "y_test) or a single array"
-    )
 
 
 def _as_features(x: np.ndarray, what: str) -> tuple[Tensor, tuple[int, ...] | None]:
