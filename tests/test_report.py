@@ -203,7 +203,7 @@ def test_a_one_epoch_run_has_whole_epoch_ticks_and_labelled_values():
 
 def test_the_decoded_grid_of_a_2d_latent_space_has_legible_square_tiles():
     from pyrovae.inference.reporting.plots import latent_scatter_figure, separated_grid
-    from pyrovae.inference.reporting.report import GRID_STEPS
+    from pyrovae.inference.reporting.sections import GRID_STEPS
 
     tiles = torch.rand(GRID_STEPS * GRID_STEPS, 64)  # 8x8 digits, the smallest images we ship
     grid = separated_grid(tiles, (8, 8), GRID_STEPS)

@@ -10,7 +10,6 @@ mailed or archived alone.
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
@@ -26,13 +25,22 @@ from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable,
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.inference.reporting import plots
 from pyrovae.inference.reporting.aggregate import AggregateKL, aggregate_kl
-from pyrovae.inference.reporting.diagnostics import Diagnostics, diagnose, univariate_factors
+from pyrovae.inference.reporting.diagnostics import Diagnostics, diagnose
+from pyrovae.inference.reporting.sections import (
+    caption,
+    escape,
+    figure,
+    histograms,
+    image_sections,
+    khat_section,
+    latent_space,
+    note,
+    units_section,
+)
 
 __all__ = ["REPORT", "write_report"]
 
 REPORT = "report.html"
-
-_Section = tuple[str, str]  # (title, inner HTML)
 
 
 def write_report(
@@ -104,17 +112,17 @@ def write_report(
     sections = [
         ("Summary", _summary(run, diag, data_split, bracket)),
         ("Training curves", _training(run, diag)),
-        ("Latent units", _units(diag)),
+        ("Latent units", units_section(diag)),
     ]
     with torch.no_grad():
         if len(shape) == 2:
-            sections += _image_sections(run, diag, x, shape, traversal_dims, seed)
+            sections += image_sections(run, diag, x, shape, traversal_dims, seed)
         else:
-            note = "The data are not 2-D images, so reconstructions, samples and traversals "
-            sections.append(("Images", _note(note + "are not drawn.")))
-        sections.append(("Latent space", _latent_space(run, diag, labels, shape)))
-    sections.append(("Aggregate posterior against the prior", _histograms(run, diag)))
-    sections.append(("Importance sampling: Pareto k̂", _khat(diag)))
+            reason = "The data are not 2-D images, so reconstructions, samples and traversals "
+            sections.append(("Images", note(reason + "are not drawn.")))
+        sections.append(("Latent space", latent_space(run, diag, labels, shape)))
+    sections.append(("Aggregate posterior against the prior", histograms(run, diag)))
+    sections.append(("Importance sampling: Pareto k̂", khat_section(diag)))
     atomic_write(out, plots.html_page(f"pyrovae report: {run.path}", sections).encode())
     return out
 
@@ -169,7 +177,7 @@ def _summary(run: Run, diag: Diagnostics, split: str, bracket: AggregateKL | Non
     if "khat_bad_fraction" in s:
         rows.append((f"share of points with k̂ > {KHAT_THRESHOLD}", f"{s['khat_bad_fraction']:.1%}"))
         rows.append(("mean effective sample size", f"{s['ess']:.1f}"))
-    caption = (
+    text = (
         f"Averages over the first {n} points of the {split} split, in nats per point. "
         "log p(x) is the importance-sampling estimate; ± is its standard error over points "
         "(the spread of the data), the Monte Carlo error of the estimator is in brackets. "
@@ -179,25 +187,25 @@ def _summary(run: Run, diag: Diagnostics, split: str, bracket: AggregateKL | Non
         "marginal KL of N points is an upper bound in expectation."
     )
     if bracket is not None:
-        caption += (
+        text += (
             " The critic's lower bound holds for the whole data distribution's q(z): a "
             "classifier of posterior against prior draws, trained on another split, gives the "
             "Donsker-Varadhan bound on these points (± its standard error); the truth lies "
             "between the two, up to their Monte Carlo error."
         )
-    notes = "".join(_note(note) for note in diag.notes)
+    notes = "".join(note(line) for line in diag.notes)
     run_info = (
-        f"<p>Run <code>{_e(run.path)}</code>, epoch {run.epoch}.</p>"
-        f"<details><summary>spec</summary><pre>{_e(run.spec.to_toml())}</pre></details>"
+        f"<p>Run <code>{escape(run.path)}</code>, epoch {run.epoch}.</p>"
+        f"<details><summary>spec</summary><pre>{escape(run.spec.to_toml())}</pre></details>"
     )
-    return run_info + plots.html_table(("quantity", "value"), rows) + _caption(caption) + notes
+    return run_info + plots.html_table(("quantity", "value"), rows) + caption(text) + notes
 
 
 def _training(run: Run, diag: Diagnostics) -> str:
     history = run.history
     logged = history and any("reconstruction" in k or "kl" in k for k in history[0])
-    body = _figure(plots.training_curves_figure(history)) if history else _note("No history.")
-    body += _caption(
+    body = figure(plots.training_curves_figure(history)) if history else note("No history.")
+    body += caption(
         "ELBO per epoch on the training data (averaged during the epoch) and on the "
         "validation data (after it); higher is better. Validation falling while training "
         "rises means overfitting. The other panels split the validation ELBO into its "
@@ -205,255 +213,14 @@ def _training(run: Run, diag: Diagnostics) -> str:
         "is posterior collapse."
     )
     if not logged:
-        body += _note("Reconstruction and KL were not logged per epoch in this run.")
+        body += note("Reconstruction and KL were not logged per epoch in this run.")
     alarm = collapse_message(history) if history else None
     if alarm is not None:
-        body += _note(f"Warning: {alarm}.")
-    body += _figure(plots.per_point_figure(diag.reconstruction, diag.kl))
-    body += _caption(
+        body += note(f"Warning: {alarm}.")
+    body += figure(plots.per_point_figure(diag.reconstruction, diag.kl))
+    body += caption(
         "How the ELBO splits per point: reconstruction E_q[log p(x|z)] (higher is "
         "better) and KL(q(z|x) ‖ p(z)), the nats each point's code costs. A KL near 0 "
         "for every point means the posterior has collapsed onto the prior."
     )
     return body
-
-
-def _units(diag: Diagnostics) -> str:
-    body = _figure(plots.units_figure(diag.activity, diag.kl_per_dim, diag.activity_threshold))
-    kl_panel = (
-        " Right: the KL each dimension costs."
-        if diag.kl_per_dim is not None
-        else " The KL does not split by dimension for this guide and prior."
-    )
-    body += _caption(
-        "Left: how much each dimension's posterior mean varies across data points; a "
-        f"dimension above {diag.activity_threshold:g} is active (Burda et al., 2016), below "
-        "it the encoder ignores x in that dimension." + kl_panel
-    )
-    kl = diag.kl_per_dim.mean(0) if diag.kl_per_dim is not None else None
-    rows = []
-    for d in range(len(diag.activity)):
-        rows.append(
-            (
-                f"z{d}" + (" (active)" if diag.active[d] else ""),
-                f"{diag.activity[d]:.4f}",
-                "–" if kl is None else f"{kl[d]:.3f}",
-                f"{diag.aggregate_mean[d]:+.3f}",
-                f"{diag.aggregate_variance[d]:.3f}",
-                f"{diag.prior_mean[d]:+.3f}",
-                f"{diag.prior_variance[d]:.3f}",
-            )
-        )
-    header = ("dimension", "Var E[z|x]", "KL", "q(z) mean", "q(z) var", "p(z) mean", "p(z) var")
-    return (
-        body
-        + plots.html_table(header, rows)
-        + _caption(
-            "Moments of the aggregate posterior q(z) against the prior's: the generator is fed "
-            "p(z) at sampling time but was trained on codes from q(z), so where they differ, "
-            "prior samples land where the decoder has seen few codes."
-        )
-    )
-
-
-def _image_sections(
-    run: Run, diag: Diagnostics, x: Tensor, shape: tuple[int, ...], top: int, seed: int
-) -> list[_Section]:
-    model, n = run.model, min(32, len(x))
-    # A conditional model's rows are [x, one_hot(y)]: images from x, decoding with y.
-    x, context = (model.split(x)[0], model.context_of(x)) if hasattr(model, "split") else (x, None)
-
-    def rows(index: Tensor | slice) -> Tensor | None:
-        return None if context is None else context[index]
-
-    recon = plots.image_panels_figure(
-        [
-            ("input x", x[:n]),
-            ("reconstruction at E_q[z|x]", _decode(model, diag.posterior_mean[:n], rows(slice(n)))),
-        ],
-        shape,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(diag.samples.shape[1], generator=generator)[:64]
-    pyro.set_rng_seed(seed)
-    classes = getattr(model, "classes", 0)
-    if classes:  # one row per class, eight draws each
-        prior = (
-            "z ~ p(z), one row per class y",
-            model.sample(8 * classes, labels=torch.arange(classes).repeat_interleave(8)),
-        )
-    else:
-        prior = ("z ~ p(z): the prior", model.sample(len(picks)))
-    aggregate = _decode(model, diag.samples[0, picks], rows(picks))
-    samples = plots.image_panels_figure(
-        [prior, ("z ~ q(z): the aggregate posterior", aggregate)], shape
-    )
-    ranked = diag.activity.argsort(descending=True)
-    active = ranked[diag.active[ranked]]
-    dims = (active if len(active) else ranked)[:top]
-    values = torch.linspace(-3, 3, 11, dtype=torch.float64)
-    base = diag.posterior_mean[0]
-    z = base.repeat(len(dims), len(values), 1)
-    for row, d in enumerate(dims):
-        z[row, :, d] = diag.prior_mean[d] + values * diag.prior_variance[d].sqrt()
-    labels = [f"z{d} ({diag.activity[d]:.2g})" for d in dims]
-    traversal = plots.traversal_figure(_decode(model, z, rows(slice(1))), shape, labels, values)
-    return [
-        (
-            "Reconstructions",
-            _figure(recon)
-            + _caption(
-                "Left: evaluated data points (binarized when the run binarizes); right: "
-                "the mean of p(x|z) decoded at each point's posterior mean, in the same "
-                "positions. Blurry or wrong images mean the code loses information about x."
-            ),
-        ),
-        (
-            "Samples: prior against aggregate posterior",
-            _figure(samples)
-            + _caption(
-                "Left: the usual generation, z drawn from the prior N(0, I) (or the learned "
-                "prior). Right: z drawn from the aggregate posterior, i.e. a random data "
-                "point encoded and one z drawn from q(z|x). Generating from the prior is "
-                "only right when q(z) matches p(z) (small marginal KL); where the right "
-                "panel looks better than the left, the prior puts mass in regions the "
-                "decoder never saw in training (the holes of the aggregate posterior)."
-                + (
-                    f" This model is conditional: the left panel has one row per class y "
-                    f"(0 to {classes - 1} from the top, eight draws each), and the right "
-                    "decodes each z with its own point's label."
-                    if classes
-                    else ""
-                )
-            ),
-        ),
-        (
-            "Latent traversals",
-            _figure(traversal)
-            + _caption(
-                "Each row starts from the posterior mean of the first data point and moves "
-                "one latent dimension from −3 to +3 prior standard deviations, keeping the "
-                "others fixed; rows are the most active dimensions (activity in "
-                "brackets), inactive ones only when no dimension is active. A row that "
-                "does not change is a dimension the decoder ignores."
-            ),
-        ),
-    ]
-
-
-GRID_STEPS = 10
-"""Decoded images per side of the 2-D latent grid: few enough that each stays legible."""
-
-
-def _latent_space(run: Run, diag: Diagnostics, labels: Tensor | None, shape: tuple) -> str:
-    means, d = diag.posterior_mean, diag.posterior_mean.shape[1]
-    if d == 1:
-        return _note("The latent space is one-dimensional; see the histogram below.")
-    grid = extent = None
-    if d == 2:
-        points, axes = means, ("z0", "z1")
-        sd = diag.prior_variance.sqrt()
-        lo = torch.minimum(diag.prior_mean - 3 * sd, means.min(0).values)
-        hi = torch.maximum(diag.prior_mean + 3 * sd, means.max(0).values)
-        extent = (lo[0].item(), hi[0].item(), lo[1].item(), hi[1].item())
-        conditional = hasattr(run.model, "split")
-        if len(shape) == 2 and not conditional:
-            steps = GRID_STEPS
-            u = torch.linspace(lo[0].item(), hi[0].item(), steps, dtype=torch.float64)
-            v = torch.linspace(hi[1].item(), lo[1].item(), steps, dtype=torch.float64)
-            z = torch.stack(torch.meshgrid(v, u, indexing="ij")[::-1], -1).reshape(-1, 2)
-            grid = plots.separated_grid(_decode(run.model, z), shape, steps)
-        text = (
-            "Each point is a data point's posterior mean, coloured by its label. Right: "
-            "the decoder's output over a grid of the same axes. Regions of the grid far from "
-            "any point are gaps of the aggregate posterior: a prior sample there decodes to "
-            "something the decoder was never trained to produce."
-        )
-        if conditional:
-            text = (
-                "Each point is a data point's posterior mean, coloured by its label. No "
-                "decoded grid: a conditional decoder needs a class as well as z (see the "
-                "samples by class above)."
-            )
-    else:
-        _, s, v = torch.pca_lowrank(means, q=2, center=True)
-        points = (means - means.mean(0)) @ v[:, :2]
-        share = (s[:2] ** 2 / (means - means.mean(0)).square().sum()).tolist()
-        axes = (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)")
-        text = (
-            f"The {d}-dimensional posterior means projected on their first two principal "
-            "components, coloured by label. Separated clusters mean the code captures the "
-            "class; a structureless blob near 0 suggests a collapsed posterior."
-        )
-    fig = plots.latent_scatter_figure(points, labels, axes, grid, extent)
-    return _figure(fig) + _caption(text)
-
-
-def _histograms(run: Run, diag: Diagnostics) -> str:
-    order = diag.activity.argsort(descending=True)[:16].sort().values.tolist()
-    samples = diag.samples.reshape(-1, diag.samples.shape[-1])
-    titles = [f"z{d}" + (" (active)" if diag.active[d] else "") for d in order]
-    with torch.no_grad():
-        # The prior's own factors are the site's marginal only where the prior draws it: in a
-        # stack the panels show z1, whose marginal is known through draws of the model.
-        top = getattr(run.model, "latent_sites", (diag.primary,))[-1]
-        reads = getattr(run.model.prior, "reads_labels", False)  # p(z | y): no one marginal
-        base = univariate_factors(run.model.prior()) if top == diag.primary and not reads else None
-        lo, hi = samples.min().item(), samples.max().item()
-        if base is not None:
-            grid = torch.linspace(min(lo, -4), max(hi, 4), 200, dtype=torch.float64)
-            density = base.log_prob(grid.to(base.mean.dtype)[:, None]).exp()
-            kwargs = {
-                "prior_grid": grid,
-                "prior_density": density.double().expand(-1, len(diag.activity)),
-            }
-        else:
-            kwargs = {"prior_samples": diag.prior_samples}
-    fig = plots.latent_histograms_figure(samples, order, titles, **kwargs)
-    shown = (
-        f"the {len(order)} most active of {len(diag.activity)} dimensions"
-        if len(order) < len(diag.activity)
-        else "every dimension"
-    )
-    return _figure(fig) + _caption(
-        f"For {shown}: a histogram of draws z ~ q(z|x) over all evaluated points, i.e. "
-        "of the aggregate posterior's marginal, over the prior's marginal (black). "
-        "Narrower, shifted or multi-modal histograms show where q(z) and p(z) disagree; "
-        "an inactive dimension follows the prior closely."
-    )
-
-
-def _khat(diag: Diagnostics) -> str:
-    if diag.marginal is None or torch.isnan(diag.marginal.khat).all():
-        return _note("No Pareto k̂: importance sampling was skipped or used fewer than 25 samples.")
-    return _figure(plots.khat_figure(diag.marginal.khat, KHAT_THRESHOLD)) + _caption(
-        "The Pareto k̂ of each point's importance weights (Vehtari et al., 2024). Below 0.7 "
-        "the log p(x) estimate is reliable; above it the weights are heavy-tailed (the "
-        "guide misses part of the posterior) and the estimate is likely too low."
-    )
-
-
-def _decode(model: torch.nn.Module, z: Tensor, context: Tensor | None = None) -> Tensor:
-    """The mean of p(x|z) for float64 diagnostics ``z``, in the model's own dtype; a
-    conditional model's ``context`` rows (one-hot labels) go with them."""
-    tensors = [*model.parameters(), *model.buffers()]
-    dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
-    if context is None:
-        return model.decode(z.to(dtype)).mean
-    return model.decode(z.to(dtype), context.to(dtype)).mean
-
-
-def _figure(fig: object) -> str:
-    return f'<img alt="figure" src="data:image/png;base64,{plots.figure_to_base64(fig)}">'
-
-
-def _caption(text: str) -> str:
-    return f'<p class="caption">{_e(text)}</p>'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value))
