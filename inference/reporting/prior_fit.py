@@ -13,7 +13,7 @@ the N-point aggregate of :func:`diagnose`) and no critic (unlike :func:`aggregat
 likelihood, the encoder and decoder fixed ("ex-post density estimation", Ghosh et al.), and
 reports that difference on held-out points: how many nats of the mismatch between q(z) and
 the model's prior p a richer prior closes, for the same q. Put into the model in place of p,
-it also raises the ELBO of every point by exactly its E_q(z|x)[log p'(z) - log p(z)], so the
+it changes the ELBO of every point by exactly its E_q(z|x)[log p'(z) - log p(z)], so the
 mean gain is the rise of the mean held-out ELBO.
 """
 
