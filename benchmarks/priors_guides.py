@@ -66,11 +66,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "priors_guides"
 COLLAPSE_KL = 1.0
 """Below this test KL (nats) the latents carry almost no information: posterior collapse."""
 EVALUATION = "priors_guides_evaluation.json"
+"""Per run: the test figures and the settings they were computed with, reused when equal."""
 ACTIVITY_DRAWS = 32
 """Draws per point behind the active units: a flow guide's posterior means are sample means,
 whose Monte Carlo variance ``diagnose`` subtracts; with 32 draws what is left of it has a
 standard error near 0.003 for a unit at N(0, 1) on 200 points, against the threshold 0.01."""
-"""Per run: the test figures and the settings they were computed with, reused when equal."""
 BURDA_VAE, BURDA_IWAE = -86.76, -84.78
 """Test log p(x) of this architecture after 3,280 epochs (Burda et al., 2016, Table 1)."""
 
@@ -211,7 +211,8 @@ def run_pair(
             figures = saved["figures"]
             if figures.get("activity_draws") != ACTIVITY_DRAWS:
                 # Figures from before the active units were counted from 32 draws.
-                figures.update(active_units(run, args))
+                x, _ = load_run_data(run.spec).split("test")
+                figures.update(active_units(run, x, args))
                 saved["figures"] = figures
                 atomic_write(cache, json.dumps(saved).encode())
             return {**row, **figures}
@@ -255,17 +256,16 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "khat_bad_fraction": summary["khat_bad_fraction"],
         "khat_median": result.khat.nanmedian().item(),
         "iwae_bounds": {str(k): v.mean().item() for k, v in result.iwae.items()},
-        **active_units(run, args),
+        **active_units(run, x, args),
         "marginal_kl": diag.marginal_kl,
         "mutual_information": diag.mutual_information,
         "log_px_per_point": log_px.tolist(),
     }
 
 
-def active_units(run: Run, args: argparse.Namespace) -> dict[str, Any]:
-    """Active units of the first ``--num-diagnose`` test points, from :data:`ACTIVITY_DRAWS`
-    draws each (no aggregate posterior, so cheap for a flow guide too)."""
-    x, _ = load_run_data(run.spec).split("test")
+def active_units(run: Run, x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """Active units of the first ``--num-diagnose`` test points ``x``, from
+    :data:`ACTIVITY_DRAWS` draws each (no aggregate posterior, so cheap for a flow guide)."""
     pyro.set_rng_seed(args.seed)
     diag = diagnose(
         run.model,

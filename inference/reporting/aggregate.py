@@ -37,7 +37,14 @@ from pyrovae.inference.algorithms.marginal import like_parameters
 from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, PARTICLE_PLATE, score
 from pyrovae.inference.reporting.diagnostics import ancestral_draws, diagnose, primary_site
 
-__all__ = ["AggregateKL", "aggregate_kl", "check_held_out", "posterior_draws"]
+__all__ = [
+    "AggregateKL",
+    "aggregate_kl",
+    "check_held_out",
+    "posterior_draws",
+    "rng_devices",
+    "train_with_patience",
+]
 
 Program = Callable[..., Any]
 
@@ -150,7 +157,7 @@ def aggregate_kl(
         batch_size=batch_size,
     )
     x, x_test = like_parameters(x, model, guide), like_parameters(x_test, model, guide)
-    with torch.random.fork_rng(devices=_devices(x)):
+    with torch.random.fork_rng(devices=rng_devices(x)):
         pyro.set_rng_seed(seed)
         with torch.no_grad(), pyro.validation_enabled(False):
             names = score(model, guide, x[:2], scaled=False).latent_sites
@@ -263,9 +270,8 @@ def _fit_critic(
     returns the best critic and the validation bound after each epoch."""
     critic = _Critic(valid[1], hidden).to(valid[1].device, valid[1].dtype)
     optimizer = torch.optim.Adam(critic.parameters(), lr=lr)
-    history: list[float] = []
-    best, best_state, waited = -math.inf, copy.deepcopy(critic.state_dict()), 0
-    for _ in range(epochs):
+
+    def train_epoch() -> None:
         q_train, p_train = draws()
         order = torch.randperm(len(q_train), device=q_train.device)
         for index in order.split(batch_size):
@@ -274,17 +280,37 @@ def _fit_critic(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+
+    def validate() -> float:
         with torch.no_grad():
-            bound, _ = _donsker_varadhan(critic(valid[0]), critic(valid[1]))
-        history.append(bound)
-        if bound > best:
-            best, best_state, waited = bound, copy.deepcopy(critic.state_dict()), 0
+            return _donsker_varadhan(critic(valid[0]), critic(valid[1]))[0]
+
+    return critic, train_with_patience(critic, train_epoch, validate, epochs, patience)
+
+
+def train_with_patience(
+    module: nn.Module,
+    train_epoch: Callable[[], None],
+    validate: Callable[[], float],
+    epochs: int,
+    patience: int,
+) -> list[float]:
+    """Runs ``train_epoch()`` then ``validate()`` (higher is better) for at most ``epochs``
+    epochs, stops after ``patience`` epochs without a better figure, and leaves ``module``
+    in its best state; returns the validation figure after each epoch."""
+    history: list[float] = []
+    best, best_state, waited = -math.inf, copy.deepcopy(module.state_dict()), 0
+    for _ in range(epochs):
+        train_epoch()
+        history.append(validate())
+        if history[-1] > best:
+            best, best_state, waited = history[-1], copy.deepcopy(module.state_dict()), 0
         else:
             waited += 1
             if waited >= patience:
                 break
-    critic.load_state_dict(best_state)
-    return critic, history
+    module.load_state_dict(best_state)
+    return history
 
 
 def _donsker_varadhan(t_q: Tensor, t_p: Tensor) -> tuple[float, float]:
@@ -308,5 +334,6 @@ def posterior_draws(model: Program, guide: Program, x: Tensor, name: str, num_dr
     return torch.cat(draws).flatten(0, 1)
 
 
-def _devices(x: Tensor) -> list[int]:
+def rng_devices(x: Tensor) -> list[int]:
+    """The CUDA devices whose random state ``torch.random.fork_rng`` keeps for data ``x``."""
     return [x.device.index or 0] if x.device.type == "cuda" else []

@@ -19,7 +19,6 @@ mean gain is the rise of the mean held-out ELBO.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from pyrovae.inference.algorithms.marginal import like_parameters
-from pyrovae.inference.reporting.aggregate import check_held_out, posterior_draws
+from pyrovae.inference.reporting.aggregate import (
+    check_held_out,
+    posterior_draws,
+    rng_devices,
+    train_with_patience,
+)
 from pyrovae.model.distributions import as_pyro
 
 __all__ = ["PriorFit", "fit_prior"]
@@ -163,8 +167,15 @@ def fit_prior(
                 [fitted.log_prob(b) - reference.log_prob(b) for b in z.split(batch_size)]
             )
 
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    def train_epoch() -> None:
+        z = draws(x_train)
+        for index in torch.randperm(len(z), device=z.device).split(batch_size):
+            loss = -as_pyro(prior()).log_prob(z[index]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    with torch.random.fork_rng(devices=rng_devices(x)):
         pyro.set_rng_seed(seed)
         x_train, x_valid = x[: len(x) - num_validation], x[len(x) - num_validation :]
         start = getattr(prior, "initialize_from_data", None)
@@ -172,29 +183,15 @@ def fit_prior(
             start(x_train)
         valid, held_out = draws(x_valid), draws(x_test)
         optimizer = torch.optim.Adam(own, lr=lr)
-        history: list[float] = []
-        best, best_state, waited = -math.inf, copy.deepcopy(prior.state_dict()), 0
         try:
             for p in frozen:
                 p.requires_grad_(False)
-            for _ in range(epochs):
-                z = draws(x_train)
-                for index in torch.randperm(len(z), device=z.device).split(batch_size):
-                    loss = -as_pyro(prior()).log_prob(z[index]).mean()
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                history.append(gain(valid).mean().item())
-                if history[-1] > best:
-                    best, best_state, waited = history[-1], copy.deepcopy(prior.state_dict()), 0
-                else:
-                    waited += 1
-                    if waited >= patience:
-                        break
+            history = train_with_patience(
+                prior, train_epoch, lambda: gain(valid).mean().item(), epochs, patience
+            )
         finally:
             for p, flag in zip(frozen, requires, strict=True):
                 p.requires_grad_(flag)
-        prior.load_state_dict(best_state)
         per_point = gain(held_out).reshape(len(x_test), num_draws).mean(1).double().cpu()
     return PriorFit(
         prior=prior,
