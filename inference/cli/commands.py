@@ -1,20 +1,18 @@
-"""The ``pyrovae`` command: train, sample, evaluate, report, compare, bdmc."""
+"""The ``pyrovae`` subcommands: each checks its options, makes one library call and prints."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import pyro
 
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
-from pyrovae.inference.errors import Interrupted, PyrovaeError
+from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.distributed import is_main_process
 from pyrovae.inference.experiment.evaluation import (
     EVALUATION,
@@ -29,183 +27,6 @@ from pyrovae.inference.experiment.workflow import train_run
 
 UNRELIABLE_SHARE = 0.2
 """Above this share of points with k̂ > 0.7, ``evaluate`` warns that log p(x) is a bound."""
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pyrovae`` command; returns the exit code.
-
-    Every problem with the user's input, files or environment is one line on stderr and
-    exit code 2 (130 for an interruption); ``--debug`` shows the traceback instead.
-    """
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        args.command(args)
-        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
-    except BrokenPipeError:
-        # The reader went away (| head): stop writing to it, without a traceback at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print("pyrovae: error: the output pipe closed early; printing stopped", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(f"pyrovae: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("pyrovae: interrupted", file=sys.stderr)
-        return 130
-    except (PyrovaeError, OSError) as e:
-        if args.debug:
-            raise
-        line = f"pyrovae: error: {_one_line(e)}"
-        print(line, file=sys.stderr)
-        _tell_the_launcher(line)
-        return 2
-    return 0
-
-
-def _tell_the_launcher(line: str) -> None:
-    """Under torchrun, writes the error line where torch.distributed.elastic reads a failed
-    rank's error (``TORCHELASTIC_ERROR_FILE``), in the plain-message form it accepts, so that
-    the "Root Cause" of torchrun's own failure summary names it."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    try:
-        Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
-    except OSError:
-        pass  # the line is on stderr already
-
-
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror}"
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pyrovae", description="Variational autoencoders as Pyro programs."
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    # --debug also after the command name; SUPPRESS keeps a command's parser from resetting it.
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
-
-    train = commands.add_parser(parents=[debug], name="train", help="train a VAE from a spec")
-    train.add_argument("spec", nargs="?", help="a TOML spec (default: the built-in digits spec)")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec key, e.g. --set model.latent_dim=2 (value read as TOML)",
-    )
-    train.add_argument("--out", help="run directory (default: runs/<spec name>)")
-    train.add_argument("--epochs", type=int, help="total number of epochs")
-    train.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    train.add_argument("--resume", metavar="RUN", help="continue the run in RUN")
-    train.add_argument("--force", action="store_true", help="replace an existing run directory")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    train.add_argument(
-        "--tensorboard", action="store_true", help="log to RUN/tensorboard (train.log)"
-    )
-    train.set_defaults(command=cmd_train)
-
-    sample = commands.add_parser(
-        parents=[debug], name="sample", help="write an image grid of samples from a run"
-    )
-    sample.add_argument("run", help="run directory")
-    sample.add_argument("-n", "--num-samples", type=int, default=64)
-    sample.add_argument("-o", "--output", help="image file to write (default: RUN/samples.png)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z), not its mean")
-    sample.add_argument(
-        "--label", type=int, help="class to draw, for a conditional run (default: each in turn)"
-    )
-    sample.add_argument("--force", action="store_true", help="replace an existing output file")
-    sample.set_defaults(command=cmd_sample)
-
-    evaluate = commands.add_parser(
-        parents=[debug],
-        name="evaluate",
-        help="estimate log p(x) per data point by importance sampling",
-    )
-    evaluate.add_argument("run", help="run directory")
-    evaluate.add_argument("--num-samples", "-k", type=int, default=5000, help="K, draws per point")
-    evaluate.add_argument("--split", default="test", choices=["test", "validation", "train"])
-    evaluate.add_argument("--limit", type=int, help="only the first N points of the split")
-    evaluate.add_argument("--seed", type=int, default=0)
-    _add_method_options(evaluate)
-    evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
-    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
-    evaluate.add_argument(
-        "-o", "--output", help="JSON file to write (default: RUN/evaluation.json)"
-    )
-    evaluate.add_argument(
-        "--force", action="store_true", help="replace an evaluation made with other settings"
-    )
-    evaluate.set_defaults(command=cmd_evaluate)
-
-    report = commands.add_parser(
-        parents=[debug],
-        name="report",
-        help="write RUN/report.html: diagnostics of q(z|x) against the prior",
-    )
-    report.add_argument("run", help="run directory")
-    _add_diagnostic_options(report)
-    report.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
-    report.add_argument("--force", action="store_true", help="replace an existing -o file")
-    report.add_argument(
-        "--aggregate-kl",
-        action="store_true",
-        help="also bound KL(q(z) || p(z)) from below with a critic trained on the training "
-        "split (minutes on MNIST)",
-    )
-    report.set_defaults(command=cmd_report)
-
-    compare = commands.add_parser(
-        parents=[debug], name="compare", help="compare runs on the same data points"
-    )
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (two or more)")
-    _add_diagnostic_options(compare)
-    _add_method_options(compare, steps=200)
-    compare.set_defaults(command=cmd_compare)
-
-    sandwich = commands.add_parser(
-        parents=[debug],
-        name="bdmc",
-        help="bound log p(x) from both sides on data simulated from the model",
-    )
-    sandwich.add_argument("run", help="run directory")
-    sandwich.add_argument("--num-points", "-n", type=int, default=100)
-    sandwich.add_argument("--steps", type=int, default=500, help="annealing steps per chain")
-    sandwich.add_argument("--chains", type=int, default=4, help="chains per point")
-    sandwich.add_argument("--seed", type=int, default=0)
-    sandwich.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
-    sandwich.set_defaults(command=cmd_bdmc)
-    return parser
-
-
-def _add_method_options(parser: argparse.ArgumentParser, steps: int = 500) -> None:
-    parser.add_argument(
-        "--method",
-        default="is",
-        choices=["is", "ais"],
-        help="is: importance sampling from the guide; ais: annealed importance sampling",
-    )
-    parser.add_argument("--chains", type=int, default=16, help="AIS chains per point")
-    parser.add_argument("--steps", type=int, default=steps, help="AIS annealing steps")
-
-
-def _add_diagnostic_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", default="test", choices=["test", "validation", "train"])
-    parser.add_argument("--limit", type=int, default=500, help="the first N points of the split")
-    parser.add_argument("--num-samples", "-k", type=int, default=500, help="K, draws per point")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -454,9 +275,3 @@ def _image_shape(run: Run) -> tuple[int, ...]:
             f"{run.path} was trained on data that are not 2-D images; no grid to draw"
         )
     return shape
-
-
-__all__ = ["main"]
-
-if __name__ == "__main__":
-    sys.exit(main())
