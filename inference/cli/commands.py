@@ -21,8 +21,8 @@ from pyrovae.inference.experiment.evaluation import (
     evaluate_run,
     evaluation_settings,
 )
+from pyrovae.inference.experiment.inputs import resolve_device
 from pyrovae.inference.experiment.runs import Run, load_run
-from pyrovae.inference.experiment.training import resolve_device
 from pyrovae.inference.experiment.workflow import train_run
 
 UNRELIABLE_SHARE = 0.2

@@ -29,8 +29,8 @@ from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.data import check_data
 from pyrovae.inference.experiment.distributed import gather_blocks, process_group, rank_and_world
+from pyrovae.inference.experiment.inputs import resolve_device
 from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
-from pyrovae.inference.experiment.training import resolve_device
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.model.likelihoods import bits_per_dim
 from pyrovae.model.vae import split_labels

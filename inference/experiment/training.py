@@ -29,37 +29,24 @@ from pyrovae.inference.experiment.callbacks import (
     ProgressBar,
     device_of,
 )
-from pyrovae.inference.experiment.data import check_data
 from pyrovae.inference.experiment.distributed import all_reduce_sum, rank_and_world
+from pyrovae.inference.experiment.inputs import (
+    as_data,
+    check_inputs,
+    check_settings,
+    floating_dtype,
+    place,
+    resolve_device,
+)
 from pyrovae.inference.experiment.recipes import step_schedule
 from pyrovae.inference.experiment.validation import validate
 from pyrovae.inference.experiment.warmup import GuideWarmup
 
-__all__ = [
-    "TrainingDiverged",
-    "check_inputs",
-    "fit",
-    "resolve_device",
-]
+__all__ = ["TrainingDiverged", "fit"]
 
 
 class TrainingDiverged(PyrovaeError):
     """The loss became NaN or infinite; the run keeps its last good checkpoint."""
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or None) is CUDA when present, else the CPU; anything else goes to torch."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise PyrovaeError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PyrovaeError(
-            f"device {device!r} asked for but CUDA is not available; use cpu or auto"
-        )
-    return resolved
 
 
 def fit(
@@ -137,14 +124,14 @@ def fit(
         TrainingDiverged: the loss became NaN or infinite.
         PyrovaeError: bad data or settings, found before any training.
     """
-    _check_settings(epochs, batch_size, lr, grad_clip)
+    check_settings(epochs, batch_size, lr, grad_clip)
     device = resolve_device(device)
     for part in (model, guide):
         if isinstance(part, nn.Module):
             part.to(device)
-    dtype = _floating_dtype(model, guide)
-    x_train = _as_data(train, "training data", dtype)
-    x_val = _as_data(validation, "validation data", dtype) if validation is not None else None
+    dtype = floating_dtype(model, guide)
+    x_train = as_data(train, "training data", dtype)
+    x_val = as_data(validation, "validation data", dtype) if validation is not None else None
     check_inputs(model, x_train, x_val)
     callbacks = list(callbacks)
     if run_dir is not None:
@@ -160,8 +147,8 @@ def fit(
     if seed is not None:
         pyro.set_rng_seed(seed)
 
-    x_train = _place(x_train, device)
-    x_val = _place(x_val, device) if x_val is not None else None
+    x_train = place(x_train, device)
+    x_val = place(x_val, device) if x_val is not None else None
     _initialize_from_data(model, guide, x_train)
     loss_fn = (objective or elbo())(model, guide)
     params = _parameters(loss_fn, x_train[:batch_size].to(device), transform)
@@ -228,52 +215,6 @@ def fit(
             for callback in callbacks:
                 callback.on_fit_end(state)
     return state.history
-
-
-def check_inputs(model: Any, train: Tensor, validation: Tensor | None = None) -> None:
-    """Checks the data once, up front, against the model's likelihood where it declares a support.
-
-    Raises:
-        PyrovaeError: NaN or infinite values, a wrong shape, or values outside the support.
-    """
-    # A likelihood may declare the support of the data it scores (a torch constraint).
-    support = getattr(getattr(model, "likelihood", None), "support", None)
-    check_data(train, "training data", support)
-    if validation is not None:
-        check_data(validation, "validation data", support)
-
-
-def _check_settings(epochs: int, batch_size: int, lr: float, grad_clip: float | None) -> None:
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise PyrovaeError(f"{name} must be an integer of at least 1, got {value!r}")
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
-        raise PyrovaeError(f"lr must be a finite number of at least 0, got {lr!r}")
-    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
-        raise PyrovaeError(f"grad_clip must be a finite number above 0, got {grad_clip!r}")
-
-
-def _floating_dtype(*parts: Any) -> torch.dtype:
-    """The dtype of the first floating-point parameter of the modules, else torch's default."""
-    for part in parts:
-        if isinstance(part, nn.Module):
-            for p in part.parameters():
-                if p.is_floating_point():
-                    return p.dtype
-    return torch.get_default_dtype()
-
-
-def _as_data(x: Tensor | np.ndarray, what: str, dtype: torch.dtype) -> Tensor:
-    """Data as a floating tensor of the model's dtype; integer data are refused."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, Tensor):
-        raise PyrovaeError(f"{what} must be a torch.Tensor or NumPy array, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise PyrovaeError(
-            f"{what} has integer dtype {x.dtype}; pass floats (e.g. x / 255.0 for 8-bit images)"
-        )
-    return x.to(dtype)
 
 
 def _initialize_from_data(model: Any, guide: Any, x: Tensor) -> None:
@@ -389,16 +330,6 @@ def _train_epoch(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start_time
     return seconds, -all_reduce_sum(total).item() / n
-
-
-def _place(x: Tensor, device: torch.device) -> Tensor:
-    """The data on ``device`` when it fits in half the free memory there, else pinned on the host."""
-    if device.type != "cuda":
-        return x.to(device)
-    free, _ = torch.cuda.mem_get_info(device)
-    if x.numel() * x.element_size() < free // 2:
-        return x.to(device)
-    return x.pin_memory()
 
 
 def _diverged(epoch: int, callbacks: list[Callback]) -> str:

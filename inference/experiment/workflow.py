@@ -34,6 +34,7 @@ from pyrovae.inference.experiment.callbacks import (
 )
 from pyrovae.inference.experiment.data import Splits, check_data, load_data
 from pyrovae.inference.experiment.distributed import process_group, rank_and_world
+from pyrovae.inference.experiment.inputs import check_inputs, resolve_device
 from pyrovae.inference.experiment.runs import (
     SPEC,
     Checkpoint,
@@ -46,12 +47,7 @@ from pyrovae.inference.experiment.runs import (
     stage_run,
 )
 from pyrovae.inference.experiment.spec import Spec, load_spec, with_overrides
-from pyrovae.inference.experiment.training import (
-    TrainingDiverged,
-    check_inputs,
-    fit,
-    resolve_device,
-)
+from pyrovae.inference.experiment.training import TrainingDiverged, fit
 from pyrovae.inference.experiment.warmup import GuideWarmup, check_warmup
 
 __all__ = ["load_run_data", "train_run"]
