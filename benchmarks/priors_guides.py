@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -169,6 +170,9 @@ def run_pair(
     row["steps_per_epoch"] = math.ceil(len(data.train) / spec.train.batch_size)
     checkpoint = Checkpoint.load(run_dir) if run_dir.is_dir() else None
     finished = checkpoint is not None and checkpoint.epoch == args.epochs
+    if finished and not args.retrain:
+        asked = load_spec(config, [*overrides, f"train.epochs={args.epochs}"])
+        check_same_spec(run_dir, asked, config.name)
     if not finished or args.retrain:
         step = seconds_per_step(spec, data, args.probe_steps)
         steps = row["steps_per_epoch"] * args.epochs
@@ -218,6 +222,22 @@ def run_pair(
         json.dumps({"settings": settings, "epoch": run.epoch, "figures": figures}).encode(),
     )
     return {**row, **figures}
+
+
+def check_same_spec(run_dir: Path, spec: Spec, config: str) -> None:
+    """Refuses to reuse a finished run trained from another spec than the one asked for
+    (another config, ``--set`` or seed), wherever the data were read from."""
+    trained = load_run(run_dir).spec
+    trained = dataclasses.replace(
+        trained, data=dataclasses.replace(trained.data, path=spec.data.path)
+    )
+    if trained != spec:
+        print(
+            f"error: {run_dir} was trained from another spec than {config} with these options "
+            "(--set, --seeds, --epochs); pass another --runs, or --retrain to replace it",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
