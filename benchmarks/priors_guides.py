@@ -5,7 +5,9 @@ trained from ``configs/mnist-<prior>-<guide>.toml`` (one layer, 784-200-200-50 w
 networks) for the same number of epochs with ``train_run``, then
 scored on the first ``--num-test`` test points (binarized once with the fixed seed) by
 importance sampling with ``--num-samples`` draws from the guide. The table goes to
-``benchmarks/results/priors_guides.md`` and every figure to ``priors_guides.json``.
+``benchmarks/results/priors_guides_stl.md`` and every figure to ``priors_guides_stl.json``
+(the configs train with sticking-the-landing gradients; ``priors_guides.md`` is the grid
+of the configs before them, trained with Pyro's Trace_ELBO gradient).
 
 Before training, a few optimizer steps of each pair are timed in this process; a pair whose
 estimated training time exceeds ``--max-train-minutes`` is reported with that estimate
@@ -13,7 +15,8 @@ instead of being trained (a VampPrior over a fully autoregressive IAF guide scor
 pairs in the flow's sequential direction, 50 passes per transform; the shipped
 ``mnist-vamp-iaf.toml`` uses coupling transforms, 2 passes, and takes about 45 minutes).
 Finished runs under ``--runs``, and their test figures when computed with the same
-settings, are reused unless ``--retrain``.
+settings, are reused unless ``--retrain``; a finished run trained from another spec than the
+one asked for is refused.
 
     .venv/bin/python benchmarks/priors_guides.py [--epochs 10] [--num-test 1000]
         [--num-samples 500] [--data ../shared/data] [--priors vamp flow] [--guides iaf]
@@ -63,7 +66,7 @@ from pyrovae.inference.experiment.workflow import load_run_data
 ROOT = Path(__file__).resolve().parents[1]
 PRIORS = ("standard", "mixture", "vamp", "flow")
 GUIDES = ("diagonal", "fullcov", "iaf")
-RESULTS = ROOT / "benchmarks" / "results" / "priors_guides"
+RESULTS = ROOT / "benchmarks" / "results" / "priors_guides_stl"
 EVALUATION = "priors_guides_evaluation.json"
 """Per run: the test figures and the settings they were computed with, reused when equal."""
 ACTIVITY_DRAWS = 32
@@ -361,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--priors", nargs="+", choices=PRIORS, default=list(PRIORS))
     parser.add_argument("--guides", nargs="+", choices=GUIDES, default=list(GUIDES))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "priors_guides"))
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "priors_guides_stl"))
     parser.add_argument("--output", default=str(RESULTS), help="results path, without suffix")
     parser.add_argument(
         "--max-train-minutes",
