@@ -18,7 +18,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from common import command_line
@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = compare(args.new, args.old)
     if not rows:
-        sys.exit(f"error: no run of {args.new} has a cached evaluation in {args.old} too")
+        fail(f"no run of {args.new} has a cached evaluation in {args.old} too")
     page = markdown(rows, args.new, args.old)
     print(page)
     if args.output:
@@ -44,10 +44,29 @@ def main() -> None:
         atomic_write(args.output.with_suffix(".json"), json.dumps(rows, indent=2).encode())
 
 
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit code 2, as for any bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def figures(run_dir: Path) -> dict[str, Any] | None:
     """The cached evaluation of a run directory, or None where it has none."""
     path = run_dir / EVALUATION
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _seeds(runs: Path, pair: str) -> list[int]:
+    """The training seeds of a pair's run directories under ``runs``, as the grid names them
+    (``PAIR`` for seed 0, ``PAIR-seedN`` for the others)."""
+    found = set()
+    for path in runs.glob(f"{pair}*"):
+        rest = path.name.removeprefix(pair)
+        if rest == "":
+            found.add(0)
+        elif rest.startswith("-seed") and rest[5:].isdigit():
+            found.add(int(rest[5:]))
+    return sorted(found)
 
 
 def compare(new: Path, old: Path) -> list[dict[str, Any]]:
@@ -56,14 +75,14 @@ def compare(new: Path, old: Path) -> list[dict[str, Any]]:
     for prior in PRIORS:
         for guide in GUIDES:
             seeds, deltas, errors, new_px, old_px = [], [], [], [], []
-            for seed in range(100):
+            for seed in _seeds(new, f"{prior}-{guide}"):
                 name = f"{prior}-{guide}" + (f"-seed{seed}" if seed else "")
                 a, b = figures(new / name), figures(old / name)
                 if a is None or b is None:
                     continue
                 if a["settings"] != b["settings"]:
-                    sys.exit(
-                        f"error: {new / name} and {old / name} were evaluated with other "
+                    fail(
+                        f"{new / name} and {old / name} were evaluated with other "
                         f"settings ({a['settings']} against {b['settings']}); rerun one grid "
                         "with the other's --num-test, --num-samples and --seed"
                     )

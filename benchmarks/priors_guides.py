@@ -60,7 +60,7 @@ from pyrovae.inference import (
     load_spec,
     train_run,
 )
-from pyrovae.inference.experiment.runs import atomic_write
+from pyrovae.inference.experiment.runs import SPEC, atomic_write
 from pyrovae.inference.experiment.workflow import load_run_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ def run_pair(
 def check_same_spec(run_dir: Path, spec: Spec, config: str) -> None:
     """Refuses to reuse a finished run trained from another spec than the one asked for
     (another config, ``--set`` or seed), wherever the data were read from."""
-    trained = load_run(run_dir).spec
+    trained = load_spec(run_dir / SPEC)  # the run's own spec file, without building it
     trained = dataclasses.replace(
         trained, data=dataclasses.replace(trained.data, path=spec.data.path)
     )
