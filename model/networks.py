@@ -4,7 +4,8 @@
 ``(in_features, out_features, hidden, activation, image_shape)``, that returns a module from
 ``(..., in_features)`` to ``(..., out_features)`` for images or vectors coming in;
 :data:`GENERATIVE_NETWORKS` does the same for images going out. Encoders and decoders both
-pick theirs with a ``network`` option, ``"mlp"`` or ``"conv"``.
+pick theirs with a ``network`` option: ``"mlp"``, ``"gated_mlp"`` (Tomczak and Welling's gated
+dense layers) or ``"conv"``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
+import torch
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -22,6 +24,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "silu": nn.SiLU,
     "leaky_relu": nn.LeakyReLU,
+    "identity": nn.Identity,
 }
 
 
@@ -61,6 +64,69 @@ def mlp(
         if i:
             layers.append(activation(activation_name))
         layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class GatedDense(nn.Module):
+    """A gated dense layer, ``activation(W x + b) * sigmoid(V x + c)``: a learned sigmoid gate
+    on every unit.
+
+    Args:
+        in_features: size of the input.
+        out_features: size of the output.
+        activation_name: a key of :data:`ACTIVATIONS` for the gated values (``"identity"`` in
+            the VampPrior paper).
+
+    Example:
+        >>> layer = GatedDense(784, 300, "identity")
+        >>> layer(torch.zeros(5, 784)).shape
+        torch.Size([5, 300])
+
+    References:
+        Language Modeling with Gated Convolutional Networks (Dauphin et al., 2017);
+        VAE with a VampPrior (Tomczak and Welling, 2018), section 5
+    """
+
+    def __init__(self, in_features: int, out_features: int, activation_name: str) -> None:
+        super().__init__()
+        self.value = nn.Linear(in_features, out_features)
+        self.gate = nn.Linear(in_features, out_features)
+        self.activation = activation(activation_name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activation(self.value(x)) * torch.sigmoid(self.gate(x))
+
+
+def gated_mlp(
+    in_features: int,
+    out_features: int,
+    hidden: Sequence[int] = (300, 300),
+    activation_name: str = "identity",
+    image_shape: Sequence[int] | None = None,
+) -> nn.Sequential:
+    """A multilayer perceptron of :class:`GatedDense` hidden layers and a final ``Linear``
+    layer: the VampPrior paper's networks (two gated layers of 300 units, no activation
+    besides the gates).
+
+    Args:
+        in_features: size of the input.
+        out_features: size of the output (a plain linear map, no gate).
+        hidden: sizes of the gated hidden layers; empty for a single linear map.
+        activation_name: a key of :data:`ACTIVATIONS`, applied to the gated values.
+        image_shape: unused; accepted so that every entry of :data:`NETWORKS` shares one
+            signature.
+
+    Returns:
+        The network, acting on the last dimension of its input.
+
+    References:
+        VAE with a VampPrior (Tomczak and Welling, 2018), section 5
+    """
+    sizes = [in_features, *check_sizes(hidden, "hidden sizes")]
+    layers: list[nn.Module] = [
+        GatedDense(n_in, n_out, activation_name) for n_in, n_out in pairwise(sizes)
+    ]
+    layers.append(nn.Linear(sizes[-1], out_features))
     return nn.Sequential(*layers)
 
 
@@ -169,20 +235,30 @@ def deconv(
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
+    "gated_mlp": gated_mlp,
     "conv": conv,
 }
 """Network name -> builder from data to a vector,
 ``(in_features, out_features, hidden, activation, image_shape)``."""
 
-DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {"mlp": (256, 256), "conv": (32, 64)}
+DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {
+    "mlp": (256, 256),
+    "gated_mlp": (300, 300),
+    "conv": (32, 64),
+}
 """``hidden`` when none is given, per network from data: units per layer for an MLP, channels
 of the stride-2 convolutions (finest first) for a conv network."""
 
-GENERATIVE_DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {"mlp": (256, 256), "conv": (64, 32)}
+GENERATIVE_DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {
+    "mlp": (256, 256),
+    "gated_mlp": (300, 300),
+    "conv": (64, 32),
+}
 """``hidden`` when none is given, per network to data (channels coarsest first for conv)."""
 
 GENERATIVE_NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
+    "gated_mlp": gated_mlp,
     "conv": deconv,
 }
 """Network name -> builder from a vector to data, with the same signature."""

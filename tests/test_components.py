@@ -41,6 +41,8 @@ VARIANTS = [
     ("encoder", "diagonal_normal", {"network": "conv"}),
     ("encoder", "flow", {"network": "conv", "hidden": (4, 8)}),
     ("decoder", "feedforward", {"network": "conv", "hidden": (8, 4)}),
+    ("encoder", "diagonal_normal", {"network": "gated_mlp", "activation": "identity"}),
+    ("decoder", "feedforward", {"network": "gated_mlp", "activation": "identity"}),
     ("likelihood", "gaussian", {"learn_scale": True}),
     ("likelihood", "gaussian", {"learn_scale": True, "per_feature": True, "scale": 0.2}),
     ("likelihood", "laplace", {"learn_scale": True, "per_feature": True}),

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.distributed import rank_and_world
-from pyrovae.inference.experiment.runs import Checkpoint
+from pyrovae.inference.experiment.runs import BEST, Checkpoint
 
 __all__ = [
     "COLLAPSE_KL",
@@ -99,6 +99,10 @@ class Checkpointing(Callback):
         run_dir: an existing directory.
         features, image_shape, spec: stored in every checkpoint (the spec as TOML).
         resume: restore model, guide, optimizer, RNG states and history at the start.
+        best: also keep ``best.pt``, model and guide at the epoch whose history value of
+            this key (``"validation_elbo"``) is the highest so far, counting from epoch
+            ``best_from`` (after the warm-ups, as early stopping does); None: no best.
+        best_from: the first epoch that may be the best.
     """
 
     def __init__(
@@ -109,6 +113,8 @@ class Checkpointing(Callback):
         image_shape: Sequence[int] = (),
         spec: str | None = None,
         resume: bool = True,
+        best: str | None = None,
+        best_from: int = 1,
     ) -> None:
         self.run_dir = Path(run_dir)
         # Rank 0 writes the run; the other ranks of a distributed run only read it.
@@ -119,6 +125,8 @@ class Checkpointing(Callback):
         self.image_shape = tuple(image_shape)
         self.spec = spec
         self.resume = resume
+        self.best = best
+        self.best_from = int(best_from)
         self.latest: Checkpoint | None = None
 
     def on_fit_start(self, state: FitState) -> None:
@@ -152,6 +160,26 @@ class Checkpointing(Callback):
         )
         if self.writes:
             self.latest.save(self.run_dir)
+            if self.best is not None and self._is_best(state.history):
+                best = Checkpoint(
+                    epoch=state.epoch,
+                    model=self.latest.model,
+                    guide=self.latest.guide,
+                    history=self.latest.history,
+                    features=self.features,
+                    image_shape=self.image_shape,
+                    spec=self.spec,
+                )
+                best.save(self.run_dir, BEST)
+
+    def _is_best(self, history: list[dict[str, float]]) -> bool:
+        """Whether the last epoch's ``best`` value is the highest since ``best_from`` (the
+        first of equal values wins, as in early stopping)."""
+        scores = [h[self.best] for h in history if h["epoch"] >= self.best_from]
+        if not scores or history[-1]["epoch"] < self.best_from:
+            return False
+        last = scores[-1]
+        return math.isfinite(last) and all(not s >= last for s in scores[:-1])
 
 
 class EarlyStopping(Callback):

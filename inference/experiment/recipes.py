@@ -22,13 +22,35 @@ def adam(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     amsgrad: bool = False,
+    normalize_grad: bool = False,
 ) -> torch.optim.Adam:
-    """``torch.optim.Adam``; ``eps = 1e-4`` is Burda et al.'s setting for VAEs."""
+    """``torch.optim.Adam``; ``eps = 1e-4`` is Burda et al.'s setting for VAEs.
+
+    Args:
+        normalize_grad: divide each parameter's gradient by its L2 norm (plus 1e-7) before
+            every step, as the VampPrior paper's ``AdamNormGrad`` does.
+
+    References:
+        VAE with a VampPrior (Tomczak and Welling, 2018), code: ``utils/optimizer.py``
+    """
     _check_betas(betas)
     _check_nonnegative(eps=eps, weight_decay=weight_decay)
-    return torch.optim.Adam(
+    if not isinstance(normalize_grad, bool):
+        raise ValueError(f"normalize_grad must be true or false, got {normalize_grad!r}")
+    optimizer = torch.optim.Adam(
         params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad
     )
+    if normalize_grad:
+        optimizer.register_step_pre_hook(_normalize_gradients)
+    return optimizer
+
+
+@torch.no_grad()
+def _normalize_gradients(optimizer: Optimizer, args: object, kwargs: object) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.div_(torch.linalg.vector_norm(p.grad) + 1e-7)
 
 
 def adamw(

@@ -29,6 +29,7 @@ from pyrovae.inference.experiment.build import build
 from pyrovae.inference.experiment.spec import Spec, load_spec
 
 __all__ = [
+    "BEST",
     "CHECKPOINT",
     "MARKER",
     "METRICS",
@@ -48,6 +49,11 @@ MARKER = ".pyrovae-run"
 replaced (``--force``)."""
 SPEC = "spec.toml"
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+"""The checkpoint of the epoch with the best validation ELBO, in a run with early stopping
+(``train.patience``): model and guide only, what early stopping selects for evaluation."""
+CHECKPOINTS = {"latest": CHECKPOINT, "best": BEST}
+"""Which checkpoint of a run to load, by name."""
 METRICS = "metrics.csv"
 FORMAT = 1
 """Version of the checkpoint layout, stored in every file."""
@@ -108,13 +114,14 @@ class Checkpoint:
         values["image_shape"] = tuple(values.get("image_shape") or ())
         return cls(**values)
 
-    def save(self, run_dir: str | Path) -> None:
-        """Writes ``checkpoint.pt`` and ``metrics.csv`` into ``run_dir``, each atomically."""
+    def save(self, run_dir: str | Path, name: str = CHECKPOINT) -> None:
+        """Writes ``name`` (``checkpoint.pt``) and, for the latest checkpoint, ``metrics.csv``
+        into ``run_dir``, each atomically."""
         run_dir = Path(run_dir)
         buffer = io.BytesIO()
         torch.save(self.to_state(), buffer)
-        atomic_write(run_dir / CHECKPOINT, buffer.getvalue())
-        if self.history:
+        atomic_write(run_dir / name, buffer.getvalue())
+        if self.history and name == CHECKPOINT:
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=list(self.history[0]), lineterminator="\n")
             writer.writeheader()
@@ -123,14 +130,17 @@ class Checkpoint:
 
     @classmethod
     def load(
-        cls, run_dir: str | Path, map_location: str | torch.device = "cpu"
+        cls,
+        run_dir: str | Path,
+        map_location: str | torch.device = "cpu",
+        name: str = CHECKPOINT,
     ) -> Checkpoint | None:
-        """The checkpoint in ``run_dir``, or None when it has none.
+        """The checkpoint ``name`` (``checkpoint.pt``) in ``run_dir``, or None when it has none.
 
         Raises:
             PyrovaeError: the file exists but cannot be read.
         """
-        file = Path(run_dir) / CHECKPOINT
+        file = Path(run_dir) / name
         if not file.is_file():
             return None
         try:
@@ -267,8 +277,16 @@ def _umask() -> int:
     return umask
 
 
-def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
+def load_run(
+    path: str | Path, map_location: str | torch.device = "cpu", checkpoint: str = "latest"
+) -> Run:
     """Builds the model and guide of a run from its spec and loads its checkpoint.
+
+    Args:
+        path: the run directory.
+        map_location: where the tensors are loaded.
+        checkpoint: ``"latest"`` (``checkpoint.pt``, the last epoch) or ``"best"``
+            (``best.pt``, the best validation ELBO, kept by runs with early stopping).
 
     Raises:
         PyrovaeError: the directory, spec or checkpoint is missing, or they do not match.
@@ -276,7 +294,15 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
     path = Path(path)
     if not path.is_dir():
         raise PyrovaeError(f"run directory {path} does not exist")
-    checkpoint = Checkpoint.load(path, map_location)
+    if checkpoint not in CHECKPOINTS:
+        raise PyrovaeError(f"unknown checkpoint {checkpoint!r}; valid: {', '.join(CHECKPOINTS)}")
+    name = CHECKPOINTS[checkpoint]
+    if checkpoint == "best" and not (path / name).is_file():
+        raise PyrovaeError(
+            f"{path} has no {name}: only a run with early stopping (train.patience) keeps "
+            "its best epoch; use the latest checkpoint"
+        )
+    checkpoint = Checkpoint.load(path, map_location, name)
     if not (path / SPEC).is_file():
         if checkpoint is not None and checkpoint.spec is None:
             raise PyrovaeError(
@@ -287,10 +313,10 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
         raise PyrovaeError(f"{path} is not a pyrovae run: {path / SPEC} does not exist")
     spec = load_spec(path / SPEC)
     if checkpoint is None:
-        raise PyrovaeError(f"{path} has no {CHECKPOINT} yet; train it first")
+        raise PyrovaeError(f"{path} has no {name} yet; train it first")
     _check_spec_matches(path, spec, checkpoint)
     model, guide = build(spec, checkpoint.features, checkpoint.image_shape)
-    checkpoint.restore(model, guide, where=f"{path / CHECKPOINT} (with {path / SPEC})")
+    checkpoint.restore(model, guide, where=f"{path / name} (with {path / SPEC})")
     model.eval()
     guide.eval()
     return Run(path, spec, model, guide, checkpoint)

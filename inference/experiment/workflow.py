@@ -157,23 +157,24 @@ def train_run(
             # Rank 0 alone writes the run; the other ranks of a distributed run only train.
             staging = stage_run(out, resolved) if rank_and_world()[0] == 0 else None
 
+        # A KL warm-up lowers the ELBO while it runs, and a guide warm-up trains another
+        # guide: early stopping, and the choice of the best epoch, wait for the end of both.
+        steps = math.ceil(len(data.train) / train.batch_size)
+        warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
+        first_counted = max(warmup, train.guide_warmup) + 1
         checkpointing = Checkpointing(
             staging or out,
             features=data.features,
             image_shape=data.image_shape or (),
             spec=resolved.to_toml(),
+            best="validation_elbo" if train.patience is not None else None,
+            best_from=first_counted,
         )
         own = [checkpointing] if staging is None else [checkpointing, _Promote(checkpointing, out)]
         if train.guide_warmup:
             own.append(GuideWarmup(train.guide_warmup))
         if train.patience is not None:
-            # A KL warm-up lowers the ELBO while it runs, and a guide warm-up trains another
-            # guide: early stopping waits for the end of both.
-            steps = math.ceil(len(data.train) / train.batch_size)
-            warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
-            own.append(
-                EarlyStopping(train.patience, start_epoch=max(warmup, train.guide_warmup) + 1)
-            )
+            own.append(EarlyStopping(train.patience, start_epoch=first_counted))
         own.append(CollapseAlarm())
         if train.log == "tensorboard":
             own.append(

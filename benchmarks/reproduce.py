@@ -1,0 +1,426 @@
+"""Reproduce the papers: train each paper config to its budget, with a learning curve, and
+evaluate it with the paper's protocol.
+
+Each entry of :data:`REPRODUCTIONS` names a config under ``configs/paper-*.toml`` and the
+figure its paper reports. For each one asked for, this script
+
+1. trains the config into ``--runs/NAME`` with ``train_run`` (resuming the run where it
+   stopped, at any point: a killed job loses at most the epoch it was in);
+2. records the test log p(x) every ``--curve-every`` epochs (and after epochs 1, 3, 10 and
+   30) by importance sampling with ``--curve-samples`` draws on the first
+   ``--curve-points`` test images, through ``evaluate_run``, into
+   ``--results/NAME.json``, so that a partial run still says where it is heading;
+3. once training has finished (the budget, or the config's early stopping), evaluates the
+   run's best-validation checkpoint with the papers' protocol: importance sampling with
+   K = ``--final-samples`` (5,000) on all 10,000 test images, and, where more than 20% of
+   the points have k̂ > 0.7, AIS on the first ``--ais-points`` of them;
+4. writes the reproducibility table (``--results/README.md``) from every results file.
+
+Long runs are meant for one background job on one thread, which leaves the other core free:
+
+    OMP_NUM_THREADS=1 nohup .venv/bin/python benchmarks/reproduce.py burda-vae-1 \\
+        --threads 1 --runs ~/pyrovae-runs/reproduce > ~/pyrovae-runs/reproduce.log 2>&1 &
+
+``--stop-at N`` ends this invocation after epoch N (the run resumes from there next time);
+``--table`` only re-renders the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro.util
+import torch
+from common import ROOT, command_line, find_mnist
+from reproduce_table import write_table
+
+from pyrovae.inference import (
+    Callback,
+    Checkpoint,
+    FitState,
+    Run,
+    evaluate_run,
+    load_run,
+    load_spec,
+    train_run,
+)
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.runs import BEST
+
+RESULTS = ROOT / "benchmarks" / "results" / "reproduce"
+CURVE_EPOCHS = (1, 3, 10, 30)
+"""Epochs whose test log p(x) is recorded besides every ``--curve-every``-th."""
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """One row of the table: a paper config and the figure its paper reports.
+
+    Attributes:
+        config: the spec, relative to the checkout.
+        model: what the row is, in words.
+        metric: ``"log_px"`` (nats, test) or ``"accuracy"`` (test, M2).
+        paper: the paper's figure (nats, or a share for accuracy).
+        source: where the figure is printed, as "Author (year), table".
+        data: the data protocol, in words.
+        paper_epochs: the paper's training budget (its maximum, for early stopping).
+        pythae: pythae's reproduction of the same figure, where it has one.
+    """
+
+    config: str
+    model: str
+    metric: str
+    paper: float
+    source: str
+    data: str
+    paper_epochs: int
+    pythae: float | None = None
+
+
+REPRODUCTIONS: dict[str, Reproduction] = {
+    "burda-vae-1": Reproduction(
+        "configs/paper-burda-vae-1.toml",
+        "VAE, 1 stochastic layer (k = 1)",
+        "log_px",
+        -86.76,
+        "Burda et al. (2016), Table 1",
+        "dynamically binarized MNIST",
+        3280,
+    ),
+    "burda-iwae-1": Reproduction(
+        "configs/paper-burda-iwae-1.toml",
+        "IWAE, 1 stochastic layer (k = 50)",
+        "log_px",
+        -84.78,
+        "Burda et al. (2016), Table 1",
+        "dynamically binarized MNIST",
+        3280,
+    ),
+    "burda-vae-2": Reproduction(
+        "configs/paper-burda-vae-2.toml",
+        "VAE, 2 stochastic layers (k = 1)",
+        "log_px",
+        -85.33,
+        "Burda et al. (2016), Table 1",
+        "dynamically binarized MNIST",
+        3280,
+    ),
+    "burda-iwae-2": Reproduction(
+        "configs/paper-burda-iwae-2.toml",
+        "IWAE, 2 stochastic layers (k = 50)",
+        "log_px",
+        -82.90,
+        "Burda et al. (2016), Table 1",
+        "dynamically binarized MNIST",
+        3280,
+    ),
+    "vamp-1": Reproduction(
+        "configs/paper-vamp-1.toml",
+        "VAE + VampPrior, 1 layer (K = 500)",
+        "log_px",
+        -85.57,
+        "Tomczak and Welling (2018), Table 2",
+        "dynamically binarized MNIST",
+        2000,
+        pythae=-85.79,
+    ),
+    "vamp-hvae-2": Reproduction(
+        "configs/paper-vamp-hvae-2.toml",
+        "HVAE (2 layers) + VampPrior (K = 500)",
+        "log_px",
+        -83.19,
+        "Tomczak and Welling (2018), Table 2",
+        "dynamically binarized MNIST",
+        2000,
+    ),
+    "m2-100": Reproduction(
+        "configs/paper-m2-100.toml",
+        "M2, 100 labels",
+        "accuracy",
+        0.8803,
+        "Kingma et al. (2014), Table 1",
+        "MNIST, 100 labels",
+        3000,
+    ),
+}
+
+
+def results_file(results: Path, name: str) -> Path:
+    return results / f"{name}.json"
+
+
+RUN_RECORD = "reproduce.json"
+"""The copy of a row's results file kept in its run directory, so that a run resumed from a
+fresh checkout keeps its learning curve."""
+
+
+def read_results(results: Path, name: str, run_dir: Path | None = None) -> dict[str, Any]:
+    """The row's results file, or the run directory's copy where that one has seen more
+    epochs (the checkout's copy is the one committed; the run's is the one kept with it)."""
+    records = []
+    for path in (results_file(results, name), run_dir and run_dir / RUN_RECORD):
+        if path is not None and path.is_file():
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                raise PyrovaeError(f"{path} is not a readable results file: {e}") from None
+    return max(records, key=lambda r: r.get("epochs_run", 0), default={})
+
+
+def write_results(
+    results: Path, name: str, data: dict[str, Any], run_dir: Path | None = None
+) -> None:
+    """Writes the row's results file atomically, and its copy into ``run_dir`` if it exists."""
+    from pyrovae.inference.experiment.runs import atomic_write
+
+    results.mkdir(parents=True, exist_ok=True)
+    text = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
+    atomic_write(results_file(results, name), text)
+    if run_dir is not None and run_dir.is_dir():
+        atomic_write(run_dir / RUN_RECORD, text)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def summary_of(evaluation: Any) -> dict[str, Any]:
+    """The figures of an ``Evaluation`` a results file keeps."""
+    s = evaluation.summary()
+    return {
+        "log_px": _finite(s["log_px"]),
+        "log_px_se": _finite(s["log_px_se"]),
+        "log_px_mc_error": _finite(s.get("log_px_mc_error")),
+        "elbo": _finite(s.get("elbo")),
+        "khat_share": _finite(s.get("khat_share")),
+        "accuracy": _finite(s.get("accuracy")),
+        "method": evaluation.method,
+        "num_samples": evaluation.num_samples,
+        "num_chains": evaluation.num_chains,
+        "num_steps": evaluation.num_steps,
+        "points": evaluation.num_points,
+        "seconds": evaluation.seconds,
+    }
+
+
+class TestCurve(Callback):
+    """Every ``every`` epochs (and at :data:`CURVE_EPOCHS`), the test log p(x) of the model
+    being trained, by ``evaluate_run`` on the first ``points`` test images with
+    ``num_samples`` draws, appended to the results file. The training's random state is
+    left as it was, so a run with a curve trains exactly as one without."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: Any,
+        results: Path,
+        record: dict[str, Any],
+        every: int,
+        num_samples: int,
+        points: int,
+        run_dir: Path | None = None,
+    ) -> None:
+        self.name, self.spec, self.results, self.record = name, spec, results, record
+        self.run_dir = run_dir
+        self.every, self.num_samples, self.points = every, num_samples, points
+
+    def on_epoch_end(self, state: FitState) -> None:
+        epoch = state.epoch
+        history = state.history[-1]
+        self.record["epochs_run"] = epoch
+        self.record["train_seconds"] = sum(h["seconds"] for h in state.history)
+        self.record.setdefault("history", [])
+        self.record["history"] = [
+            {k: h[k] for k in ("epoch", "train_elbo", "validation_elbo", "lr", "seconds")}
+            for h in state.history
+        ]
+        curve = self.record.setdefault("curve", [])
+        due = epoch % self.every == 0 or epoch in CURVE_EPOCHS or epoch == state.epochs
+        if due and not any(point["epoch"] == epoch for point in curve):
+            rng = pyro.util.get_rng_state()
+            was_training = state.model.training, state.guide.training
+            state.model.eval()
+            state.guide.eval()
+            try:
+                live = Run(
+                    Path("."),
+                    self.spec,
+                    state.model,
+                    state.guide,
+                    Checkpoint(epoch=epoch, model={}, guide={}),
+                )
+                evaluation = evaluate_run(
+                    live, num_samples=self.num_samples, limit=self.points, write=False
+                )
+            finally:
+                pyro.util.set_rng_state(rng)
+                state.model.train(was_training[0])
+                state.guide.train(was_training[1])
+            point = {"epoch": epoch, **summary_of(evaluation)}
+            point["validation_elbo"] = _finite(history.get("validation_elbo"))
+            curve.append(point)
+            print(
+                f"{self.name} epoch {epoch}: test log p(x) {point['log_px']:.2f} "
+                f"(K = {self.num_samples}, {self.points} points)",
+                flush=True,
+            )
+        write_results(self.results, self.name, self.record, self.run_dir)
+
+
+def reproduce(name: str, args: argparse.Namespace) -> None:
+    """Trains (or resumes) one reproduction, records its curve, evaluates it when done."""
+    entry = REPRODUCTIONS[name]
+    results = Path(args.results)
+    run_dir = Path(args.runs).expanduser() / name
+    record = read_results(results, name, run_dir)
+    record.update(
+        name=name,
+        config=entry.config,
+        model=entry.model,
+        metric=entry.metric,
+        paper=entry.paper,
+        source=entry.source,
+        data=entry.data,
+        pythae=entry.pythae,
+        paper_epochs=entry.paper_epochs,
+        device=_device(),
+        threads=torch.get_num_threads(),
+        command=command_line(),
+        curve_protocol={"num_samples": args.curve_samples, "points": args.curve_points},
+    )
+    data = find_mnist(args.data)
+    if data is None:
+        raise PyrovaeError("mnist.npz not found: pass --data or set PYROVAE_DATA")
+    overrides = [f"data.path={json.dumps(str(data))}"]
+    spec = load_spec(ROOT / entry.config, overrides)
+    budget = spec.train.epochs
+    stop_at = min(budget, args.stop_at) if args.stop_at else budget
+    record["budget_epochs"] = budget
+    done = Checkpoint.load(run_dir).epoch if (run_dir / "checkpoint.pt").is_file() else 0
+    finished = record.get("training") == "finished"
+    if not finished and done < stop_at:
+        record["training"] = "running"
+        write_results(results, name, record, run_dir)
+        curve = TestCurve(
+            name,
+            spec,
+            results,
+            record,
+            args.curve_every,
+            args.curve_samples,
+            args.curve_points,
+            run_dir,
+        )
+        if done:
+            run = train_run(
+                None,
+                run_dir,
+                overrides=[f"train.epochs={stop_at}"],
+                resume=True,
+                progress=False,
+                callbacks=[curve],
+            )
+        else:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            run = train_run(
+                ROOT / entry.config,
+                run_dir,
+                overrides=[*overrides, f"train.epochs={stop_at}"],
+                progress=False,
+                callbacks=[curve],
+            )
+        done = run.epoch
+        stopped_early = done < stop_at
+        finished = stopped_early or done >= budget
+        record["training"] = "finished" if finished else "partial"
+        if finished:
+            record["stopped_by"] = "early stopping" if stopped_early else "budget"
+        write_results(results, name, record, run_dir)
+    elif done >= budget:
+        finished = True
+    if finished and not args.no_final and "final" not in record:
+        record["training"] = "finished"
+        evaluate_final(name, run_dir, record, args)
+        write_results(results, name, record, run_dir)
+    write_table(results)
+
+
+def evaluate_final(
+    name: str, run_dir: Path, record: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """The papers' protocol on the run's best checkpoint: IS with K = --final-samples on the
+    whole test set; AIS on a subset where k̂ says importance sampling is loose."""
+    which = "best" if (run_dir / BEST).is_file() else "latest"
+    run = load_run(run_dir, checkpoint=which)
+    start = time.perf_counter()
+    output = run_dir / f"evaluation-k{args.final_samples}.json"
+    evaluation = evaluate_run(run, num_samples=args.final_samples, output=output, force=True)
+    final = summary_of(evaluation)
+    final.update(checkpoint=which, epoch=run.epoch, seconds=time.perf_counter() - start)
+    record["final"] = final
+    print(f"{name}: test log p(x) {final['log_px']:.2f} ± {final['log_px_se']:.2f}", flush=True)
+    if (final["khat_share"] or 0) > 0.2 and args.ais_points:
+        ais = evaluate_run(
+            run,
+            method="ais",
+            limit=args.ais_points,
+            num_chains=args.ais_chains,
+            num_steps=args.ais_steps,
+            output=run_dir / "evaluation-ais.json",
+            force=True,
+        )
+        same = evaluate_run(run, num_samples=args.final_samples, limit=args.ais_points, write=False)
+        record["ais"] = {**summary_of(ais), "is_same_points": summary_of(same)["log_px"]}
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()}), torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", choices=[*REPRODUCTIONS, []], metavar="NAME")
+    parser.add_argument("--runs", default="~/pyrovae-runs/reproduce")
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--data", default=None, help="mnist.npz or its folder")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--stop-at", type=int, default=None, help="end after this epoch")
+    parser.add_argument("--curve-every", type=int, default=50)
+    parser.add_argument("--curve-samples", type=int, default=500)
+    parser.add_argument("--curve-points", type=int, default=500)
+    parser.add_argument("--final-samples", type=int, default=5000)
+    parser.add_argument("--ais-points", type=int, default=500)
+    parser.add_argument("--ais-chains", type=int, default=16)
+    parser.add_argument("--ais-steps", type=int, default=500)
+    parser.add_argument("--no-final", action="store_true", help="skip the final evaluation")
+    parser.add_argument("--table", action="store_true", help="only re-render the table")
+    args = parser.parse_args(argv)
+    for value, flag in ((args.curve_every, "--curve-every"), (args.threads, "--threads")):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.table:
+            write_table(Path(args.results))
+            return 0
+        for name in args.names or list(REPRODUCTIONS):
+            reproduce(name, args)
+    except PyrovaeError as e:
+        print(f"reproduce: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The reproducibility table: one row per paper model, rendered from the results files that
+``benchmarks/reproduce.py`` writes (``benchmarks/results/reproduce/NAME.json``).
+
+    .venv/bin/python benchmarks/reproduce_table.py [--results DIR]
+
+re-renders ``DIR/README.md`` from the JSON alone; nothing is trained or evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reproduce"
+TABLE = "README.md"
+
+HEADER = """# Reproducing the papers
+
+Each row is one config under `configs/paper-*.toml`, trained by `benchmarks/reproduce.py` with
+its paper's recipe (the config's comment says which table and section it follows, and where it
+departs). **Final** figures are test log p(x) in nats by importance sampling with K = 5,000 on
+all 10,000 test images, from the epoch with the best validation ELBO (the papers' protocol);
+± is the standard error over the test points. A run that has not finished its budget or its
+early stopping is **partial**: its figure is the latest point of its learning curve (test
+log p(x) on the first 1,000 test images, K = 500, the weights of that epoch), which is a
+different, cheaper protocol and says only where the run is heading. Δ is this project's
+figure minus the paper's (positive: better). Every figure here was measured; none is copied
+from a log by hand.
+"""
+
+
+def _nats(value: float | None, se: float | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+
+def _hours(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds / 3600:.1f} h"
+
+
+def row(record: dict[str, Any]) -> list[str]:
+    """The table cells of one results file."""
+    final = record.get("final")
+    curve = record.get("curve") or []
+    accuracy = record.get("metric") == "accuracy"
+    if final is not None:
+        status = "final"
+        figure = final["accuracy"] if accuracy else final["log_px"]
+        se = None if accuracy else final.get("log_px_se")
+        protocol = (
+            f"K = {final['num_samples']}, {final['points']:,} points, epoch {final['epoch']} "
+            f"({final['checkpoint']})"
+        )
+    elif curve:
+        last = curve[-1]
+        status = f"partial, epoch {last['epoch']}"
+        figure = last["accuracy"] if accuracy else last["log_px"]
+        se = None if accuracy else last.get("log_px_se")
+        protocol = f"K = {last['num_samples']}, {last['points']:,} points"
+    else:
+        status, figure, se, protocol = "not run", None, None, "—"
+    paper = record["paper"]
+    if accuracy:
+        shown = "—" if figure is None else f"{100 * figure:.1f}%"
+        paper_shown = f"{100 * paper:.1f}%"
+        delta = "—" if figure is None else f"{100 * (figure - paper):+.1f} points"
+        pythae = "—"
+    else:
+        shown = _nats(figure, se)
+        paper_shown = f"{paper:.2f}"
+        delta = "—" if figure is None else f"{figure - paper:+.2f}"
+        pythae = _nats(record.get("pythae"))
+    epochs = f"{record.get('epochs_run', 0)} / {record['paper_epochs']}"
+    return [
+        record["model"],
+        record["data"],
+        f"{paper_shown} ({record['source']})",
+        pythae,
+        f"**{shown}** ({status})",
+        delta,
+        protocol,
+        epochs,
+        _hours(record.get("train_seconds")),
+        record.get("device", "—"),
+        f"`{record['command']}`" if record.get("command") else "—",
+    ]
+
+
+COLUMNS = [
+    "model",
+    "data",
+    "paper",
+    "pythae",
+    "pyrovae",
+    "Δ",
+    "protocol",
+    "epochs (run / paper)",
+    "training time",
+    "device",
+    "command",
+]
+
+
+def curve_lines(record: dict[str, Any]) -> list[str]:
+    """A run's learning curve: test log p(x) and validation ELBO by epoch."""
+    curve = record.get("curve") or []
+    if not curve:
+        return []
+    accuracy = record.get("metric") == "accuracy"
+    lines = [
+        f"### {record['model']}: learning curve",
+        "",
+        "| epoch | test log p(x) | test accuracy | validation ELBO |"
+        if accuracy
+        else "| epoch | test log p(x) | validation ELBO |",
+        "|---:|---:|---:|---:|" if accuracy else "|---:|---:|---:|",
+    ]
+    for point in curve:
+        cells = [str(point["epoch"]), _nats(point["log_px"], point.get("log_px_se"))]
+        if accuracy:
+            acc = point.get("accuracy")
+            cells.append("—" if acc is None else f"{100 * acc:.1f}%")
+        cells.append(_nats(point.get("validation_elbo")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    """The page: the table, then each run's learning curve."""
+    lines = [HEADER, "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(r)) + " |" for r in records]
+    lines.append("")
+    for record in records:
+        lines += curve_lines(record)
+    return "\n".join(lines)
+
+
+def read_records(results: Path) -> list[dict[str, Any]]:
+    """Every results file in ``results``, in the order of ``reproduce.REPRODUCTIONS`` where
+    the name is known, then by name."""
+    records = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a readable results file: {e}") from None
+    try:
+        from reproduce import REPRODUCTIONS
+
+        order = {name: i for i, name in enumerate(REPRODUCTIONS)}
+    except ImportError:
+        order = {}
+    return sorted(records, key=lambda r: (order.get(r.get("name"), len(order)), r.get("name")))
+
+
+def write_table(results: Path) -> Path:
+    """Renders ``results/README.md`` from the results files there, atomically."""
+    from pyrovae.inference.experiment.runs import atomic_write
+
+    records = read_records(results)
+    path = results / TABLE
+    atomic_write(path, render(records).encode())
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    if not results.is_dir():
+        print(f"reproduce_table: {results} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        print(write_table(results))
+    except ValueError as e:
+        print(f"reproduce_table: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Parts the paper configs need: gated dense networks, Adam with normalized gradients, and
+the best-validation checkpoint that early stopping selects."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pyrovae.guides import AmortizedGuide, DiagonalNormal
+from pyrovae.inference import Callback, Checkpoint, Checkpointing, fit, load_run, train_run
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.build import build_optimizer
+from pyrovae.inference.experiment.runs import BEST
+from pyrovae.inference.experiment.spec import load_spec
+from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
+from pyrovae.model.networks import GatedDense, gated_mlp, network
+
+# --- gated dense layers ---------------------------------------------------------------------
+
+
+def test_a_gated_layer_is_its_value_times_a_sigmoid_gate():
+    torch.manual_seed(0)
+    layer = GatedDense(5, 3, "tanh")
+    x = torch.randn(4, 5)
+    value = torch.tanh(x @ layer.value.weight.T + layer.value.bias)
+    gate = 1 / (1 + torch.exp(-(x @ layer.gate.weight.T + layer.gate.bias)))
+    torch.testing.assert_close(layer(x), value * gate)
+
+
+def test_the_gated_mlp_is_the_vamp_papers_network():
+    net = gated_mlp(784, 80, [300, 300], "identity")
+    gated = [m for m in net if isinstance(m, GatedDense)]
+    assert [(g.value.in_features, g.value.out_features) for g in gated] == [(784, 300), (300, 300)]
+    assert isinstance(net[-1], nn.Linear) and net[-1].out_features == 80
+    assert all(isinstance(g.activation, nn.Identity) for g in gated)
+    # Two linear maps per gated layer, one at the end: the paper's parameter count.
+    count = sum(p.numel() for p in net.parameters())
+    assert count == 2 * (784 * 300 + 300) + 2 * (300 * 300 + 300) + 300 * 80 + 80
+    # Leading dimensions (particles, batch) are kept, as every network here does.
+    assert net(torch.zeros(2, 3, 784)).shape == (2, 3, 80)
+
+
+def test_gated_mlp_is_a_network_for_encoders_and_decoders():
+    assert isinstance(network("gated_mlp", 10, 4, None, "identity")[0], GatedDense)
+    assert isinstance(network("gated_mlp", 4, 10, [8], "identity", generative=True)[0], GatedDense)
+    spec = load_spec(
+        None,
+        [
+            'model.decoder={kind="feedforward", network="gated_mlp", hidden=[8], activation="identity"}',
+            'guide.encoder={kind="diagonal_normal", network="gated_mlp", hidden=[8], activation="identity"}',
+        ],
+    )
+    assert spec.guide.encoder["network"] == "gated_mlp"
+
+
+# --- Adam with normalized gradients ----------------------------------------------------------
+
+
+def test_normalize_grad_steps_adam_on_unit_norm_gradients():
+    torch.manual_seed(0)
+    weights = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5))]
+    reference = [nn.Parameter(w.detach().clone()) for w in weights]
+    spec = load_spec(None, ['train.optimizer={kind="adam", normalize_grad=true}', "train.lr=0.1"])
+    optimizer = build_optimizer(spec, weights)
+    plain = torch.optim.Adam(reference, lr=0.1)
+    for step in range(3):
+        grads = [torch.randn_like(w) * 10 ** (step + i) for i, w in enumerate(weights)]
+        for w, r, g in zip(weights, reference, grads, strict=True):
+            w.grad = g.clone()
+            r.grad = g / (torch.linalg.vector_norm(g) + 1e-7)
+        optimizer.step()
+        plain.step()
+        # The hook normalized the gradients in place before the step.
+        for w in weights:
+            torch.testing.assert_close(torch.linalg.vector_norm(w.grad), torch.tensor(1.0))
+    for w, r in zip(weights, reference, strict=True):
+        torch.testing.assert_close(w, r)
+
+
+def test_normalize_grad_must_be_a_bool():
+    with pytest.raises(PyrovaeError, match="normalize_grad"):
+        spec = load_spec(None, ['train.optimizer={kind="adam", normalize_grad="yes"}'])
+        build_optimizer(spec, [nn.Parameter(torch.zeros(1))])
+
+
+# --- the best-validation checkpoint ---------------------------------------------------------
+
+
+class Scripted(Callback):
+    """Replaces each epoch's validation ELBO with a scripted value (if given) and keeps a
+    copy of the model's and guide's parameters at every epoch."""
+
+    def __init__(self, values: list[float] | None = None) -> None:
+        self.values = values
+        self.states: dict[int, tuple[dict, dict]] = {}
+
+    def on_epoch_end(self, state):
+        if self.values is not None:
+            state.history[-1]["validation_elbo"] = self.values[state.epoch - 1]
+        self.states[state.epoch] = (
+            copy.deepcopy(state.model.state_dict()),
+            copy.deepcopy(state.guide.state_dict()),
+        )
+
+
+def small_pair() -> tuple[VAE, AmortizedGuide]:
+    return VAE(StandardNormal(2), Decoder(2, 16, [8]), Bernoulli()), AmortizedGuide(
+        DiagonalNormal(16, 2, hidden=[8])
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "best_from", "best"),
+    [
+        ([-5.0, -1.0, -2.0, -3.0], 1, 2),
+        ([-1.0, -2.0, -1.5, -3.0], 2, 3),  # epoch 1 is still in the warm-up
+        ([-2.0, -1.0, -1.0, -3.0], 1, 2),  # a tie keeps the first, as early stopping does
+        ([-1.0, float("nan"), -3.0, -2.0], 1, 1),
+    ],
+)
+def test_the_best_checkpoint_is_the_best_validation_epoch_after_the_warmup(
+    tmp_path, values, best_from, best
+):
+    model, guide = small_pair()
+    scripted = Scripted(values)
+    checkpointing = Checkpointing(tmp_path, best="validation_elbo", best_from=best_from)
+    x = torch.rand(64, 16).round()
+    fit(model, guide, x, validation=x[:16], epochs=len(values), batch_size=32,
+        callbacks=[scripted, checkpointing], progress=False)  # fmt: skip
+    kept = Checkpoint.load(tmp_path, name=BEST)
+    assert kept.epoch == best
+    model_state, guide_state = scripted.states[best]
+    for key, value in model_state.items():
+        torch.testing.assert_close(kept.model[key], value)
+    for key, value in guide_state.items():
+        torch.testing.assert_close(kept.guide[key], value)
+    assert Checkpoint.load(tmp_path).epoch == len(values)
+
+
+def test_a_run_with_early_stopping_keeps_and_loads_its_best_epoch(tmp_path):
+    overrides = [
+        "model.latent_dim=2",
+        "model.decoder.hidden=[8]",
+        "guide.encoder.hidden=[8]",
+        "train.batch_size=512",
+        "train.epochs=4",
+        "train.patience=2",
+    ]
+    scripted = Scripted()
+    run = train_run(None, tmp_path / "r", overrides=overrides, progress=False,
+                    callbacks=[scripted])  # fmt: skip
+    best = load_run(tmp_path / "r", checkpoint="best")
+    assert best.epoch in range(1, run.epoch + 1)
+    history = {h["epoch"]: h for h in Checkpoint.load(tmp_path / "r").history}
+    assert best.epoch == max(history, key=lambda e: (history[e]["validation_elbo"], -e))
+    model_state, _ = scripted.states[best.epoch]
+    for key, value in model_state.items():
+        torch.testing.assert_close(best.model.state_dict()[key], value)
+    # Without early stopping there is no best epoch to load, and the message says so.
+    train_run(None, tmp_path / "s", overrides=overrides[:-1] + ["train.epochs=1"], progress=False)
+    with pytest.raises(PyrovaeError, match="only a run with early stopping"):
+        load_run(tmp_path / "s", checkpoint="best")
+    with pytest.raises(PyrovaeError, match="unknown checkpoint 'first'; valid: latest, best"):
+        load_run(tmp_path / "r", checkpoint="first")
