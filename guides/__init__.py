@@ -1,6 +1,11 @@
 """The inference side of a VAE: encoders q(z|x) and the ``AmortizedGuide`` that samples them."""
 
-from pyrovae.guides.amortized import AmortizedGuide, Classifier, SemiSupervisedGuide
+from pyrovae.guides.amortized import (
+    AmortizedGuide,
+    Classifier,
+    SemiSupervisedGuide,
+    TopDownGuide,
+)
 from pyrovae.guides.encoders import (
     DiagonalNormal,
     DiagonalNormalHead,
@@ -35,4 +40,5 @@ __all__ = [
     "LowRankHead",
     "LowRankNormal",
     "SemiSupervisedGuide",
+    "TopDownGuide",
 ]

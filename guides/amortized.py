@@ -46,6 +46,48 @@ class AmortizedGuide(nn.Module):
             return bottom
 
 
+class TopDownGuide(nn.Module):
+    """The top-down guide of a stack whose every level reads x: ``z_L ~ encoder(x)``, then
+    ``z_l ~ layers[l - 1]([x, z_{l+1}])`` down to z1 (Tomczak and Welling's q(z2|x) q(z1|x, z2)).
+
+    The encoder gives q of the top latent in closed form, so a VampPrior on the top latent
+    can use it.
+
+    Args:
+        encoder: ``encoder(x) -> Distribution`` over the top latent z_L, batch shape ``(B,)``.
+        layers: conditionals ``q(z_l | x, z_{l+1})``, bottom first: ``layers[0]`` reads
+            ``[x, z2]`` (``F + dim(z2)`` numbers) and gives the distribution of z1.
+
+    References:
+        VAE with a VampPrior (Tomczak and Welling, 2018), section 3.2
+
+    Example:
+        >>> from pyrovae.guides import DiagonalNormal, TopDownGuide
+        >>> from pyrovae.model import ConditionalNormal
+        >>> guide = TopDownGuide(DiagonalNormal(5, 2), [ConditionalNormal(5 + 2, 3)])
+        >>> guide(torch.zeros(4, 5)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, encoder: nn.Module, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("a top-down guide needs at least one layer below the encoder's")
+        self.encoder = encoder
+        self.layers = nn.ModuleList(layers)
+        self.latent_sites = latent_sites(len(self.layers) + 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            *below, top = self.latent_sites
+            z = pyro.sample(top, as_pyro(self.encoder(x)))
+            for name, layer in zip(reversed(below), reversed(self.layers), strict=True):
+                shape = torch.broadcast_shapes(x.shape[:-1], z.shape[:-1])
+                both = torch.cat([x.expand(*shape, -1), z.to(x).expand(*shape, -1)], -1)
+                z = pyro.sample(name, as_pyro(layer(both)))
+            return z
+
+
 class Classifier(nn.Module):
     """q(y|x): a ``OneHotCategorical`` over ``classes`` from an MLP of x.
 

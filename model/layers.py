@@ -1,7 +1,9 @@
 """Stochastic layers: a Gaussian over one latent given another, for stacked latent variables.
 
-The same module is both directions of a stack: in the model, p(z_l | z_{l+1}) top-down; in
-the guide, q(z_{l+1} | z_l) bottom-up (Burda et al.'s two-layer VAE and IWAE).
+The same module is every conditional of a stack: in the model, p(z_l | z_{l+1}) top-down; in
+the guide, q(z_{l+1} | z_l) bottom-up (Burda et al.'s two-layer VAE and IWAE), or
+q(z_l | x, z_{l+1}) top-down from the concatenation ``[x, z_{l+1}]`` (Tomczak and Welling's
+hierarchical VAE).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pyro.distributions as dist
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 
-from pyrovae.model.networks import network
+from pyrovae.model.networks import network as build_network
 
 
 class ConditionalNormal(nn.Module):
@@ -25,6 +27,7 @@ class ConditionalNormal(nn.Module):
         hidden: hidden layer sizes of the MLP.
         activation: activation between layers (``pyrovae.model.networks.ACTIVATIONS``).
         min_scale: floor added to the softplus scale.
+        network: ``"mlp"`` or ``"gated_mlp"`` (``pyrovae.model.networks.NETWORKS``).
 
     Example:
         >>> import torch
@@ -43,11 +46,14 @@ class ConditionalNormal(nn.Module):
         hidden: Sequence[int] = (100, 100),
         activation: str = "tanh",
         min_scale: float = 1e-4,
+        network: str = "mlp",
     ) -> None:
         super().__init__()
         if not min_scale > 0:
             raise ValueError(f"min_scale must be positive, got {min_scale}")
-        self.net = network("mlp", in_features, 2 * latent_dim, hidden, activation)
+        if network == "conv":
+            raise ValueError("a stochastic layer maps vectors: network must be mlp or gated_mlp")
+        self.net = build_network(network, in_features, 2 * latent_dim, hidden, activation)
         self.min_scale = min_scale
 
     def forward(self, z: Tensor) -> dist.Distribution:

@@ -23,7 +23,9 @@ class VAE(nn.Module):
     With ``layers``, latents are stacked (Burda et al.'s two-layer model): the prior sits on
     the top latent, each layer draws the one below it, and the decoder reads the bottom one,
     ``z_L ~ prior(), z_l ~ layers[l - 1](z_{l+1}), x ~ likelihood(decoder(z_1))``, with the
-    sites named by :func:`~pyrovae.model.sites.latent_sites` (``z1``, ``z2``, ...).
+    sites named by :func:`~pyrovae.model.sites.latent_sites` (``z1``, ``z2``, ...). With
+    ``skip``, the decoder reads every latent, ``decoder([z_1, ..., z_L])`` (Tomczak and
+    Welling's hierarchical VAE, p(x | z1, z2)).
 
     Args:
         prior: ``prior() -> Distribution`` with event shape ``(latent_dim,)``; a plain
@@ -33,6 +35,11 @@ class VAE(nn.Module):
         likelihood: ``likelihood(params) -> Distribution`` with event shape ``(F,)``.
         layers: conditionals ``p(z_l | z_{l+1})``, bottom first: ``layers[0](z2)`` is the
             distribution of z1 (e.g. :class:`~pyrovae.model.layers.ConditionalNormal`).
+        skip: the decoder reads the concatenation of all latents, bottom first, rather than
+            the bottom one; its input size is then the sum of their sizes.
+
+    References:
+        VAE with a VampPrior (Tomczak and Welling, 2018), section 3.2 (``skip``)
 
     Example:
         >>> from pyrovae.model import VAE, StandardNormal, Gaussian
@@ -47,6 +54,7 @@ class VAE(nn.Module):
         decoder: nn.Module,
         likelihood: nn.Module,
         layers: Sequence[nn.Module] = (),
+        skip: bool = False,
     ) -> None:
         super().__init__()
         self.prior = prior
@@ -54,9 +62,17 @@ class VAE(nn.Module):
         self.likelihood = likelihood
         self.layers = nn.ModuleList(layers)
         self.latent_sites = latent_sites(len(self.layers) + 1)
+        self.skip = bool(skip)
+
+    @property
+    def decoder_sites(self) -> tuple[str, ...]:
+        """The latent sites the decoder reads, in the order of its input: the bottom one, or
+        every one with ``skip``."""
+        return self.latent_sites if self.skip else self.latent_sites[:1]
 
     def decode(self, z: Tensor) -> dist.Distribution:
-        """The likelihood p(x|z) for latents ``z`` of shape ``(..., latent_dim)``."""
+        """The likelihood p(x|z) for the decoder's input ``z``: the bottom latent, shape
+        ``(..., latent_dim)``, or with ``skip`` all latents concatenated, bottom first."""
         return as_pyro(self.likelihood(self.decoder(z)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -66,14 +82,20 @@ class VAE(nn.Module):
         return z
 
     def _latents(self, labels: Tensor | None = None) -> Tensor:
-        """Draws the latents top-down inside the data plate; returns the bottom one. A prior
-        that ``reads_labels`` is given the rows' one-hot ``labels``."""
+        """Draws the latents top-down inside the data plate; returns the decoder's input (the
+        bottom one, or with ``skip`` all of them, bottom first). A prior that ``reads_labels``
+        is given the rows' one-hot ``labels``."""
         *below, top = self.latent_sites
         reads = labels is not None and getattr(self.prior, "reads_labels", False)
         z = pyro.sample(top, as_pyro(self.prior(labels) if reads else self.prior()))
+        drawn = [z]
         for name, layer in zip(reversed(below), reversed(self.layers), strict=True):
             z = pyro.sample(name, as_pyro(layer(z)))
-        return z
+            drawn.append(z)
+        if not self.skip:
+            return z
+        shape = torch.broadcast_shapes(*(d.shape[:-1] for d in drawn))
+        return torch.cat([d.expand(*shape, -1) for d in reversed(drawn)], -1)
 
     @torch.no_grad()
     def sample(self, num_samples: int, mean: bool = True) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyrovae.guides import AmortizedGuide
+from pyrovae.guides import AmortizedGuide, TopDownGuide
 from pyrovae.inference import (
     PyrovaeError,
     build,
@@ -169,3 +169,119 @@ def test_a_stacked_run_trains_round_trips_evaluates_and_reports(stacked_run):
     comparison = compare_runs([run.path, run.path], limit=30, num_samples=10)
     assert torch.equal(comparison.log_px[0], comparison.log_px[1])  # seeded alike: Δ is 0
     assert comparison.rows[1]["delta_log_px"] == 0
+
+
+# --- the skip hierarchy: every latent reaches the decoder, the guide runs top-down ------------
+
+SKIP = [
+    "model.layers=[{latent_dim=3, hidden=[16], network='gated_mlp', activation='identity'}]",
+    "model.latent_dim=5",
+    "model.hierarchy='skip'",
+]
+
+
+def test_a_skip_stack_decodes_every_latent_and_its_guide_runs_top_down():
+    spec = load_spec(None, SKIP)
+    model, guide = build(spec, 64, (8, 8))
+    x = torch.rand(7, 64)
+    guide_trace = pyro.poutine.trace(guide).get_trace(x)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(x)
+    assert [n for n in guide_trace.nodes if n.startswith("z")] == ["z2", "z1"]
+    assert guide_trace.nodes["z1"]["value"].shape == (7, 5)
+    assert guide_trace.nodes["z2"]["value"].shape == (7, 3)
+    assert model.decoder_sites == ("z1", "z2")
+    # The decoder reads [z1, z2]; q(z1 | x, z2) reads [x, z2].
+    assert model.decoder.net[0].in_features == 5 + 3
+    assert guide.layers[0].net[0].value.in_features == 64 + 3
+    z1, z2 = (guide_trace.nodes[n]["value"] for n in ("z1", "z2"))
+    expected = model.decode(torch.cat([z1, z2], -1)).log_prob(x)
+    assert torch.allclose(model_trace.nodes["x"]["fn"].log_prob(x), expected)
+    assert model.sample(4).shape == (4, 64)
+
+
+def test_a_vampprior_on_a_skip_stack_uses_the_top_latents_encoder():
+    spec = load_spec(None, [*SKIP, 'model.prior={kind="vamp", components=7}'])
+    model, guide = build(spec, 64, (8, 8))
+    assert model.prior.encoder is guide.encoder
+    assert model.prior().event_shape == (3,)  # over z2, the top latent
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.hierarchy='ladder'"], "model.hierarchy must be one of chain, skip"),
+        (["model.hierarchy='skip'"], "model.layers is empty"),
+    ],
+)
+def test_a_bad_hierarchy_is_refused(overrides, message):
+    with pytest.raises(PyrovaeError, match=message):
+        load_spec(None, overrides)
+
+
+def _skip_gaussian():
+    """z2 ~ N(0, 1), z1 | z2 ~ N(a z2 + b, s1^2), x | z1, z2 ~ N(c z1 + e z2 + d, s0^2 I_3),
+    with the guide q(z2|x) q(z1|x, z2) equal to the exact posterior, and the marginal of x."""
+    a, b, s1, s0 = 1.5, 0.3, 0.7, 0.4
+    c = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    e = torch.tensor([0.5, 1.0, -1.0], dtype=torch.float64)
+    d = torch.tensor([0.1, 0.2, -0.3], dtype=torch.float64)
+    decoder = nn.Linear(2, 3).double()
+    with torch.no_grad():
+        decoder.weight.copy_(torch.stack([c, e], 1))
+        decoder.bias.copy_(d)
+    layer = _linear_normal(torch.tensor([[a]]), torch.tensor([b]), s1)
+    model = VAE(StandardNormal(1), decoder, Gaussian(scale=s0), layers=[layer], skip=True).double()
+    # x = (a c + e) z2 + c eps1 + (b c + d) + s0 eps0 with eps1 ~ N(0, s1^2).
+    g = a * c + e
+    mean = b * c + d
+    cov = torch.outer(g, g) + s1**2 * torch.outer(c, c) + s0**2 * torch.eye(3, dtype=torch.float64)
+    marginal = torch.distributions.MultivariateNormal(mean, cov)
+    # q(z2 | x): Gaussian regression of z2 on x, loc = g' cov^-1 (x - mean), var 1 - g' cov^-1 g.
+    gain2 = torch.linalg.solve(cov, g)
+    encoder = _linear_normal(gain2[None], (-gain2 @ mean)[None], float((1 - g @ gain2).sqrt()))
+    # q(z1 | x, z2): z1 = a z2 + b + eps1, and x - e z2 - d - c (a z2 + b) = c eps1 + s0 eps0.
+    precision1 = 1 / s1**2 + c.square().sum() / s0**2
+    w_x = c / s0**2 / precision1  # on x
+    w_z2 = a - (c @ (e + a * c)) / s0**2 / precision1  # on z2
+    bias1 = b - (c @ (d + b * c)) / s0**2 / precision1
+    lower = _linear_normal(
+        torch.cat([w_x, w_z2[None]])[None], bias1[None], float(precision1.rsqrt())
+    )
+    guide = TopDownGuide(encoder, [lower]).double()
+    return model, guide, marginal
+
+
+def test_the_estimator_matches_a_skip_linear_gaussian_stack_in_closed_form():
+    model, guide, marginal = _skip_gaussian()
+    torch.manual_seed(0)
+    x = marginal.sample((20,))
+    exact = marginal.log_prob(x)
+    # The exact posterior as guide makes every log weight log p(x): a decoder that missed
+    # z2, or a q(z1|.) that read the wrong inputs, would make the weights vary.
+    result = log_marginal_likelihood(model, guide, x, num_samples=50)
+    assert torch.allclose(result.log_px, exact, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def skip_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("skip") / "run"
+    overrides = [
+        *SKIP,
+        'model.prior={kind="vamp", components=5}',
+        "train.epochs=1",
+        "data.limit=300",
+    ]
+    return train_run(None, out, overrides=overrides, progress=False)
+
+
+def test_a_skip_run_trains_round_trips_evaluates_and_reports(skip_run):
+    run = skip_run
+    loaded = load_run(run.path)
+    for (name, p), (_, q) in zip(
+        run.model.state_dict().items(), loaded.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    first = evaluate_run(loaded, num_samples=20, limit=40, output=run.path / "a.json")
+    assert torch.isfinite(first.result.log_px).all()
+    page = write_report(run.path, limit=40, num_samples=20)
+    assert page.is_file()

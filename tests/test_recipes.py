@@ -378,7 +378,16 @@ class _Sink:
         pass
 
 
-def test_tensorboard_logs_scalars_and_images(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        # A skip stack: the decoder reads z1 and z2, reconstructions replay the guide.
+        ["model.layers=[{latent_dim=2, hidden=[8]}]", "model.hierarchy='skip'"],
+    ],
+    ids=["one-layer", "skip-stack"],
+)
+def test_tensorboard_logs_scalars_and_images(tmp_path, extra):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -389,6 +398,7 @@ def test_tensorboard_logs_scalars_and_images(tmp_path):
         "train.batch_size=256",
         "train.epochs=2",
         'train.log="tensorboard"',
+        *extra,
     ]
     train_run(None, tmp_path / "run", overrides=overrides, progress=False)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()

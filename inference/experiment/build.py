@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pyrovae.guides import ENCODERS, AmortizedGuide, Classifier, SemiSupervisedGuide
+from pyrovae.guides import (
+    ENCODERS,
+    AmortizedGuide,
+    Classifier,
+    SemiSupervisedGuide,
+    TopDownGuide,
+)
 from pyrovae.inference.algorithms.objectives import OBJECTIVES
 from pyrovae.inference.algorithms.schedules import SCHEDULES, KLSchedule
 from pyrovae.inference.errors import PyrovaeError
@@ -76,12 +82,20 @@ def build(
             )
         context["features"] = features - classes
     likelihood = component(LIKELIHOODS, m.likelihood, "model.likelihood", context)
-    encoder = component(ENCODERS, spec.guide.encoder, "guide.encoder", context)
     dims = [m.latent_dim] + [layer.latent_dim for layer in m.layers]
-    if m.layers and m.prior["kind"] == "vamp":
+    skip = m.hierarchy == "skip"
+    if skip and classes:
         raise PyrovaeError(
-            "model.prior kind 'vamp' needs q(z|x) of the top latent, which a stack of "
-            "model.layers does not have in closed form; choose another prior or no layers"
+            "model.hierarchy = 'skip' takes no labels; set model.labels = 'none' or use a chain"
+        )
+    # With "skip" the encoder is q(z_top | x): the guide runs top-down from it.
+    encoder_context = {**context, "latent_dim": dims[-1]} if skip else context
+    encoder = component(ENCODERS, spec.guide.encoder, "guide.encoder", encoder_context)
+    if m.layers and m.prior["kind"] == "vamp" and not skip:
+        raise PyrovaeError(
+            "model.prior kind 'vamp' needs q(z|x) of the top latent, which a chain of "
+            "model.layers does not have in closed form; set model.hierarchy = 'skip' (the "
+            "guide then reads x at every level), choose another prior, or remove the layers"
         )
     top = {**context, "latent_dim": dims[-1], "encoder": encoder, "classes": m.classes}
     if m.prior["kind"] == "label_normal" and m.labels != "context":
@@ -91,18 +105,19 @@ def build(
         )
     prior = component(PRIORS, m.prior, "model.prior", top)
     out_features = (features - classes) * getattr(likelihood, "num_params", 1)
-    decoder_context = {**context, "latent_dim": dims[0] + classes, "out_features": out_features}
+    decoder_in = sum(dims) if skip else dims[0]
+    decoder_context = {**context, "latent_dim": decoder_in + classes, "out_features": out_features}
     decoder = component(DECODERS, m.decoder, "model.decoder", decoder_context)
     model_layers, guide_layers = [], []
     for i, layer in enumerate(m.layers):
+        options = (layer.hidden, layer.activation, 1e-4, layer.network)
         try:
-            model_layers.append(
-                ConditionalNormal(dims[i + 1], dims[i], layer.hidden, layer.activation)
-            )
-            guide_layers.append(
-                ConditionalNormal(dims[i], dims[i + 1], layer.hidden, layer.activation)
-            )
-        except (TypeError, ValueError) as e:
+            model_layers.append(ConditionalNormal(dims[i + 1], dims[i], *options))
+            if skip:  # q(z_i | x, z_{i+1}), top-down
+                guide_layers.append(ConditionalNormal(features + dims[i + 1], dims[i], *options))
+            else:  # q(z_{i+1} | z_i), bottom-up
+                guide_layers.append(ConditionalNormal(dims[i], dims[i + 1], *options))
+        except (TypeError, ValueError, PyrovaeError) as e:
             raise PyrovaeError(f"model.layers[{i}]: {e}") from None
     if m.labels == "latent":
         trunk = spec.guide.encoder
@@ -118,7 +133,9 @@ def build(
     if classes:
         model = ConditionalVAE(prior, decoder, likelihood, classes, model_layers)
     else:
-        model = VAE(prior, decoder, likelihood, model_layers)
+        model = VAE(prior, decoder, likelihood, model_layers, skip=skip)
+    if skip:
+        return model, TopDownGuide(encoder, guide_layers)
     return model, AmortizedGuide(encoder, guide_layers)
 
 

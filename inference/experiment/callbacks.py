@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyro import poutine
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.distributed import rank_and_world
 from pyrovae.inference.experiment.runs import BEST, Checkpoint
+from pyrovae.model.sites import OBSERVED
 
 __all__ = [
     "COLLAPSE_KL",
@@ -398,12 +400,19 @@ class TensorBoard(Callback):
         encoder = getattr(guide, "encoder", None)
         if self.examples is not None and encoder is not None and hasattr(model, "decode"):
             x = self.examples.to(device_of(state.loss_fn))
-            q = encoder(x)
-            try:
-                z = q.mean
-            except (NotImplementedError, AttributeError):
-                z = q.sample()
-            recon = model.decode(z).mean.clamp(0, 1)
+            if len(getattr(model, "decoder_sites", ())) > 1:
+                # The decoder reads several latents (a skip stack): one draw of each from
+                # the guide, decoded by the model replaying it.
+                guide_trace = poutine.trace(guide).get_trace(x)
+                replayed = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+                recon = replayed.nodes[OBSERVED]["fn"].mean.clamp(0, 1)
+            else:
+                q = encoder(x)
+                try:
+                    z = q.mean
+                except (NotImplementedError, AttributeError):
+                    z = q.sample()
+                recon = model.decode(z).mean.clamp(0, 1)
             pairs = torch.stack([x, recon], 1).reshape(shape)
             self.writer.add_images("inputs_and_reconstructions", pairs, state.epoch)
 

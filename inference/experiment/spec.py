@@ -39,6 +39,13 @@ def _table(**entries: Any) -> Any:
     return field(default_factory=lambda: dict(entries))
 
 
+HIERARCHIES = ("chain", "skip")
+"""Values of ``model.hierarchy``, how the layers of a stack are wired: ``"chain"``, each
+conditional reads only its neighbour (the decoder z1; the guide bottom-up, q(z1|x), then
+q(z2|z1), ...; Burda et al.); ``"skip"``, the decoder reads every latent and the guide reads x
+at every level, top-down: q(z_L|x) (``guide.encoder``), then q(z_l | x, z_{l+1}) (Tomczak and
+Welling's hierarchical VAE)."""
+
 LABEL_USES = ("none", "context", "latent")
 """Values of ``model.labels``: unused by the model, observed context (a conditional VAE), or
 a latent class observed where known (M2, semi-supervised)."""
@@ -108,6 +115,7 @@ class LayerSpec:
     latent_dim: int = _ranged(50, 1, MAX_LATENT_DIM)
     hidden: list = field(default_factory=lambda: [100, 100])
     activation: str = "tanh"
+    network: str = "mlp"  # or "gated_mlp"
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,9 @@ class ModelSpec:
     likelihood: dict = _table(kind="gaussian", learn_scale=True)
     # Stacked latents above z (then named z1): none by default, a one-layer VAE.
     layers: list[LayerSpec] = field(default_factory=list)
+    # How a stack is wired (see HIERARCHIES): "chain", Burda et al.'s; "skip", Tomczak and
+    # Welling's hierarchical VAE. Then guide.encoder is q(z_top | x), of the top latent.
+    hierarchy: str = "chain"
     # "context": the data's labels are observed context of encoder and decoder (a
     # conditional VAE over `classes` classes); "latent": a latent class, observed for the
     # data.labels_per_class labelled points (M2); "none": labels are only used by reports.
@@ -223,6 +234,15 @@ def check(spec: Spec) -> None:
     """Checks every component's kind and options against its registry, without building."""
     for registry, table, where in _components(spec):
         constructor_of(registry, table, where)
+    if spec.model.hierarchy not in HIERARCHIES:
+        raise PyrovaeError(
+            f"model.hierarchy must be one of {', '.join(HIERARCHIES)}, got {spec.model.hierarchy!r}"
+        )
+    if spec.model.hierarchy != "chain" and not spec.model.layers:
+        raise PyrovaeError(
+            f"model.hierarchy = {spec.model.hierarchy!r} wires a stack, but model.layers is "
+            "empty; add [[model.layers]] or remove model.hierarchy"
+        )
     if spec.model.labels not in LABEL_USES:
         raise PyrovaeError(
             f"model.labels must be one of {', '.join(LABEL_USES)}, got {spec.model.labels!r}"

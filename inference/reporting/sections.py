@@ -5,6 +5,7 @@ posterior against the prior per dimension, and Pareto k̂."""
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -14,6 +15,7 @@ from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.experiment.runs import Run
 from pyrovae.inference.reporting import plots
 from pyrovae.inference.reporting.diagnostics import Diagnostics, univariate_factors
+from pyrovae.inference.reporting.sites import SiteDiagnostics
 
 __all__ = [
     "GRID_STEPS",
@@ -85,10 +87,14 @@ def image_sections(
     def rows(index: Tensor | slice) -> Tensor | None:
         return None if context is None else context[index]
 
+    def read(z: Tensor, other: Callable[[SiteDiagnostics], Tensor]) -> Tensor:
+        return decoder_input(model, diag, z, other)
+
+    means = read(diag.posterior_mean[:n], lambda site: site.posterior_mean[:n])
     recon = plots.image_panels_figure(
         [
             ("input x", x[:n]),
-            ("reconstruction at E_q[z|x]", decode(model, diag.posterior_mean[:n], rows(slice(n)))),
+            ("reconstruction at E_q[z|x]", decode(model, means, rows(slice(n)))),
         ],
         shape,
     )
@@ -103,7 +109,8 @@ def image_sections(
         )
     else:
         prior = ("z ~ p(z): the prior", model.sample(len(picks)))
-    aggregate = decode(model, diag.samples[0, picks], rows(picks))
+    drawn = read(diag.samples[0, picks], lambda site: site.samples[0, picks])
+    aggregate = decode(model, drawn, rows(picks))
     samples = plots.image_panels_figure(
         [prior, ("z ~ q(z): the aggregate posterior", aggregate)], shape
     )
@@ -116,6 +123,7 @@ def image_sections(
     for row, d in enumerate(dims):
         z[row, :, d] = diag.prior_mean[d] + values * diag.prior_variance[d].sqrt()
     labels = [f"z{d} ({diag.activity[d]:.2g})" for d in dims]
+    z = read(z, lambda site: site.posterior_mean[0])
     traversal = plots.traversal_figure(decode(model, z, rows(slice(1))), shape, labels, values)
     return [
         (
@@ -172,7 +180,8 @@ def latent_space(run: Run, diag: Diagnostics, labels: Tensor | None, shape: tupl
         hi = torch.maximum(diag.prior_mean + 3 * sd, means.max(0).values)
         extent = (lo[0].item(), hi[0].item(), lo[1].item(), hi[1].item())
         conditional = hasattr(run.model, "split")
-        if len(shape) == 2 and not conditional:
+        reads_more = len(getattr(run.model, "decoder_sites", ())) > 1
+        if len(shape) == 2 and not conditional and not reads_more:
             steps = GRID_STEPS
             u = torch.linspace(lo[0].item(), hi[0].item(), steps, dtype=torch.float64)
             v = torch.linspace(hi[1].item(), lo[1].item(), steps, dtype=torch.float64)
@@ -246,6 +255,24 @@ def khat_section(diag: Diagnostics) -> str:
         "the log p(x) estimate is reliable; above it the weights are heavy-tailed (the "
         "guide misses part of the posterior) and the estimate is likely too low."
     )
+
+
+def decoder_input(
+    model: torch.nn.Module,
+    diag: Diagnostics,
+    z: Tensor,
+    other: Callable[[SiteDiagnostics], Tensor],
+) -> Tensor:
+    """What the decoder reads for values ``z`` of the primary site: ``z`` itself, or for a
+    model whose decoder reads several latents (``decoder_sites``, a skip stack) ``z`` beside
+    ``other(site)`` of each other site, in the decoder's order."""
+    names = getattr(model, "decoder_sites", (diag.primary,))
+    if tuple(names) == (diag.primary,):
+        return z
+    parts = [z if name == diag.primary else other(diag.sites[name]) for name in names]
+    parts = [part.to(z) for part in parts]
+    shape = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
+    return torch.cat([part.expand(*shape, -1) for part in parts], -1)
 
 
 def decode(model: torch.nn.Module, z: Tensor, context: Tensor | None = None) -> Tensor:

@@ -1,0 +1,162 @@
+"""Why does the two-layer VAE trail the one-layer one? A controlled comparison at equal epochs.
+
+Each arm is a shipped config with ``--set``-style overrides, trained from the same seed for
+the same number of epochs, then evaluated on the same test points with the same K by
+``evaluate_run``; per-site KL terms come from the final checkpoint's validation pass. The
+arms isolate one change each against the configs as shipped (``configs/mnist-burda-tanh.toml``
+and ``configs/mnist-two-layer.toml``).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/two_layer.py --threads 1 --epochs 10
+
+writes ``benchmarks/results/two_layer.json`` and ``.md``; finished arms are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from common import ROOT, command_line, find_mnist
+
+from pyrovae.inference import evaluate_run, load_run, train_run
+from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.runs import atomic_write
+
+ONE = "configs/mnist-burda-tanh.toml"
+TWO = "configs/mnist-two-layer.toml"
+
+ARMS: dict[str, tuple[str, list[str], str]] = {
+    "one": (ONE, [], "one layer, as shipped"),
+    "two": (TWO, [], "two layers, as shipped"),
+    "one-warmup": (
+        ONE,
+        ['train.kl={kind="linear", warmup_steps=2500}'],
+        "one layer, KL warm-up over 5 epochs",
+    ),
+    "two-warmup": (
+        TWO,
+        ['train.kl={kind="linear", warmup_steps=2500}'],
+        "two layers, KL warm-up over 5 epochs",
+    ),
+    "two-stl": (
+        TWO,
+        ['train.objective={kind="elbo", num_particles=1, estimator="stl"}'],
+        "two layers, sticking-the-landing gradient",
+    ),
+}
+"""Arm name -> (config, overrides, what it changes)."""
+
+RESULTS = ROOT / "benchmarks" / "results" / "two_layer"
+
+
+def run_arm(name: str, args: argparse.Namespace, data: Path) -> dict:
+    config, overrides, what = ARMS[name]
+    out = Path(args.runs).expanduser() / f"{name}-e{args.epochs}-s{args.seed}"
+    settings = [
+        f"data.path={json.dumps(str(data))}",
+        f"train.epochs={args.epochs}",
+        f"train.seed={args.seed}",
+        *overrides,
+    ]
+    if (out / "checkpoint.pt").is_file() and load_run(out).epoch == args.epochs:
+        run = load_run(out)
+    else:
+        run = train_run(ROOT / config, out, overrides=settings, progress=False, force=True)
+    evaluation = evaluate_run(
+        run, num_samples=args.num_samples, limit=args.points, seed=0, write=False
+    )
+    s = evaluation.summary()
+    last = run.history[-1]
+    return {
+        "arm": name,
+        "what": what,
+        "config": config,
+        "overrides": overrides,
+        "epochs": run.epoch,
+        "seed": args.seed,
+        "log_px": s["log_px"],
+        "log_px_se": s["log_px_se"],
+        "elbo": s["elbo"],
+        "validation_kl": last["validation_kl"],
+        "active_units": last["validation_active_units"],
+        "train_seconds": sum(h["seconds"] for h in run.history),
+        "per_point": evaluation.result.log_px.tolist(),
+    }
+
+
+def render(rows: list[dict], protocol: str) -> str:
+    lines = [
+        "# Two stochastic layers against one, at equal epochs",
+        "",
+        protocol,
+        "",
+        "| arm | epochs | test ELBO | log p(x) | Δ against one layer | validation KL | active units | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["epochs"], r["seed"])):
+        same = (r["epochs"], r["seed"])
+        base = next(
+            (b for b in rows if b["arm"] == "one" and (b["epochs"], b["seed"]) == same), None
+        )
+        if base is not None and r is not base:
+            diff = torch.tensor(r["per_point"]) - torch.tensor(base["per_point"])
+            delta = f"{diff.mean():+.2f} ± {diff.std() / len(diff) ** 0.5:.2f}"
+        else:
+            delta = "baseline"
+        lines.append(
+            f"| {r['what']} | {r['epochs']} | {r['elbo']:.2f} | {r['log_px']:.2f} ± "
+            f"{r['log_px_se']:.2f} | {delta} | {r['validation_kl']:.2f} | "
+            f"{r['active_units']:.0f} | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arms", nargs="*", choices=[*ARMS, []], metavar="ARM")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--points", type=int, default=1000)
+    parser.add_argument("--runs", default="~/pyrovae-runs/two_layer")
+    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = find_mnist(args.data)
+    if data is None:
+        print("two_layer: mnist.npz not found: pass --data or set PYROVAE_DATA", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    path = output.with_suffix(".json")
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    try:
+        for name in args.arms or list(ARMS):
+            rows = [
+                r
+                for r in rows
+                if (r["arm"], r["epochs"], r["seed"]) != (name, args.epochs, args.seed)
+            ]
+            rows.append(run_arm(name, args, data))
+            protocol = (
+                f"Seed {args.seed}; log p(x) by importance sampling with K = {args.num_samples} on "
+                f"the first {args.points} test digits (binarized once), Δ paired on the same "
+                f"points ± its standard error. Command: `{command_line()}`."
+            )
+            output.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps({"rows": rows}, indent=1).encode())
+            atomic_write(output.with_suffix(".md"), render(rows, protocol).encode())
+            print(f"{name}: log p(x) {rows[-1]['log_px']:.2f}", flush=True)
+    except PyrovaeError as e:
+        print(f"two_layer: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
