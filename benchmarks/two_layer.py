@@ -28,6 +28,13 @@ from pyrovae.inference.experiment.runs import atomic_write
 ONE = "configs/mnist-burda-tanh.toml"
 TWO = "configs/mnist-two-layer.toml"
 
+BURDA_INIT = [
+    'model.init="glorot"',
+    'model.likelihood={kind="bernoulli", bias_from_data=true}',
+]
+"""Burda et al.'s start: Glorot's uniform weights, zero biases, the decoder's output bias at
+the logit of the training mean."""
+
 ARMS: dict[str, tuple[str, list[str], str]] = {
     "one": (ONE, [], "one layer, as shipped"),
     "two": (TWO, [], "two layers, as shipped"),
@@ -46,6 +53,8 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
         ['train.objective={kind="elbo", num_particles=1, estimator="stl"}'],
         "two layers, sticking-the-landing gradient",
     ),
+    "one-burda-init": (ONE, BURDA_INIT, "one layer, Burda et al.'s initialization"),
+    "two-burda-init": (TWO, BURDA_INIT, "two layers, Burda et al.'s initialization"),
 }
 """Arm name -> (config, overrides, what it changes)."""
 

@@ -29,16 +29,45 @@ class Bernoulli(nn.Module):
     ``-log p(x|z)`` is exactly ``binary_cross_entropy_with_logits(logits, x, reduction="sum")``.
     Data must lie in [0, 1]; for grey levels that are not 0 or 1 the value is still the
     cross-entropy, but no longer a normalised density (use dynamic binarization for that).
+
+    Args:
+        bias_from_data: add a fixed per-pixel offset to the decoder's logits, the logit of
+            the training data's mean (clipped to [0.001, 0.999]; set by ``fit`` through
+            :meth:`initialize_from_data`): a decoder that has learned nothing yet then gives
+            the mean image rather than noise. This is Burda et al.'s start for the output
+            bias, and trains exactly as that start would (the decoder's own bias moves on
+            top of the offset).
+        features: number of data features F (filled in by the builder).
+
+    References:
+        Importance Weighted Autoencoders (Burda et al., 2016), code: ``iwae.py``
+        (``get_train_bias_np``)
     """
 
     num_params = 1
     support = constraints.unit_interval
     discrete = True
 
-    def __init__(self) -> None:
+    def __init__(self, bias_from_data: bool = False, features: int | None = None) -> None:
         super().__init__()
+        if not isinstance(bias_from_data, bool):
+            raise ValueError(f"bias_from_data must be true or false, got {bias_from_data!r}")
+        self.bias_from_data = bias_from_data
+        if bias_from_data:
+            if not (features and features > 0):
+                raise ValueError(f"bias_from_data needs the number of features, got {features}")
+            self.register_buffer("bias", torch.zeros(features))
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: Tensor) -> None:
+        """With ``bias_from_data``, the offset becomes the logit of the data's mean per pixel."""
+        if self.bias_from_data:
+            mean = x.mean(0).clamp(0.001, 0.999)
+            self.bias.copy_((mean.log() - (-mean).log1p()).to(self.bias))
 
     def forward(self, logits: Tensor) -> dist.Distribution:
+        if self.bias_from_data:
+            logits = logits + self.bias
         # Grey-level targets in [0, 1] are allowed (cross-entropy); the data are checked once
         # up front, so per-step support checks are switched off here.
         return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)

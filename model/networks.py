@@ -293,6 +293,40 @@ def network(
     return builders[name](in_features, out_features, hidden, activation_name, image_shape)
 
 
+INITS = ("torch", "glorot", "he")
+"""Ways to start the weights of a network's linear layers (``initialize``)."""
+
+
+@torch.no_grad()
+def initialize(module: nn.Module, scheme: str) -> None:
+    """Starts every ``nn.Linear`` inside ``module`` by ``scheme``.
+
+    Args:
+        module: a network (or any module holding linear layers).
+        scheme: ``"torch"``, PyTorch's own start (nothing changes); ``"glorot"``, weights
+            uniform on +-sqrt(6 / (fan_in + fan_out)) and biases zero (Glorot and Bengio;
+            Burda et al.'s VAE and IWAE); ``"he"``, weights normal with variance
+            2 / fan_in, biases as PyTorch starts them (He et al.; Tomczak and Welling's
+            VampPrior code).
+
+    References:
+        Understanding the difficulty of training deep feedforward neural networks (Glorot and
+        Bengio, 2010); Delving Deep into Rectifiers (He et al., 2015)
+    """
+    if scheme not in INITS:
+        raise ValueError(f"unknown init {scheme!r}; valid: {', '.join(INITS)}")
+    if scheme == "torch":
+        return
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            if scheme == "glorot":
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+            else:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+
+
 def image_size(image_shape: Sequence[int] | None, features: int | None = None) -> tuple[int, int]:
     """Checks that ``image_shape`` is ``(H, W)``, with ``H * W == features`` if given.
 

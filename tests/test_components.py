@@ -44,6 +44,7 @@ VARIANTS = [
     ("encoder", "diagonal_normal", {"network": "gated_mlp", "activation": "identity"}),
     ("decoder", "feedforward", {"network": "gated_mlp", "activation": "identity"}),
     ("likelihood", "gaussian", {"learn_scale": True}),
+    ("likelihood", "bernoulli", {"bias_from_data": True}),
     ("likelihood", "gaussian", {"learn_scale": True, "per_feature": True, "scale": 0.2}),
     ("likelihood", "laplace", {"learn_scale": True, "per_feature": True}),
 ]

@@ -12,11 +12,11 @@ from torch import nn
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import Callback, Checkpoint, Checkpointing, fit, load_run, train_run
 from pyrovae.inference.errors import PyrovaeError
-from pyrovae.inference.experiment.build import build_optimizer
+from pyrovae.inference.experiment.build import build, build_optimizer
 from pyrovae.inference.experiment.runs import BEST
 from pyrovae.inference.experiment.spec import load_spec
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
-from pyrovae.model.networks import GatedDense, gated_mlp, network
+from pyrovae.model.networks import GatedDense, gated_mlp, initialize, network
 
 # --- gated dense layers ---------------------------------------------------------------------
 
@@ -165,3 +165,77 @@ def test_a_run_with_early_stopping_keeps_and_loads_its_best_epoch(tmp_path):
         load_run(tmp_path / "s", checkpoint="best")
     with pytest.raises(PyrovaeError, match="unknown checkpoint 'first'; valid: latest, best"):
         load_run(tmp_path / "r", checkpoint="first")
+
+
+# --- how networks start: Glorot's and He's initializations, the data-mean output bias -------
+
+
+def test_glorot_and_he_start_the_weights_with_their_variances():
+    torch.manual_seed(0)
+    glorot = nn.Linear(784, 200)
+    initialize(glorot, "glorot")
+    bound = (6 / (784 + 200)) ** 0.5
+    assert glorot.weight.abs().max() <= bound and torch.all(glorot.bias == 0)
+    # Uniform on +-bound has variance bound^2 / 3 = 2 / (fan_in + fan_out); 156,800 draws.
+    assert abs(glorot.weight.var().item() / (2 / 984) - 1) < 0.02
+    he = nn.Linear(784, 300)
+    before = he.bias.clone()
+    initialize(he, "he")
+    assert abs(he.weight.var().item() / (2 / 784) - 1) < 0.02
+    assert torch.equal(he.bias, before)  # biases as PyTorch starts them
+    kept = nn.Linear(4, 3)
+    weights = kept.weight.clone()
+    initialize(kept, "torch")
+    assert torch.equal(kept.weight, weights)
+    with pytest.raises(ValueError, match="unknown init 'xavier'; valid: torch, glorot, he"):
+        initialize(kept, "xavier")
+
+
+def test_model_init_starts_every_network_but_not_a_flows_own_layers():
+    base = [
+        'guide.encoder={kind="flow", hidden=[16], flow_hidden=[8]}',
+        "model.layers=[{latent_dim=2, hidden=[8]}]",
+        "model.hierarchy='skip'",
+    ]
+    torch.manual_seed(0)
+    plain = build(load_spec(None, base), 64, (8, 8))
+    torch.manual_seed(0)
+    glorot = build(load_spec(None, [*base, 'model.init="glorot"']), 64, (8, 8))
+    for (model, guide), changed in ((plain, False), (glorot, True)):
+        nets = [model.decoder.net, guide.encoder.net, model.layers[0].net, guide.layers[0].net]
+        biases = [m.bias for net in nets for m in net.modules() if isinstance(m, nn.Linear)]
+        assert all(torch.all(b == 0) for b in biases) == changed
+    # The flow's transforms keep their own start (near the identity).
+    for p, q in zip(
+        plain[1].encoder.head.parameters(), glorot[1].encoder.head.parameters(), strict=True
+    ):
+        assert torch.equal(p, q)
+    with pytest.raises(PyrovaeError, match="model.init must be one of torch, glorot, he"):
+        load_spec(None, ['model.init="zeros"'])
+
+
+def test_bias_from_data_starts_the_logits_at_the_data_mean_and_is_kept_by_a_run(tmp_path):
+    x = torch.rand(50, 6).round()
+    x[:, 0] = 0  # a constant pixel: the mean is clipped to 0.001
+    likelihood = Bernoulli(bias_from_data=True, features=6)
+    likelihood.initialize_from_data(x)
+    mean = x.mean(0).clamp(0.001, 0.999)
+    torch.testing.assert_close(torch.sigmoid(likelihood.bias), mean)
+    logits = torch.randn(3, 6)
+    expected = torch.distributions.Bernoulli(logits=logits + likelihood.bias).log_prob(x[:3])
+    torch.testing.assert_close(likelihood(logits).log_prob(x[:3]), expected.sum(-1))
+    with pytest.raises(ValueError, match="bias_from_data needs the number of features"):
+        Bernoulli(bias_from_data=True)
+    overrides = [
+        "model.latent_dim=2",
+        "model.decoder.hidden=[8]",
+        "guide.encoder.hidden=[8]",
+        'model.likelihood={kind="bernoulli", bias_from_data=true}',
+        'data.binarize="dynamic"',
+        "train.epochs=1",
+        "data.limit=200",
+    ]
+    run = train_run(None, tmp_path / "r", overrides=overrides, progress=False)
+    bias = run.model.likelihood.bias
+    assert bias.abs().sum() > 0  # set from the training digits by fit
+    torch.testing.assert_close(load_run(tmp_path / "r").model.likelihood.bias, bias)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from pyrovae.guides import (
     ENCODERS,
@@ -35,6 +36,7 @@ from pyrovae.model import (
     ConditionalVAE,
     SemiSupervisedVAE,
 )
+from pyrovae.model.networks import initialize
 
 if TYPE_CHECKING:
     from pyrovae.inference.experiment.spec import Spec
@@ -119,6 +121,8 @@ def build(
                 guide_layers.append(ConditionalNormal(dims[i], dims[i + 1], *options))
         except (TypeError, ValueError, PyrovaeError) as e:
             raise PyrovaeError(f"model.layers[{i}]: {e}") from None
+    networks = [getattr(decoder, "net", None), getattr(encoder, "net", None)]
+    networks += [layer.net for layer in (*model_layers, *guide_layers)]
     if m.labels == "latent":
         trunk = spec.guide.encoder
         classifier = Classifier(
@@ -127,6 +131,11 @@ def build(
             trunk.get("hidden") or [500],
             trunk.get("activation", "relu"),
         )
+        networks.append(classifier.net)
+    for net in networks:
+        if isinstance(net, nn.Module):
+            initialize(net, m.init)
+    if m.labels == "latent":
         alpha = m.classification_weight
         model = SemiSupervisedVAE(prior, decoder, likelihood, classes, classifier, alpha)
         return model, SemiSupervisedGuide(encoder, classifier, classes)

@@ -33,6 +33,7 @@ from pyrovae.model import (
     LIKELIHOODS,
     PRIORS,
 )
+from pyrovae.model.networks import INITS
 
 
 def _table(**entries: Any) -> Any:
@@ -132,6 +133,9 @@ class ModelSpec:
     # How a stack is wired (see HIERARCHIES): "chain", Burda et al.'s; "skip", Tomczak and
     # Welling's hierarchical VAE. Then guide.encoder is q(z_top | x), of the top latent.
     hierarchy: str = "chain"
+    # How the networks' linear layers start, model and guide alike (pyrovae.model.networks
+    # .INITS): PyTorch's own, Glorot's (Burda et al.) or He's (Tomczak and Welling).
+    init: str = "torch"
     # "context": the data's labels are observed context of encoder and decoder (a
     # conditional VAE over `classes` classes); "latent": a latent class, observed for the
     # data.labels_per_class labelled points (M2); "none": labels are only used by reports.
@@ -234,6 +238,8 @@ def check(spec: Spec) -> None:
     """Checks every component's kind and options against its registry, without building."""
     for registry, table, where in _components(spec):
         constructor_of(registry, table, where)
+    if spec.model.init not in INITS:
+        raise PyrovaeError(f"model.init must be one of {', '.join(INITS)}, got {spec.model.init!r}")
     if spec.model.hierarchy not in HIERARCHIES:
         raise PyrovaeError(
             f"model.hierarchy must be one of {', '.join(HIERARCHIES)}, got {spec.model.hierarchy!r}"
