@@ -319,3 +319,22 @@ def test_image_grid_through_torchvision_matches_numpy(monkeypatch):
 def test_debug_works_after_the_command_name_too(tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         main(["sample", str(tmp_path / "nope"), "--debug"])
+
+
+def test_evaluate_the_best_checkpoint(tmp_path, capsys):
+    import json
+
+    assert train(tmp_path, "--epochs", "3", "--set", "train.patience=2") == 0
+    run = str(tmp_path / "run")
+    best = load_run(run, checkpoint="best")
+    capsys.readouterr()
+    out = str(tmp_path / "best.json")
+    assert (
+        main(["evaluate", run, "-k", "20", "--limit", "10", "--checkpoint", "best", "-o", out]) == 0
+    )
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == best.epoch
+    # A run without early stopping has no best epoch: one line that says why.
+    assert train(tmp_path, name="plain") == 0
+    capsys.readouterr()
+    code = main(["evaluate", str(tmp_path / "plain"), "--checkpoint", "best"])
+    one_line_error(capsys, code, "has no best.pt", "early stopping")

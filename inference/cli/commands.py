@@ -93,7 +93,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _check_diagnostic_options(args)
-    run = load_run(args.run)
+    run = load_run(args.run, checkpoint=args.checkpoint)
     target = Path(args.output) if args.output else run.path / EVALUATION
     settings = evaluation_settings(
         args.method, args.split, args.num_samples, args.chains, args.steps, args.limit, args.seed

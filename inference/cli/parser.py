@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     _add_method_options(evaluate)
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
+    evaluate.add_argument(
+        "--checkpoint",
+        default="latest",
+        choices=["latest", "best"],
+        help="the last epoch (checkpoint.pt) or, for a run with early stopping, the epoch "
+        "with the best validation ELBO (best.pt)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.add_argument(
         "-o", "--output", help="JSON file to write (default: RUN/evaluation.json)"
