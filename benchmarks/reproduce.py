@@ -211,7 +211,7 @@ def summary_of(evaluation: Any) -> dict[str, Any]:
     }
 
 
-class TestCurve(Callback):
+class LearningCurve(Callback):
     """Every ``every`` epochs (and at :data:`CURVE_EPOCHS`), the test log p(x) of the model
     being trained, by ``evaluate_run`` on the first ``points`` test images with
     ``num_samples`` draws, appended to the results file. The training's random state is
@@ -275,9 +275,15 @@ class TestCurve(Callback):
         write_results(self.results, self.name, self.record, self.run_dir)
 
 
-def reproduce(name: str, args: argparse.Namespace) -> None:
-    """Trains (or resumes) one reproduction, records its curve, evaluates it when done."""
-    entry = REPRODUCTIONS[name]
+def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = None) -> None:
+    """Trains (or resumes) one reproduction, records its curve, evaluates it when done.
+
+    Args:
+        name: the row's name, which names its run directory and results file.
+        args: the options of :func:`parser`.
+        entry: the row; default ``REPRODUCTIONS[name]``.
+    """
+    entry = entry or REPRODUCTIONS[name]
     results = Path(args.results)
     run_dir = Path(args.runs).expanduser() / name
     record = read_results(results, name, run_dir)
@@ -309,7 +315,7 @@ def reproduce(name: str, args: argparse.Namespace) -> None:
     if not finished and done < stop_at:
         record["training"] = "running"
         write_results(results, name, record, run_dir)
-        curve = TestCurve(
+        curve = LearningCurve(
             name,
             spec,
             results,
@@ -387,7 +393,8 @@ def _device() -> str:
     return f"CPU ({platform.machine()}), torch {torch.__version__}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", choices=[*REPRODUCTIONS, []], metavar="NAME")
     parser.add_argument("--runs", default="~/pyrovae-runs/reproduce")
@@ -404,10 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ais-steps", type=int, default=500)
     parser.add_argument("--no-final", action="store_true", help="skip the final evaluation")
     parser.add_argument("--table", action="store_true", help="only re-render the table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parser()
+    args = options.parse_args(argv)
     for value, flag in ((args.curve_every, "--curve-every"), (args.threads, "--threads")):
         if value is not None and value < 1:
-            parser.error(f"{flag} must be at least 1")
+            options.error(f"{flag} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

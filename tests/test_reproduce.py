@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
+import torch
 
-from pyrovae.inference import Checkpoint, load_spec
+from pyrovae.inference import Checkpoint, load_run, load_spec, train_run
 from pyrovae.inference.experiment.build import build
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -169,3 +170,17 @@ def test_configs_are_valid_toml_with_a_comment_naming_the_paper():
         text = (reproduce.ROOT / entry.config).read_text()
         tomllib.loads(text)
         assert "departs" in text  # every config says where it departs from the paper
+
+
+def test_the_curve_leaves_training_as_it_would_be_without_it(setting):
+    entry, args, tmp = setting
+    args.stop_at = 3
+    reproduce.reproduce("tiny", args, entry)
+    with_curve = load_run(tmp / "runs" / "tiny")
+    overrides = [f"data.path={json.dumps(args.data)}", "train.epochs=3"]
+    plain = train_run(entry.config, tmp / "plain", overrides=overrides, progress=False)
+    assert len(json.loads((tmp / "results" / "tiny.json").read_text())["curve"]) == 3
+    for (name, p), q in zip(
+        plain.model.state_dict().items(), with_curve.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name
