@@ -25,8 +25,8 @@ departs). **Final** figures are test log p(x) in nats by importance sampling wit
 all 10,000 test images, from the epoch with the best validation ELBO (the papers' protocol);
 ± is the standard error over the test points. A run that has not finished its budget or its
 early stopping is **partial**: its figure is the latest point of its learning curve (test
-log p(x) on the first 1,000 test images, K = 500, the weights of that epoch), which is a
-different, cheaper protocol and says only where the run is heading. Δ is this project's
+log p(x) of the weights of that epoch on the first test images, with the K and the number of
+points in the protocol column), a cheaper protocol that says only where the run is heading. Δ is this project's
 figure minus the paper's (positive: better). Every figure here was measured; none is copied
 from a log by hand.
 """
@@ -148,12 +148,27 @@ def read_records(results: Path) -> list[dict[str, Any]]:
             records.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not a readable results file: {e}") from None
-    try:
-        from reproduce import REPRODUCTIONS
+    from reproduce import REPRODUCTIONS
 
-        order = {name: i for i, name in enumerate(REPRODUCTIONS)}
-    except ImportError:
-        order = {}
+    order = {name: i for i, name in enumerate(REPRODUCTIONS)}
+    if results.resolve() == RESULTS.resolve():
+        # The project's own table lists every row, those not yet run too.
+        seen = {r.get("name") for r in records}
+        for name, entry in REPRODUCTIONS.items():
+            if name not in seen:
+                records.append(
+                    {
+                        "name": name,
+                        "config": entry.config,
+                        "model": entry.model,
+                        "metric": entry.metric,
+                        "paper": entry.paper,
+                        "source": entry.source,
+                        "data": entry.data,
+                        "pythae": entry.pythae,
+                        "paper_epochs": entry.paper_epochs,
+                    }
+                )
     return sorted(records, key=lambda r: (order.get(r.get("name"), len(order)), r.get("name")))
 
 

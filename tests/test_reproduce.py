@@ -184,3 +184,11 @@ def test_the_curve_leaves_training_as_it_would_be_without_it(setting):
         plain.model.state_dict().items(), with_curve.model.state_dict().values(), strict=True
     ):
         assert torch.equal(p, q), name
+
+
+def test_the_projects_table_lists_every_row_whether_run_or_not():
+    records = reproduce_table.read_records(reproduce_table.RESULTS)
+    assert [r["name"] for r in records] == list(reproduce.REPRODUCTIONS)
+    page = reproduce_table.render(records)
+    for entry in reproduce.REPRODUCTIONS.values():
+        assert entry.model in page
