@@ -310,3 +310,26 @@ def test_cuda_matches_cpu(ppca):
     # Data left on the CPU go to the programs' device.
     result = log_marginal_likelihood(vae, guide, x, 500)
     torch.testing.assert_close(result.log_px, log_px, atol=1e-6, rtol=0)
+
+
+def test_arvizs_daily_banner_does_not_reach_a_user(tmp_path):
+    """ArviZ 0.x warns about its refactor on its first import each day (stamped in the user's
+    cache); scoring k̂ through pyrovae must not pass that on."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from pyrovae.inference.algorithms.psis import pareto_khat\n"
+        "import torch\n"
+        "print(pareto_khat(torch.randn(3, 100, dtype=torch.float64)).shape)\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # a day on which ArviZ never ran
+    done = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ArviZ is undergoing" not in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -77,7 +78,12 @@ def _khat_rows(log_weights: np.ndarray, flat_tol: float) -> Tensor:
 
 
 def _psis_backend() -> Callable[[np.ndarray], np.ndarray]:
-    import arviz  # deferred: importing ArviZ takes a second and only k̂ needs it
+    # Deferred: importing ArviZ takes a second and only k̂ needs it. ArviZ 0.x announces its
+    # refactor in a multi-line FutureWarning on its first import each day, which says
+    # nothing about this call; it is silenced here, for this import only.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
+        import arviz
 
     if int(arviz.__version__.split(".")[0]) < 1:
         return _khat_arviz
