@@ -9,13 +9,14 @@ building its model and guide from ``spec.toml`` and loading the state dicts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,14 @@ __all__ = [
     "check_writable",
     "load_run",
     "promote_run",
+    "run_lock",
     "stage_run",
 ]
+
+try:  # POSIX advisory locks; where there are none, runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 MARKER = ".pyrovae-run"
 """The file pyrovae writes into every run directory it creates: only such a directory is ever
@@ -246,6 +253,47 @@ def check_replaceable(path: Path, keep: Iterable[Path] = ()) -> None:
             f"{path} holds {inside[0]}, which this run reads; refusing to replace it, even with "
             "--force: move that file or choose another --out"
         )
+
+
+def lock_file(path: Path) -> Path:
+    """The lock of run directory ``path``: a hidden file beside it, ``.NAME.lock``, so that a
+    run not created yet, or being replaced, can be locked too."""
+    path = Path(path).absolute()
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def run_lock(path: str | Path) -> Iterator[None]:
+    """Holds the exclusive lock of run directory ``path`` while the block runs: a second
+    process that writes into the same run meets it and stops with one line. The lock is the
+    kernel's (``flock``), released when its holder exits, so a process killed while
+    holding it (even by SIGKILL) leaves nothing stuck. The directory's parent must exist.
+
+    Raises:
+        PyrovaeError: another process holds the lock (named by its pid).
+    """
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    lock = lock_file(Path(path))
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise PyrovaeError(
+                f"{path} is in use by another pyrovae process (pid {holder}); wait for it to "
+                "finish, or write elsewhere (--out, -o)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def stage_run(path: Path, spec: Spec) -> Path:

@@ -6,6 +6,7 @@ Python program, a notebook or a benchmark gets exactly what the command line get
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,7 @@ from pyrovae.inference.experiment.runs import (
     check_writable,
     load_run,
     promote_run,
+    run_lock,
     stage_run,
 )
 from pyrovae.inference.experiment.spec import Spec, load_spec, with_overrides
@@ -128,7 +130,9 @@ def train_run(
     if train.log == "tensorboard":
         TensorBoard(".")  # fails now, with how to install it, if tensorboard is missing
     device_ = resolve_device(train.device)
-    with process_group(device_) as device_:
+    # Holds the run's lock from the moment it is first written to the end of training.
+    held = contextlib.ExitStack()
+    with held, process_group(device_) as device_:
         # Everything is checked before anything on disk changes: data, model, one probe step.
         data = load_run_data(resolved)
         if data.source is not None:
@@ -145,8 +149,12 @@ def train_run(
         )
         check_warmup(guide, train.guide_warmup)
         _probe_step(model, guide, objective, schedule, data, train.batch_size)
+        # Rank 0 alone writes the run; the other ranks of a distributed run only train.
+        writes = rank_and_world()[0] == 0
         if resume:
             check_writable(out / SPEC, "run")
+            if writes:
+                held.enter_context(run_lock(out))
             staging = None
         else:
             if out.exists():
@@ -154,8 +162,14 @@ def train_run(
                     out, keep=[p for p in (spec, data.source) if isinstance(p, Path | str)]
                 )
             check_writable(out, "run directory", create=True)
-            # Rank 0 alone writes the run; the other ranks of a distributed run only train.
-            staging = stage_run(out, resolved) if rank_and_world()[0] == 0 else None
+            if writes:
+                held.enter_context(run_lock(out))
+                if out.exists() and not force:  # made by another process since the check
+                    raise PyrovaeError(
+                        f"run directory {out} already exists; pass --force to replace it, "
+                        f"--resume {out} to continue it, or --out to choose another"
+                    )
+            staging = stage_run(out, resolved) if writes else None
 
         # A KL warm-up lowers the ELBO while it runs, and a guide warm-up trains another
         # guide: early stopping, and the choice of the best epoch, wait for the end of both.
@@ -185,7 +199,6 @@ def train_run(
                 )
             )
         try:
-            writes = rank_and_world()[0] == 0
             if writes and resume and (out / SPEC).read_text() != resolved.to_toml():
                 atomic_write(out / SPEC, resolved.to_toml().encode())
             fit(
