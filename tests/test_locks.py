@@ -109,3 +109,27 @@ def test_the_lock_is_exclusive_within_a_process_too(tmp_path):
             pass
     with run_lock(run):  # released on leaving the block
         pass
+
+
+def test_commands_that_write_into_a_run_wait_their_turn_and_others_do_not(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        pyrovae("train", "--out", str(out), "--epochs", "1", *SMALL, cwd=tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    evaluate = ["evaluate", str(out), "-k", "5", "--limit", "5"]
+    with run_lock(out):  # as a training of it would hold it
+        for command in (evaluate, ["sample", str(out), "-n", "4"], ["report", str(out)]):
+            done = subprocess.run(pyrovae(*command, cwd=tmp_path), capture_output=True, text=True)
+            assert f"in use by another pyrovae process (pid {os.getpid()})" in one_line(done)
+        assert not (out / "evaluation.json").exists() and not (out / "samples.png").exists()
+        # Written elsewhere, nothing of the run changes: no lock needed.
+        elsewhere = str(tmp_path / "e.json")
+        done = subprocess.run(
+            pyrovae(*evaluate, "-o", elsewhere, cwd=tmp_path), capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+    done = subprocess.run(pyrovae(*evaluate, cwd=tmp_path), capture_output=True, text=True)
+    assert done.returncode == 0 and (out / "evaluation.json").is_file(), done.stderr

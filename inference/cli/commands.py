@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -22,7 +23,7 @@ from pyrovae.inference.experiment.evaluation import (
     evaluation_settings,
 )
 from pyrovae.inference.experiment.inputs import resolve_device
-from pyrovae.inference.experiment.runs import Run, load_run
+from pyrovae.inference.experiment.runs import Run, load_run, run_lock
 from pyrovae.inference.experiment.workflow import train_run
 
 UNRELIABLE_SHARE = 0.2
@@ -84,10 +85,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
             if classes
             else f"--label needs a conditional run (model.labels = 'context'); {run.path} is not"
         )
-    pyro.set_rng_seed(args.seed)
-    options = {"labels": args.label} if classes else {}
-    images = run.model.sample(args.num_samples, mean=not args.draw, **options)
-    save_image_grid(images, shape, output)
+    with _lock_if_inside(run.path, output):
+        pyro.set_rng_seed(args.seed)
+        options = {"labels": args.label} if classes else {}
+        images = run.model.sample(args.num_samples, mean=not args.draw, **options)
+        save_image_grid(images, shape, output)
     print(f"wrote {args.num_samples} samples from {run.path} to {output}")
 
 
@@ -99,6 +101,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.method, args.split, args.num_samples, args.chains, args.steps, args.limit, args.seed
     )
     check_evaluation_target(target, settings, args.force)
+    with _lock_if_inside(run.path, target):
+        _evaluate(args, run, target)
+
+
+def _evaluate(args: argparse.Namespace, run: Run, target: Path) -> None:
     evaluation = evaluate_run(
         run,
         split=args.split,
@@ -227,17 +234,27 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise PyrovaeError(
             f"{args.output} already exists; pass --force to replace it or choose another -o"
         )
-    path = write_report(
-        args.run,
-        args.split,
-        limit=args.limit,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        path=args.output,
-        progress=True,
-        aggregate=args.aggregate_kl,
-    )
+    run = load_run(args.run)
+    target = Path(args.output) if args.output else run.path / "report.html"
+    with _lock_if_inside(run.path, target):
+        path = write_report(
+            run,
+            args.split,
+            limit=args.limit,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            path=args.output,
+            progress=True,
+            aggregate=args.aggregate_kl,
+        )
     print(f"wrote {path}")
+
+
+def _lock_if_inside(run_dir: Path, target: Path) -> contextlib.AbstractContextManager:
+    """The run's lock while a command writes ``target`` inside it (on the process that
+    writes), else nothing: outputs written elsewhere do not touch the run."""
+    inside = Path(target).absolute().resolve().is_relative_to(Path(run_dir).resolve())
+    return run_lock(run_dir) if inside and is_main_process() else contextlib.nullcontext()
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

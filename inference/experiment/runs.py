@@ -266,8 +266,9 @@ def lock_file(path: Path) -> Path:
 def run_lock(path: str | Path) -> Iterator[None]:
     """Holds the exclusive lock of run directory ``path`` while the block runs: a second
     process that writes into the same run meets it and stops with one line. The lock is the
-    kernel's (``flock``), released when its holder exits, so a process killed while
-    holding it (even by SIGKILL) leaves nothing stuck. The directory's parent must exist.
+    kernel's (``flock`` on ``.NAME.lock`` beside the run), released when its holder exits, so
+    a process killed while holding it (even by SIGKILL) leaves nothing stuck; the file is
+    removed on release. The directory's parent must exist.
 
     Raises:
         PyrovaeError: another process holds the lock (named by its pid).
@@ -276,23 +277,34 @@ def run_lock(path: str | Path) -> Iterator[None]:
         yield
         return
     lock = lock_file(Path(path))
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise PyrovaeError(
                 f"{path} is in use by another pyrovae process (pid {holder}); wait for it to "
                 "finish, or write elsewhere (--out, -o)"
             ) from None
+        # The file may have been removed by its last holder after this process opened it:
+        # then this lock guards nothing, and the current file is tried again.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
