@@ -53,6 +53,7 @@ def test_train_sample_round_trip(tmp_path, capsys):
         ".pyrovae-run",
         "spec.toml",
         "checkpoint.pt",
+        "previous.pt",  # the epoch before, to fall back to should checkpoint.pt be damaged
         "metrics.csv",
     }
     assert "trained" in capsys.readouterr().out

@@ -61,9 +61,13 @@ BEST = "best.pt"
 (``train.patience``): model and guide only, what early stopping selects for evaluation."""
 CHECKPOINTS = {"latest": CHECKPOINT, "best": BEST}
 """Which checkpoint of a run to load, by name."""
+PREVIOUS = "previous.pt"
+"""The checkpoint before the latest one, kept so that a damaged ``checkpoint.pt`` has an
+intact one to fall back to."""
 METRICS = "metrics.csv"
-FORMAT = 1
-"""Version of the checkpoint layout, stored in every file."""
+FORMAT = 2
+"""Version of the checkpoint layout, stored in every file: 2 wraps the state with its SHA-256
+(checked on every load); 1, without it, is still read."""
 
 
 @dataclass
@@ -123,11 +127,26 @@ class Checkpoint:
 
     def save(self, run_dir: str | Path, name: str = CHECKPOINT) -> None:
         """Writes ``name`` (``checkpoint.pt``) and, for the latest checkpoint, ``metrics.csv``
-        into ``run_dir``, each atomically."""
+        into ``run_dir``, each atomically; the checkpoint it replaces is kept as
+        ``previous.pt``. The file holds the state's bytes with their SHA-256, which every
+        :meth:`load` checks."""
         run_dir = Path(run_dir)
-        buffer = io.BytesIO()
-        torch.save(self.to_state(), buffer)
-        atomic_write(run_dir / name, buffer.getvalue())
+        inner = io.BytesIO()
+        torch.save(self.to_state(), inner)
+        payload = inner.getvalue()
+        outer = io.BytesIO()
+        torch.save(
+            {
+                "format": FORMAT,
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+            },
+            outer,
+        )
+        file = run_dir / name
+        if name == CHECKPOINT and file.is_file():
+            _keep_as(file, run_dir / PREVIOUS)
+        atomic_write(file, outer.getvalue())
         if self.history and name == CHECKPOINT:
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=list(self.history[0]), lineterminator="\n")
@@ -150,10 +169,11 @@ class Checkpoint:
         file = Path(run_dir) / name
         if not file.is_file():
             return None
-        try:
-            state = torch.load(file, map_location=map_location, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-            raise PyrovaeError(f"cannot read {file}: {e}") from None
+        state = _read_state(file, map_location)
+        if state is None:
+            raise PyrovaeError(
+                f"{file} is damaged (unreadable, or its checksum does not match its contents); {_fallback(file)}"
+            )
         return cls.from_state(state)
 
     def restore(
@@ -253,6 +273,50 @@ def check_replaceable(path: Path, keep: Iterable[Path] = ()) -> None:
             f"{path} holds {inside[0]}, which this run reads; refusing to replace it, even with "
             "--force: move that file or choose another --out"
         )
+
+
+def _read_state(file: Path, map_location: str | torch.device = "cpu") -> Any:
+    """The state in a checkpoint file, its checksum verified; None where the file cannot be
+    read or its bytes do not match their checksum."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and "sha256" in state:
+            payload = state["payload"].numpy().tobytes()
+            if hashlib.sha256(payload).hexdigest() != state["sha256"]:
+                return None
+            state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        elif map_location != "cpu":  # a format-1 checkpoint, written without a checksum
+            state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is damaged in the same way
+        return None
+    return state
+
+
+def _fallback(file: Path) -> str:
+    """What to do about a damaged checkpoint: the intact one to fall back to, if any."""
+    run_dir = file.parent
+    previous = run_dir / PREVIOUS
+    if file.name == CHECKPOINT and previous.is_file():
+        state = _read_state(previous)
+        if isinstance(state, Mapping) and "epoch" in state:
+            return (
+                f"{previous} (epoch {state['epoch']}) is intact: move it over {file} "
+                f"(mv {previous} {file}) and resume from there"
+            )
+    if file.name != CHECKPOINT and (run_dir / CHECKPOINT).is_file():
+        return f"the latest checkpoint, {run_dir / CHECKPOINT}, is another to load"
+    return f"no intact checkpoint is left in {run_dir}; train the run again (--force)"
+
+
+def _keep_as(file: Path, kept: Path) -> None:
+    """Makes ``kept`` a copy of ``file`` (a hard link where the file system has them),
+    replacing it atomically; ``file`` stays in place throughout."""
+    staging = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")
+    try:
+        os.link(file, staging)
+    except OSError:
+        shutil.copyfile(file, staging)
+    os.replace(staging, kept)
 
 
 def lock_file(path: Path) -> Path:

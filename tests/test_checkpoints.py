@@ -1,0 +1,93 @@
+"""Checkpoints carry a checksum that every load verifies: a damaged file is refused with a
+message that names the intact checkpoint to fall back to. Damage is real bytes overwritten."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyrovae.inference import Checkpoint, PyrovaeError, load_run, train_run
+from pyrovae.inference.experiment.runs import PREVIOUS
+
+SETTINGS = [
+    "model.latent_dim=2",
+    "model.decoder.hidden=[16]",
+    "guide.encoder.hidden=[16]",
+    "train.batch_size=256",
+]
+
+
+def damage(path, offset_share: float = 0.5, length: int = 64) -> None:
+    """Overwrites ``length`` bytes in the middle of a file, as a bad disk or a stray write."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * offset_share)
+    data[start : start + length] = bytes((b + 1) % 256 for b in data[start : start + length])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    out = tmp_path / "run"
+    train_run(None, out, overrides=[*SETTINGS, "train.epochs=2"], progress=False)
+    return out
+
+
+def test_a_damaged_checkpoint_is_refused_and_names_the_previous_one(run_dir):
+    assert Checkpoint.load(run_dir / "..", name="none.pt") is None
+    assert Checkpoint.load(run_dir).epoch == 2
+    assert Checkpoint.load(run_dir, name=PREVIOUS).epoch == 1  # kept at the last save
+    damage(run_dir / "checkpoint.pt")
+    with pytest.raises(PyrovaeError) as error:
+        load_run(run_dir)
+    message = str(error.value)
+    assert "checkpoint.pt is damaged" in message and "previous.pt (epoch 1) is intact" in message
+    assert "\n" not in message
+    # Resuming is refused in the same words, before anything is written.
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    with pytest.raises(PyrovaeError, match="is damaged"):
+        train_run(None, run_dir, overrides=["train.epochs=3"], resume=True, progress=False)
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    # The fallback the message gives works.
+    (run_dir / PREVIOUS).replace(run_dir / "checkpoint.pt")
+    assert load_run(run_dir).epoch == 1
+    run = train_run(None, run_dir, overrides=["train.epochs=2"], resume=True, progress=False)
+    assert run.epoch == 2
+
+
+@pytest.mark.parametrize("offset_share", [0.05, 0.5, 0.95])
+def test_damage_anywhere_in_the_file_is_caught(run_dir, offset_share):
+    damage(run_dir / "checkpoint.pt", offset_share)
+    with pytest.raises(PyrovaeError, match="is damaged"):
+        Checkpoint.load(run_dir)
+
+
+def test_with_no_intact_checkpoint_left_the_message_says_to_train_again(run_dir):
+    damage(run_dir / "checkpoint.pt")
+    damage(run_dir / PREVIOUS)
+    with pytest.raises(PyrovaeError, match=r"no intact checkpoint is left .*--force"):
+        load_run(run_dir)
+
+
+def test_the_command_line_says_it_in_one_line(run_dir):
+    damage(run_dir / "checkpoint.pt")
+    done = subprocess.run(
+        [sys.executable, "-m", "pyrovae.inference.cli", "evaluate", str(run_dir), "-k", "5"],
+        capture_output=True,
+        text=True,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "is damaged" in lines[0], done.stderr
+
+
+def test_a_checkpoint_written_before_checksums_still_loads(run_dir):
+    """Runs trained before format 2 (a plain torch.save of the state) load as they did."""
+    state = Checkpoint.load(run_dir).to_state()
+    state["format"] = 1
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (run_dir / "checkpoint.pt").write_bytes(buffer.getvalue())
+    assert load_run(run_dir).epoch == 2
