@@ -10,7 +10,14 @@ import sys
 import pytest
 import torch
 
-from pyrovae.inference import Checkpoint, PyrovaeError, load_run, train_run
+from pyrovae.inference import (
+    Checkpoint,
+    PyrovaeError,
+    evaluate_run,
+    load_run,
+    train_run,
+    write_report,
+)
 from pyrovae.inference.experiment.runs import PREVIOUS
 
 SETTINGS = [
@@ -91,3 +98,47 @@ def test_a_checkpoint_written_before_checksums_still_loads(run_dir):
     torch.save(state, buffer)
     (run_dir / "checkpoint.pt").write_bytes(buffer.getvalue())
     assert load_run(run_dir).epoch == 2
+
+
+# --- the data a run was trained on ----------------------------------------------------------
+
+
+def _npz(path, seed: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 120, dtype=np.uint8),
+        x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 20, dtype=np.uint8),
+    )
+
+
+def test_a_run_refuses_data_other_than_its_own(tmp_path, monkeypatch):
+    """The run's data file is gone and PYROVAE_DATA points at another file of the same name:
+    evaluating, reporting and resuming refuse it, naming both."""
+    own, other = tmp_path / "own", tmp_path / "other"
+    own.mkdir()
+    other.mkdir()
+    _npz(own / "mnist.npz", 0)
+    _npz(other / "mnist.npz", 1)
+    settings = [*SETTINGS, 'data.name="mnist"', "data.validation_size=20", "train.epochs=1"]
+    out = tmp_path / "run"
+    train_run(None, out, overrides=[*settings, f'data.path="{own}"'], progress=False)
+    run = load_run(out)
+    assert run.checkpoint.data_sha256 is not None
+    assert evaluate_run(run, num_samples=3, limit=4, write=False).num_points == 4
+    (own / "mnist.npz").unlink()
+    monkeypatch.setenv("PYROVAE_DATA", str(other))
+    with pytest.raises(PyrovaeError, match="are not the data .* was trained on") as error:
+        evaluate_run(run, num_samples=3, limit=4, write=False)
+    assert str(other) in str(error.value) and str(own) in str(error.value)
+    with pytest.raises(PyrovaeError, match="are not the data"):
+        write_report(out, limit=4, num_samples=3)
+    with pytest.raises(PyrovaeError, match="are not the data"):
+        train_run(None, out, overrides=["train.epochs=2"], resume=True, progress=False)
+    # The same bytes again are the same data, wherever they lie.
+    _npz(other / "mnist.npz", 0)
+    assert evaluate_run(run, num_samples=3, limit=4, write=False).num_points == 4

@@ -199,7 +199,7 @@ def cmd_bdmc(args: argparse.Namespace) -> None:
     device = resolve_device(args.device or run.spec.train.device)
     run.model.to(device)
     run.guide.to(device)
-    example = load_run_data(run.spec).test[:1].to(device)
+    example = load_run_data(run).test[:1].to(device)
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
     try:

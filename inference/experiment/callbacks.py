@@ -99,7 +99,8 @@ class Checkpointing(Callback):
 
     Args:
         run_dir: an existing directory.
-        features, image_shape, spec: stored in every checkpoint (the spec as TOML).
+        features, image_shape, spec, data_sha256: stored in every checkpoint (the spec as
+            TOML, the data's fingerprint as ``Splits.fingerprint`` gives it).
         resume: restore model, guide, optimizer, RNG states and history at the start.
         best: also keep ``best.pt``, model and guide at the epoch whose history value of
             this key (``"validation_elbo"``) is the highest so far, counting from epoch
@@ -114,6 +115,7 @@ class Checkpointing(Callback):
         features: int | None = None,
         image_shape: Sequence[int] = (),
         spec: str | None = None,
+        data_sha256: str | None = None,
         resume: bool = True,
         best: str | None = None,
         best_from: int = 1,
@@ -126,6 +128,7 @@ class Checkpointing(Callback):
         self.features = features
         self.image_shape = tuple(image_shape)
         self.spec = spec
+        self.data_sha256 = data_sha256
         self.resume = resume
         self.best = best
         self.best_from = int(best_from)
@@ -159,6 +162,7 @@ class Checkpointing(Callback):
             features=self.features,
             image_shape=self.image_shape,
             spec=self.spec,
+            data_sha256=self.data_sha256,
         )
         if self.writes:
             self.latest.save(self.run_dir)
@@ -171,6 +175,7 @@ class Checkpointing(Callback):
                     features=self.features,
                     image_shape=self.image_shape,
                     spec=self.spec,
+                    data_sha256=self.data_sha256,
                 )
                 best.save(self.run_dir, BEST)
 

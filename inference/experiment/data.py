@@ -13,6 +13,7 @@ fixed seed (as in Burda et al. 2015), so evaluations are comparable across runs;
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,6 +67,20 @@ class Splits:
     @property
     def features(self) -> int:
         return self.train.shape[1]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every split and its labels, as the model sees them: the same spec
+        and file give the same fingerprint, any other data another one."""
+        digest = hashlib.sha256()
+        for name in ("train", "validation", "test"):
+            for tensor in (getattr(self, name), getattr(self, f"{name}_labels")):
+                if tensor is None:
+                    digest.update(b"none")
+                    continue
+                array = tensor.detach().cpu().contiguous().numpy()
+                digest.update(f"{name}{array.dtype}{array.shape}".encode())
+                digest.update(array.tobytes())
+        return digest.hexdigest()
 
     def with_label_context(self, classes: int) -> Splits:
         """The splits with each row followed by its label's one-hot code, ``[x, one_hot(y)]``:

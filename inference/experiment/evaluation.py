@@ -281,7 +281,7 @@ def evaluate_run(
     target = Path(output) if output is not None else run.path / EVALUATION
     if write:
         check_evaluation_target(target, settings, force)
-    x, labels = load_run_data(run.spec).split(split)
+    x, labels = load_run_data(run).split(split)
     likelihood = getattr(run.model, "likelihood", None)
     check_data(x, f"the {split} split", getattr(likelihood, "support", None))
     x = x[:limit]

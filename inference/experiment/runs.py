@@ -86,6 +86,8 @@ class Checkpoint:
         image_shape: ``(H, W)`` of image data, ``()`` for plain feature vectors.
         spec: the resolved spec the run was built from, as TOML, or None for a run made
             by ``fit`` alone.
+        data_sha256: the fingerprint of the data the run was trained on
+            (``Splits.fingerprint``), or None where it was not recorded.
     """
 
     epoch: int
@@ -98,6 +100,7 @@ class Checkpoint:
     features: int | None = None
     image_shape: tuple[int, ...] = ()
     spec: str | None = None
+    data_sha256: str | None = None
 
     @property
     def spec_hash(self) -> str | None:

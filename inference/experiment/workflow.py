@@ -176,11 +176,17 @@ def train_run(
         steps = math.ceil(len(data.train) / train.batch_size)
         warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
         first_counted = max(warmup, train.guide_warmup) + 1
+        fingerprint = data.fingerprint()
+        if resume:
+            recorded = Checkpoint.load(out).data_sha256
+            if recorded is not None:
+                check_fingerprint(data, recorded, out, resolved)
         checkpointing = Checkpointing(
             staging or out,
             features=data.features,
             image_shape=data.image_shape or (),
             spec=resolved.to_toml(),
+            data_sha256=fingerprint,
             best="validation_elbo" if train.patience is not None else None,
             best_from=first_counted,
         )
@@ -302,12 +308,36 @@ def _stopped(
     return cls(f"{what}; {kept}{hint}")
 
 
-def load_run_data(spec: Spec) -> Splits:
-    """The data set a spec names, split and binarized as training saw it."""
+def load_run_data(run: Run | Spec) -> Splits:
+    """The data set a spec names, split and binarized as training saw it. Given a
+    :class:`Run` whose checkpoint recorded the data's fingerprint, the data found now must
+    match it.
+
+    Raises:
+        PyrovaeError: the data cannot be read, or are not the data the run was trained on
+            (naming where they were found and where the run's came from).
+    """
+    spec = run.spec if isinstance(run, Run) else run
     d = spec.data
     data = load_data(d.name, d.binarize, d.path, d.validation_size, d.limit)
     if spec.model.labels == "context":
         data = data.with_label_context(spec.model.classes)
     elif spec.model.labels == "latent":
         data = data.with_partial_labels(spec.model.classes, d.labels_per_class, d.labelled_share)
+    expected = run.checkpoint.data_sha256 if isinstance(run, Run) else None
+    if expected is not None:
+        check_fingerprint(data, expected, run.path, spec)
     return data
+
+
+def check_fingerprint(data: Splits, expected: str, path: Path, spec: Spec) -> None:
+    """Refuses data whose fingerprint is not the one a run recorded."""
+    found = data.fingerprint()
+    if found != expected:
+        where = data.source or spec.data.name
+        raise PyrovaeError(
+            f"the data found at {where} are not the data {path} was trained on "
+            f"(fingerprint {found[:12]} against {expected[:12]}, recorded data.path "
+            f"{spec.data.path or spec.data.name}); restore that file, or point data.path or "
+            "PYROVAE_DATA at it"
+        )

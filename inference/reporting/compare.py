@@ -112,7 +112,13 @@ def compare_runs(
                 f"{run.path} was trained on other data than {first.path} ({_describe(run)} "
                 f"against {_describe(first)}); compare runs trained on the same data set"
             )
-    x, _ = load_run_data(first.spec).split(split)
+    recorded = {run.checkpoint.data_sha256 for run in runs} - {None}
+    if len(recorded) > 1:
+        raise PyrovaeError(
+            "the runs were trained on different data (their data fingerprints differ) though "
+            "their specs name the same; compare runs trained on the same data"
+        )
+    x, _ = load_run_data(first).split(split)
     x = x[:limit]
     if len(x) < 2:
         raise PyrovaeError(f"the {split} split has {len(x)} points; a comparison needs two")

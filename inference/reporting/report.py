@@ -88,7 +88,7 @@ def write_report(
     if out.is_dir():
         raise PyrovaeError(f"cannot write the report to {out}: it is a directory")
     if data is None:
-        data = load_run_data(run.spec)
+        data = load_run_data(run)
     x, labels = data.split(data_split)
     if x.shape[1] != run.checkpoint.features:
         raise PyrovaeError(
