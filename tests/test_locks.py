@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pyrovae.inference import Checkpoint, PyrovaeError
-from pyrovae.inference.experiment.runs import lock_file, run_lock
+from pyrovae.inference.experiment.runs import MARKER, lock_file, run_lock, stage_run
+from pyrovae.inference.experiment.spec import load_spec
 
 SMALL = [
     "--set",
@@ -133,3 +134,26 @@ def test_commands_that_write_into_a_run_wait_their_turn_and_others_do_not(tmp_pa
         assert done.returncode == 0, done.stderr
     done = subprocess.run(pyrovae(*evaluate, cwd=tmp_path), capture_output=True, text=True)
     assert done.returncode == 0 and (out / "evaluation.json").is_file(), done.stderr
+
+
+def test_a_training_killed_while_staging_leaves_nothing_behind_for_long(tmp_path):
+    """kill -9 before the first epoch leaves a hidden staging folder (the marker and
+    spec.toml, as ``stage_run`` makes it); the next training of that run, holding its lock,
+    removes it, and nothing that is not a pyrovae run's."""
+    out = tmp_path / "run"
+    stale = stage_run(out, load_spec(None))
+    set_aside = tmp_path / ".run.replaced-x1"
+    (set_aside / "run").mkdir(parents=True)
+    (set_aside / "run" / MARKER).write_text("a pyrovae run directory\n")
+    foreign = tmp_path / ".run.partial-mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a run")
+    done = subprocess.run(
+        pyrovae("train", "--out", str(out), "--epochs", "1", *SMALL, cwd=tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not stale.exists() and not set_aside.exists()
+    assert (foreign / "notes.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial-mine", "run"]

@@ -136,3 +136,29 @@ def test_data_limit_trains_on_a_subset():
     part = load_run_data(load_spec(None, ["data.limit=100"]))
     assert len(part.train) == 100 and len(full.train) > 1000
     assert part.validation.shape == full.validation.shape
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (['data.path="/data/mnist"'], "data.path does not apply to data.name = 'digits'"),
+        (["data.labels_per_class=10"], r"data.labels_per_class applies only to a semi-supervised"),
+        (['data.name="mnist"', "data.labelled_share=0.1"], "data.labelled_share applies only"),
+    ],
+)
+def test_keys_that_would_have_no_effect_are_refused(overrides, message):
+    with pytest.raises(PyrovaeError, match=message):
+        load_spec(None, overrides)
+
+
+def test_keys_that_apply_are_accepted():
+    load_spec(None, ['data.name="mnist"', 'data.path="/data/mnist"'])
+    load_spec(
+        None,
+        [
+            'data.name="mnist"',
+            'model.labels="latent"',
+            "data.labels_per_class=10",
+            "data.labelled_share=0.1",
+        ],
+    )

@@ -386,6 +386,25 @@ def stage_run(path: Path, spec: Spec) -> Path:
     return staging
 
 
+def remove_stale_stages(path: Path) -> list[Path]:
+    """Removes what killed trainings of run ``path`` left beside it: staging folders
+    (``.NAME.partial-*``) and runs set aside for replacement (``.NAME.replaced-*``). Call it
+    holding the run's lock, under which no other process can be staging that run; only
+    folders holding a pyrovae run's marker (or nothing at all) are removed.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    for prefix in (f".{path.name}.partial-", f".{path.name}.replaced-"):
+        for folder in path.parent.glob(f"{prefix}*"):
+            ours = (folder / MARKER).is_file() or (folder / path.name / MARKER).is_file()
+            if folder.is_dir() and (ours or not any(folder.iterdir())):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
 def promote_run(staging: Path, path: Path) -> None:
     """Puts the staged run at ``path``, replacing the run there: the old run is renamed
     aside first and deleted only once the new one is in place."""

@@ -238,6 +238,7 @@ def check(spec: Spec) -> None:
     """Checks every component's kind and options against its registry, without building."""
     for registry, table, where in _components(spec):
         constructor_of(registry, table, where)
+    _check_applies(spec)
     if spec.model.init not in INITS:
         raise PyrovaeError(f"model.init must be one of {', '.join(INITS)}, got {spec.model.init!r}")
     if spec.model.hierarchy not in HIERARCHIES:
@@ -253,6 +254,26 @@ def check(spec: Spec) -> None:
         raise PyrovaeError(
             f"model.labels must be one of {', '.join(LABEL_USES)}, got {spec.model.labels!r}"
         )
+
+
+def _check_applies(spec: Spec) -> None:
+    """Refuses keys that the rest of the spec makes meaningless, rather than recording a
+    setting that had no effect."""
+    d, m = spec.data, spec.model
+    if d.name == "digits" and d.path is not None:
+        raise PyrovaeError(
+            "data.path does not apply to data.name = 'digits', which is bundled with "
+            "scikit-learn; remove data.path, or set data.name to mnist, fashion-mnist or a "
+            "file"
+        )
+    if m.labels != "latent":
+        for key in ("labels_per_class", "labelled_share"):
+            if getattr(d, key) is not None:
+                raise PyrovaeError(
+                    f"data.{key} applies only to a semi-supervised model "
+                    f"(model.labels = 'latent'), and model.labels is {m.labels!r}; remove "
+                    f"data.{key} or set model.labels = 'latent'"
+                )
 
 
 def _components(spec: Spec) -> list[tuple[Mapping[str, Callable[..., Any]], dict, str]]:

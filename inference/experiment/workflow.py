@@ -45,6 +45,7 @@ from pyrovae.inference.experiment.runs import (
     check_writable,
     load_run,
     promote_run,
+    remove_stale_stages,
     run_lock,
     stage_run,
 )
@@ -163,12 +164,14 @@ def train_run(
                 )
             check_writable(out, "run directory", create=True)
             if writes:
+                out.parent.mkdir(parents=True, exist_ok=True)  # where the run is staged
                 held.enter_context(run_lock(out))
                 if out.exists() and not force:  # made by another process since the check
                     raise PyrovaeError(
                         f"run directory {out} already exists; pass --force to replace it, "
                         f"--resume {out} to continue it, or --out to choose another"
                     )
+                remove_stale_stages(out)
             staging = stage_run(out, resolved) if writes else None
 
         # A KL warm-up lowers the ELBO while it runs, and a guide warm-up trains another
