@@ -136,6 +136,7 @@ def train_run(
     with held, process_group(device_) as device_:
         # Everything is checked before anything on disk changes: data, model, one probe step.
         data = load_run_data(resolved)
+        recorded_path = resolved.data.path
         if data.source is not None:
             resolved = resolved.replace(data={"path": str(data.source)})
         pyro.set_rng_seed(train.seed)
@@ -183,7 +184,7 @@ def train_run(
         if resume:
             recorded = Checkpoint.load(out).data_sha256
             if recorded is not None:
-                check_fingerprint(data, recorded, out, resolved)
+                check_fingerprint(data, recorded, out, recorded_path, fingerprint)
         checkpointing = Checkpointing(
             staging or out,
             features=data.features,
@@ -329,18 +330,19 @@ def load_run_data(run: Run | Spec) -> Splits:
         data = data.with_partial_labels(spec.model.classes, d.labels_per_class, d.labelled_share)
     expected = run.checkpoint.data_sha256 if isinstance(run, Run) else None
     if expected is not None:
-        check_fingerprint(data, expected, run.path, spec)
+        check_fingerprint(data, expected, run.path, d.path or d.name)
     return data
 
 
-def check_fingerprint(data: Splits, expected: str, path: Path, spec: Spec) -> None:
-    """Refuses data whose fingerprint is not the one a run recorded."""
-    found = data.fingerprint()
+def check_fingerprint(
+    data: Splits, expected: str, path: Path, recorded: str | None, found: str | None = None
+) -> None:
+    """Refuses data whose fingerprint (``found``, computed if not given) is not the one run
+    ``path`` recorded; ``recorded`` is where the run's data came from."""
+    found = found or data.fingerprint()
     if found != expected:
-        where = data.source or spec.data.name
         raise PyrovaeError(
-            f"the data found at {where} are not the data {path} was trained on "
-            f"(fingerprint {found[:12]} against {expected[:12]}, recorded data.path "
-            f"{spec.data.path or spec.data.name}); restore that file, or point data.path or "
-            "PYROVAE_DATA at it"
+            f"the data found at {data.source or 'the bundled data set'} are not the data "
+            f"{path} was trained on (fingerprint {found[:12]} against {expected[:12]}; it was "
+            f"trained on {recorded}); restore that file, or point data.path or PYROVAE_DATA at it"
         )
