@@ -339,3 +339,18 @@ def test_evaluate_the_best_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     code = main(["evaluate", str(tmp_path / "plain"), "--checkpoint", "best"])
     one_line_error(capsys, code, "has no best.pt", "early stopping")
+
+
+def test_seeds_directories_and_missing_spreads_are_said_plainly(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    run = str(tmp_path / "run")
+    capsys.readouterr()
+    for command in (["evaluate", run], ["sample", run], ["report", run], ["compare", run, run]):
+        one_line_error(capsys, main([*command, "--seed", "-1"]), "--seed must be an integer from 0")
+    one_line_error(
+        capsys, main(["sample", run, "-o", str(tmp_path)]), "is a directory", "samples.png"
+    )
+    # One point has no spread over points, one draw no Monte Carlo error: n/a, not nan.
+    assert main(["evaluate", run, "-k", "1", "--limit", "1", "-o", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "± n/a (Monte Carlo error of the mean n/a)" in out and "nan" not in out

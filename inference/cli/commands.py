@@ -70,8 +70,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if args.num_samples < 1:
         raise PyrovaeError(f"-n must be at least 1, got {args.num_samples}")
+    _check_seed(args)
     run = load_run(args.run)
     output = Path(args.output) if args.output else run.path / "samples.png"
+    if output.is_dir():
+        raise PyrovaeError(
+            f"-o {output} is a directory; give a file name, such as {output / 'samples.png'}"
+        )
     if output.exists() and not args.force:
         raise PyrovaeError(
             f"{output} already exists; pass --force to replace it or choose another -o"
@@ -145,8 +150,8 @@ def _print_evaluation(evaluation: Evaluation, target: Path) -> None:
     rows = [
         (
             "log p(x) ± se over points",
-            f"{summary['log_px']:.3f} ± {summary['log_px_se']:.3f} "
-            f"(Monte Carlo error of the mean {summary['log_px_mc_error']:.4f})",
+            f"{summary['log_px']:.3f} ± {_shown(summary['log_px_se'], 3)} "
+            f"(Monte Carlo error of the mean {_shown(summary['log_px_mc_error'], 4)})",
         ),
         ("bits/dim", f"{summary['bits_per_dim']:.4f}"),
     ]
@@ -195,6 +200,7 @@ def cmd_bdmc(args: argparse.Namespace) -> None:
     ):
         if value < 1:
             raise PyrovaeError(f"{flag} must be at least 1, got {value}")
+    _check_seed(args)
     run = load_run(args.run)
     device = resolve_device(args.device or run.spec.train.device)
     run.model.to(device)
@@ -283,6 +289,20 @@ def _check_diagnostic_options(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             flag = "--" + name.replace("_", "-")
             raise PyrovaeError(f"{flag} must be at least 1, got {value}")
+    _check_seed(args)
+
+
+def _check_seed(args: argparse.Namespace) -> None:
+    """The rule train.seed follows: NumPy seeds take 32 bits."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise PyrovaeError(f"--seed must be an integer from 0 to 2**32 - 1, got {seed}")
+
+
+def _shown(value: float, digits: int) -> str:
+    """A figure as printed, or n/a where there is none (a spread over one point, an error
+    from one draw)."""
+    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
 
 
 def _image_shape(run: Run) -> tuple[int, ...]:
