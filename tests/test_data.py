@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributions import constraints
 
-from pyrovae.inference import PyrovaeError, load_data
+from pyrovae.inference import PyrovaeError, load_data, load_spec
 from pyrovae.inference.experiment.data import check_data
 
 
@@ -122,3 +122,24 @@ def test_check_data_support():
         check_data(torch.tensor([[1.5, 0.0]]), "x", constraints.unit_interval)
     with pytest.raises(PyrovaeError, match="non-empty"):
         check_data(torch.zeros(0, 3), "x")
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (0, r"has shape \(0, 16\): no data points to learn from"),
+        (2, "the training data have 2 points, and data.validation_size = 0.1 holds out 0"),
+    ],
+)
+def test_too_little_data_is_said_with_the_real_counts(tmp_path, rows, message):
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(0).random((rows, 16)).astype(np.float32))
+    with pytest.raises(PyrovaeError, match=message):
+        load_data(str(path))
+
+
+def test_a_data_file_given_as_the_spec_is_one_line(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((4, 4), dtype=np.float32))
+    with pytest.raises(PyrovaeError, match="is not a text file .* --set data.name"):
+        load_spec(path)

@@ -255,6 +255,11 @@ def _as_features(x: np.ndarray, what: str) -> tuple[Tensor, tuple[int, ...] | No
         raise PyrovaeError(
             f"{what} has shape {x.shape}; expected (points, features) or (points, height, width)"
         )
+    if len(x) == 0 or 0 in x.shape[1:]:
+        raise PyrovaeError(
+            f"{what} has shape {x.shape}: no data points to learn from; give an array with at "
+            "least one point and one feature"
+        )
     image_shape = tuple(x.shape[1:]) if x.ndim >= 3 else None
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     t = torch.from_numpy(np.ascontiguousarray(x).reshape(len(x), -1).astype(np.float32) / scale)
@@ -270,6 +275,15 @@ def _split(arrays: dict[str, np.ndarray], validation_size: int | float) -> Split
         if isinstance(validation_size, float)
         else validation_size
     )
+    held_out = n_val if "x_test" in arrays else 2 * n_val  # validation, and test if none
+    if n_val < 1 or held_out >= len(x):
+        raise PyrovaeError(
+            f"the training data have {len(x)} points, and data.validation_size = "
+            f"{validation_size} holds out {n_val} for validation"
+            + ("" if "x_test" in arrays else " and as many for test")
+            + (f", which leaves {len(x) - held_out} to train on" if n_val >= 1 else ", none at all")
+            + "; give more points or set data.validation_size to a count that fits"
+        )
     if "x_test" in arrays:
         x_test, test_shape = _as_features(arrays["x_test"], "test data")
         if x_test.shape[1] != x.shape[1]:

@@ -211,6 +211,13 @@ def load_spec(path: str | Path | None = None, overrides: Iterable[str] = ()) -> 
             raise PyrovaeError(f"spec file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise PyrovaeError(f"spec file {path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise PyrovaeError(
+                f"spec file {path} is not a text file (a data file or an image?); the spec is "
+                'TOML, and data are named in it: --set data.name="PATH"'
+            ) from None
+        except IsADirectoryError:
+            raise PyrovaeError(f"spec file {path} is a directory; give a TOML file") from None
     return with_overrides(spec_from_dict(raw), overrides)
 
 
