@@ -228,7 +228,14 @@ def cmd_bdmc(args: argparse.Namespace) -> None:
     )
     print(f"  forward AIS (lower bound)   {summary['lower']:.3f}")
     print(f"  reverse AIS (upper bound)   {summary['upper']:.3f}")
-    print(f"  gap                         {summary['gap']:.3f}")
+    gap = summary["gap"]
+    note = (
+        "  (negative: the two bounds hold in expectation only, and with these chains and "
+        "steps their Monte Carlo error exceeds the gap; more steps tighten it)"
+        if gap < 0
+        else ""
+    )
+    print(f"  gap                         {gap:.3f}{note}")
     print(f"  HMC acceptance (forward)    {summary['acceptance']:.2f}")
 
 
