@@ -1,18 +1,24 @@
 """Training overhead of pyrovae against a plain hand-written PyTorch VAE loop.
 
-Three arms train the same network (784-400-50, softplus, Bernoulli likelihood, Gaussian
+Four arms train the same network (784-400-50, softplus, Bernoulli likelihood, Gaussian
 guide, single-sample Monte Carlo ELBO, Adam, batch 128) on dynamically binarized MNIST, in
-the same process, epochs interleaved:
+the same process, epochs interleaved (each arm runs in its own thread and waits for its turn,
+so only one trains at a time):
 
 - plain: a hand-written PyTorch loop computing the same estimator by formula;
-- pyrovae: ``inference.fit`` on the Pyro model and guide (Trace_ELBO, torch.optim);
+- pyrovae eager: ``inference.fit(compile="off")`` on the Pyro model and guide (Trace_ELBO,
+  torch.optim);
+- pyrovae compiled: ``inference.fit(compile="on")``: the step traced once and compiled
+  (``inference.algorithms.compiled``); its first epoch pays the trace and the compile;
 - pyro example: the pattern of Pyro's own VAE example on the same modules (``pyro.module``,
   ``SVI`` with ``pyro.optim.Adam``, distribution validation on).
 
-The ratios of median epoch times to the plain loop are printed.
+Every arm's first epoch is a warm-up. The ratios of median epoch times to the plain loop are
+printed with their spread (min and max over the epochs), the compile time separately (the
+compiled arm's first epoch less its median epoch), and the 10-epoch totals with it counted.
 
-    .venv/bin/python benchmarks/train_overhead.py [--num-points 50000] [--repeats 3]
-        [--batch-size 128] [--device cuda] [--data DIR]
+    .venv/bin/python benchmarks/train_overhead.py [--num-points 50000] [--repeats 5]
+        [--batch-size 128] [--device cuda] [--data DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import argparse
 import math
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyro
@@ -34,6 +42,7 @@ from torch.nn import functional as F
 
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import fit
+from pyrovae.inference.experiment.callbacks import Callback, FitState
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 
 LATENT, HIDDEN = 50, 400
@@ -84,26 +93,83 @@ def plain_epoch(
     return time.perf_counter() - start_time
 
 
-def pyrovae_epoch(
+class Turns:
+    """Runs the arms' epochs in turn: an arm waits for its turn before an epoch and hands
+    the turn to the next arm after it, so that one arm trains at a time."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.current = 0
+        self.done: set[str] = set()
+        self.condition = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.names[self.current] == name)
+
+    def pass_on(self, name: str, finished: bool = False) -> None:
+        with self.condition:
+            if finished:
+                self.done.add(name)
+            if len(self.done) < len(self.names):
+                self.current = (self.current + 1) % len(self.names)
+                while self.names[self.current] in self.done:
+                    self.current = (self.current + 1) % len(self.names)
+            self.condition.notify_all()
+
+
+class TakeTurns(Callback):
+    """A ``fit`` callback that waits for its arm's turn before every epoch."""
+
+    def __init__(self, turns: Turns, name: str, epochs: int) -> None:
+        self.turns, self.name, self.epochs = turns, name, epochs
+
+    def on_epoch_start(self, state: FitState) -> None:
+        self.turns.wait(self.name)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.turns.pass_on(self.name, finished=state.epoch == self.epochs)
+
+
+def pyrovae_run(
     model: VAE,
     guide: AmortizedGuide,
-    optimizer: torch.optim.Optimizer,
     x_train: torch.Tensor,
     batch: int,
-) -> float:
+    epochs: int,
+    compile_mode: str,
+    turns: Turns,
+    name: str,
+) -> list[float]:
     history = fit(
         model,
         guide,
         x_train,
-        epochs=1,
+        epochs=epochs,
         batch_size=batch,
-        optimizer=optimizer,
         transform=torch.bernoulli,
         device=str(x_train.device),
         seed=None,
         progress=False,
+        compile=compile_mode,
+        callbacks=[TakeTurns(turns, name, epochs)],
     )
-    return history[-1]["seconds"]
+    return [row["seconds"] for row in history]
+
+
+def loop_run(
+    epoch: Callable[[torch.Tensor], float],
+    x_train: torch.Tensor,
+    epochs: int,
+    turns: Turns,
+    name: str,
+) -> list[float]:
+    seconds = []
+    for i in range(epochs):
+        turns.wait(name)
+        seconds.append(epoch(x_train))
+        turns.pass_on(name, finished=i == epochs - 1)
+    return seconds
 
 
 def pyro_example_epoch(svi: SVI, x_train: torch.Tensor, batch: int) -> float:
@@ -147,7 +213,6 @@ def main() -> None:
     model, guide = modules()
     model.to(device)
     guide.to(device)
-    pyro_opt = torch.optim.Adam(list(model.parameters()) + list(guide.parameters()), lr=1e-3)
     plain = PlainVAE().to(device)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     example_model, example_guide = modules()
@@ -165,26 +230,70 @@ def main() -> None:
     pyro.clear_param_store()
     svi = SVI(example_model_fn, example_guide_fn, PyroAdam({"lr": 1e-3}), Trace_ELBO())
 
-    arms = {
-        "plain PyTorch": lambda x: plain_epoch(plain, plain_opt, x, args.batch_size),
-        "pyrovae fit": lambda x: pyrovae_epoch(model, guide, pyro_opt, x, args.batch_size),
-        "Pyro example pattern": lambda x: pyro_example_epoch(svi, x, args.batch_size),
+    compiled_model, compiled_guide = modules()
+    compiled_model.load_state_dict(model.state_dict())
+    compiled_guide.load_state_dict(guide.state_dict())
+    epochs = args.repeats + 1
+    arms: dict[str, Callable[[Turns, str], list[float]]] = {
+        "plain PyTorch": lambda turns, name: loop_run(
+            lambda x: plain_epoch(plain, plain_opt, x, args.batch_size),
+            x_train,
+            epochs,
+            turns,
+            name,
+        ),
+        "pyrovae eager": lambda turns, name: pyrovae_run(
+            model, guide, x_train, args.batch_size, epochs, "off", turns, name
+        ),
+        "pyrovae compiled": lambda turns, name: pyrovae_run(
+            compiled_model, compiled_guide, x_train, args.batch_size, epochs, "on", turns, name
+        ),
+        "Pyro example pattern": lambda turns, name: loop_run(
+            lambda x: pyro_example_epoch(svi, x, args.batch_size), x_train, epochs, turns, name
+        ),
     }
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for run in arms.values():  # warm-up
-        run(x_train[:2048])
-    for _ in range(args.repeats):
-        for name, run in arms.items():
-            times[name].append(run(x_train))
+    turns = Turns(list(arms))
+    results: dict[str, list[float]] = {}
+    errors: list[BaseException] = []
+
+    def run_arm(name: str) -> None:
+        try:
+            results[name] = arms[name](turns, name)
+        except BaseException as err:  # reported below; the other arms must not wait forever
+            errors.append(err)
+            turns.pass_on(name, finished=True)
+
+    threads = [threading.Thread(target=run_arm, args=(name,)) for name in arms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    first = {name: values[0] for name, values in results.items()}
+    times = {name: values[1:] for name, values in results.items()}
     reference = statistics.median(times["plain PyTorch"])
     print(
         f"points per epoch: {len(x_train)}, batch {args.batch_size}, device {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-        f"threads {torch.get_num_threads()}, torch {torch.__version__}, pyro {pyro.__version__}"
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"{args.repeats} timed epochs each after a warm-up, interleaved"
     )
     for name, values in times.items():
-        ratio = statistics.median(values) / reference
-        print(f"{name:<22} epoch s: {', '.join(f'{t:.2f}' for t in values)}   ratio {ratio:.3f}")
+        median = statistics.median(values)
+        print(
+            f"{name:<22} epoch s: {', '.join(f'{t:.2f}' for t in values)}   ratio "
+            f"{median / reference:.3f} (spread {min(values) / reference:.3f}-"
+            f"{max(values) / reference:.3f})"
+        )
+    compiled = statistics.median(times["pyrovae compiled"])
+    compile_s = first["pyrovae compiled"] - compiled
+    print(f"compile time (first compiled epoch less its median): {compile_s:.1f} s")
+    for name in ("plain PyTorch", "pyrovae eager", "pyrovae compiled"):
+        total = 10 * statistics.median(times[name]) + (
+            compile_s if name == "pyrovae compiled" else 0
+        )
+        print(f"10 epochs, {name}: {total:.1f} s (ratio {total / (10 * reference):.3f})")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,9 @@ def test_train_run_and_evaluate_run_in_process(tmp_path):
 
     resumed = train_run(None, tmp_path / "run", overrides=["train.epochs=3"], resume=True)
     assert resumed.epoch == 3 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    with pytest.raises(PyrovaeError, match="only train.epochs, train.device, train.log may change"):
+    with pytest.raises(
+        PyrovaeError, match="only train.epochs, train.device, train.log, train.compile may change"
+    ):
         train_run(None, tmp_path / "run", overrides=["model.latent_dim=3"], resume=True)
 
     evaluation = evaluate_run(tmp_path / "run", num_samples=30, limit=20)

@@ -233,6 +233,54 @@ def test_pareto_khat_sign_convention():
     assert pareto_khat(torch.randn(2, 10)).isnan().all()  # too few draws for a tail fit
 
 
+def _khat_cases() -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(64, 5000, generator=g, dtype=torch.float64)
+    return {
+        "normal K=25": normal[:, :25],
+        "normal K=100": 3 * normal[:, :100],
+        "normal K=5000": 5 * normal,
+        "heavy k=1": _heavy_tailed_log_weights(1.0, (16, 4000)),
+        "heavy k=0.3": _heavy_tailed_log_weights(0.3, (16, 1000)),
+        "bounded": -_heavy_tailed_log_weights(1.0, (16, 500)),
+        # Ties at the cutoff shorten some rows' tails, and some tails to nothing.
+        "ties": torch.randint(0, 6, (64, 200), generator=g).double(),
+        "few ties": torch.randint(0, 60, (64, 200), generator=g).double() / 7,
+        # Weights far below the largest underflow: the tail is cut at the smallest double.
+        "underflow": 1e3 * normal[:16, :300] - 1e4,
+        "flat and non-finite": torch.cat(
+            [torch.zeros(2, 100), torch.full((1, 100), -math.inf), normal[:2, :100]]
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_khat_cases()))
+def test_batched_khat_matches_arviz(case):
+    """The batched torch fit is ArviZ's fit: same k̂ to 1e-6, NaN where ArviZ has none."""
+    log_weights = _khat_cases()[case]
+    reference = pareto_khat(log_weights, backend="arviz")
+    fast = pareto_khat(log_weights)
+    assert torch.equal(fast.isnan(), reference.isnan())
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0, equal_nan=True)
+
+
+def test_batched_khat_keeps_the_shape_and_refuses_unknown_backends():
+    log_weights = _heavy_tailed_log_weights(1.0, (6, 400)).reshape(2, 3, 400)
+    assert pareto_khat(log_weights).shape == (2, 3)
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'arviz'"):
+        pareto_khat(log_weights, backend="numpy")
+
+
+@pytest.mark.gpu
+def test_batched_khat_on_the_gpu_matches_arviz():
+    log_weights = _khat_cases()["heavy k=1"]
+    fast = pareto_khat(log_weights.cuda())
+    assert fast.device.type == "cuda"
+    torch.testing.assert_close(
+        fast.cpu(), pareto_khat(log_weights, backend="arviz"), atol=1e-6, rtol=0
+    )
+
+
 @pytest.mark.parametrize("backend", [_khat_arviz, _khat_arviz_stats], ids=["arviz<1", "arviz>=1"])
 def test_psis_backends_take_log_weights(backend):
     if backend is _khat_arviz_stats:
@@ -333,3 +381,23 @@ def test_arvizs_daily_banner_does_not_reach_a_user(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "ArviZ is undergoing" not in done.stderr
+
+
+def test_traced_passes_give_pyros_estimate(capsys):
+    """compile="on" scores the passes through a verified, compiled trace of the same draws."""
+    torch.manual_seed(0)
+    vae = VAE(StandardNormal(3), Decoder(3, 8, hidden=[16]), Bernoulli())
+    guide = AmortizedGuide(DiagonalNormal(8, 3, hidden=[16]))
+    x = torch.bernoulli(torch.full((12, 8), 0.3), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(3)
+        results[mode] = log_marginal_likelihood(
+            vae, guide, x, 200, chunk_size=50, batch_size=4, compile=mode
+        )
+    for name in ("log_px", "khat", "elbo", "kl", "reconstruction"):
+        on, off = getattr(results["on"], name), getattr(results["off"], name)
+        torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+    assert "runs eagerly" not in capsys.readouterr().err  # the trace was kept
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
+        log_marginal_likelihood(vae, guide, x, 10, compile="fast")

@@ -150,13 +150,17 @@ class KLWeight(Messenger):
         ...     loss = elbo()(model, guide)(x)  # doctest: +SKIP
     """
 
-    def __init__(self, beta: float) -> None:
-        _check_beta(beta, "beta")
+    def __init__(self, beta: float | Tensor) -> None:
+        # A 0-dim tensor weight is an input of a traced step (``inference.algorithms.compiled``):
+        # every latent site is then wrapped, and no Python branch reads its value.
+        if not isinstance(beta, Tensor):
+            _check_beta(beta, "beta")
+            beta = float(beta)
         super().__init__()
-        self.beta = float(beta)
+        self.beta = beta
 
     def _pyro_sample(self, msg: Message) -> None:
-        if self.beta != 1 and _is_latent(msg):
+        if _is_latent(msg) and (isinstance(self.beta, Tensor) or self.beta != 1):
             msg["fn"] = _Reweighted(msg["fn"], scale=self.beta)
 
 
@@ -249,7 +253,7 @@ class _Reweighted(TorchToPyro):
     """``base`` whose ``log_prob`` keeps its value, its gradient times ``scale``, plus the
     gradient of ``shift`` (a scalar whose value is not added)."""
 
-    def __init__(self, base: Any, scale: float, shift: Tensor | None = None) -> None:
+    def __init__(self, base: Any, scale: float | Tensor, shift: Tensor | None = None) -> None:
         super().__init__(base)
         self.scale = scale
         self.shift = shift
@@ -267,14 +271,20 @@ class _Reweighted(TorchToPyro):
 
 @register_kl(_Reweighted, _Reweighted)
 def _kl_reweighted(guide: _Reweighted, prior: _Reweighted) -> Tensor:
-    if guide.scale != prior.scale:
+    if guide.scale is not prior.scale and (
+        isinstance(guide.scale, Tensor)
+        or isinstance(prior.scale, Tensor)
+        or guide.scale != prior.scale
+    ):
         raise NotImplementedError  # TraceMeanField_ELBO then falls back to log densities
     shift = _difference(guide.shift, prior.shift)
     return _reweight(kl_divergence(guide.base_dist, prior.base_dist), guide.scale, shift)
 
 
-def _reweight(value: Tensor, scale: float, shift: Tensor | None) -> Tensor:
-    if scale == 0:
+def _reweight(value: Tensor, scale: float | Tensor, shift: Tensor | None) -> Tensor:
+    if isinstance(scale, Tensor):
+        value = value.detach() + scale * (value - value.detach())
+    elif scale == 0:
         value = value.detach()
     elif scale != 1:
         # The value exactly (plus scale * 0), the gradient times scale.

@@ -7,6 +7,7 @@ logging are callbacks (:mod:`pyrovae.inference.experiment.callbacks`).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
+from pyrovae.inference.algorithms.compiled import CompiledStep, NotCompilable, compile_wanted
 from pyrovae.inference.algorithms.objectives import elbo
 from pyrovae.inference.algorithms.schedules import KLSchedule
 from pyrovae.inference.errors import PyrovaeError
@@ -71,6 +73,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     run_dir: str | Path | None = None,
     progress: bool = True,
+    compile: str | bool = "auto",
 ) -> list[dict[str, float]]:
     """Trains ``model`` and ``guide`` by minimising ``objective(model, guide)``.
 
@@ -113,6 +116,12 @@ def fit(
         run_dir: shorthand for a :class:`Checkpointing` callback in this existing directory
             (written every epoch, resumed from when it holds a checkpoint).
         progress: show a progress bar (a :class:`ProgressBar` callback).
+        compile: ``"auto"``, ``"on"`` or ``"off"`` (or a bool): run the training step as a
+            traced tensor program (:class:`~pyrovae.inference.algorithms.compiled.CompiledStep`:
+            the same loss and gradients without Pyro's per-step Python, fused by
+            ``torch.compile``). ``"auto"`` compiles fits of at least
+            :data:`~pyrovae.inference.algorithms.compiled.AUTO_MIN_STEPS` steps on one
+            process. A step that cannot be compiled trains eagerly, with one line saying why.
 
     Returns:
         The history: one dict per epoch with ``epoch``, ``train_elbo``,
@@ -180,6 +189,8 @@ def fit(
         try:
             for callback in callbacks:
                 callback.on_fit_start(state)
+            remaining = max(0, epochs - len(state.history)) * steps
+            compiled = _compiled_step(compile, remaining, world, loss_fn, params, kl_schedule)
             while len(state.history) < epochs and not state.stop:
                 state.epoch = len(state.history) + 1
                 for callback in callbacks:
@@ -194,6 +205,7 @@ def fit(
                     transform,
                     kl_schedule,
                     0 if seed is None else seed,
+                    compiled,
                 )
                 if not math.isfinite(train_elbo):
                     raise TrainingDiverged(_diverged(state.epoch, callbacks))
@@ -215,6 +227,28 @@ def fit(
             for callback in callbacks:
                 callback.on_fit_end(state)
     return state.history
+
+
+def _compiled_step(
+    mode: str | bool,
+    steps: int,
+    world: int,
+    loss_fn: nn.Module,
+    params: list[Tensor],
+    kl_schedule: KLSchedule | None,
+) -> CompiledStep | None:
+    """The traced training step when ``mode`` asks for one and it can be built, else None."""
+    if not compile_wanted(mode, steps):
+        return None
+    if world > 1:
+        if mode in ("on", True):
+            print("pyrovae: the training step runs eagerly on several processes", file=sys.stderr)
+        return None
+    try:
+        return CompiledStep(loss_fn, params, kl_schedule)
+    except NotCompilable as err:
+        print(f"pyrovae: the training step runs eagerly: {err}", file=sys.stderr)
+        return None
 
 
 def _initialize_from_data(model: Any, guide: Any, x: Tensor) -> None:
@@ -288,6 +322,7 @@ def _train_epoch(
     transform: Callable[[Tensor], Tensor] | None,
     kl_schedule: KLSchedule | None,
     seed: int,
+    compiled: CompiledStep | None = None,
 ) -> tuple[float, float]:
     optimizer, batch_size = state.optimizer, state.batch_size
     rank, world = state.rank, state.world_size
@@ -312,13 +347,18 @@ def _train_epoch(
         x = x_train[rows[rank::world]].to(device, non_blocking=True)
         if transform is not None:
             x = transform(x)
-        if kl_schedule is None:
-            loss = train_module(x)
-        else:
-            with kl_schedule.handler(first_step + step):
-                loss = train_module(x)
         optimizer.zero_grad(set_to_none=True)
-        (loss / x.shape[0]).backward()
+        if compiled is not None:
+            loss, grads = compiled(x, first_step + step)
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad
+        else:
+            if kl_schedule is None:
+                loss = train_module(x)
+            else:
+                with kl_schedule.handler(first_step + step):
+                    loss = train_module(x)
+            (loss / x.shape[0]).backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()

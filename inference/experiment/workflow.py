@@ -58,7 +58,7 @@ __all__ = ["load_run_data", "train_run"]
 LOGS = ("none", "tensorboard")
 """Values of ``train.log``: where training is logged besides ``metrics.csv``."""
 
-_RESUMABLE = ("train.epochs", "train.device", "train.log")
+_RESUMABLE = ("train.epochs", "train.device", "train.log", "train.compile")
 """The only keys a resumed run may change: the model and its data stay what they were."""
 
 
@@ -228,6 +228,7 @@ def train_run(
                 seed=train.seed,
                 callbacks=[*own, *callbacks],
                 progress=progress,
+                compile=train.compile,
             )
         except (KeyboardInterrupt, TrainingDiverged) as e:
             what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e).split(";")[0]
