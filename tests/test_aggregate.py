@@ -77,7 +77,7 @@ def test_shifted_posterior_aggregate_kl_is_bounded_below_tightly():
     [
         ({"site": "w"}, "not a latent site"),
         ({"validation": 1.5}, "validation must be a share"),
-        ({"num_draws": 0}, "num_draws must be a positive integer"),
+        ({"num_draws": 0}, "num_draws must be an integer >= 1"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, message):

@@ -118,7 +118,7 @@ def test_bad_settings_are_one_line():
     guide = AmortizedGuide(PPCAPosterior(model.decoder, noise))
     x = data(model, 2)
     for kwargs, message in [
-        ({"num_chains": 0}, "num_chains must be a positive integer"),
+        ({"num_chains": 0}, "num_chains must be an integer >= 1"),
         ({"target_accept": 1.5}, r"target_accept must be in \(0, 1\)"),
         ({"init": "data"}, "init must be 'guide' or 'prior'"),
     ]:

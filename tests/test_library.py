@@ -333,7 +333,7 @@ def test_early_stopping_is_a_callback(digits):
     assert len(history) < 40
     scores = [h["train_elbo"] for h in history]
     assert scores[-1] <= max(scores[:-1])
-    with pytest.raises(PyrovaeError, match="patience must be an integer of at least 1"):
+    with pytest.raises(PyrovaeError, match="patience must be an integer >= 1"):
         EarlyStopping(0)
 
 

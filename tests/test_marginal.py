@@ -314,7 +314,7 @@ def _z2_only_guide(x: Tensor) -> None:
 @pytest.mark.parametrize(
     "case, match",
     [
-        ("zero_samples", "num_samples must be a positive integer"),
+        ("zero_samples", "num_samples must be an integer >= 1"),
         ("empty", "x is empty"),
         ("one_dimensional", r"x must have shape \(num_points, \*features\)"),
         ("wrong_features", r"guide failed on x of shape \(4, 6\)"),

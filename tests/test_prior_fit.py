@@ -86,5 +86,5 @@ def test_rejects_what_it_cannot_fit():
         fit_prior(lambda x: None, guide, MixtureOfNormals(3, 1).double(), x, x_test)
     with pytest.raises(ValueError, match="x_test must be"):
         fit_prior(model, guide, MixtureOfNormals(3, 1).double(), x, x_test[0])
-    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
         fit_prior(model, guide, MixtureOfNormals(3, 1).double(), x, x_test, epochs=0)

@@ -29,6 +29,7 @@ from pyrovae.inference import (
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.build import build_lr_schedule
 from pyrovae.inference.experiment.callbacks import Callback, collapse_message
+from pyrovae.inference.experiment.recipes import adam, adamw, fused_supported
 from pyrovae.inference.experiment.warmup import set_base_only
 from pyrovae.model import (
     VAE,
@@ -188,7 +189,7 @@ def test_the_guide_warm_up_follows_the_epoch_and_the_spec_and_early_stopping_wai
     assert switched == [True, True, False, True]
     warmup.on_fit_end(state)
     assert not guide.encoder.head.base_only
-    with pytest.raises(PyrovaeError, match="at least 1"):
+    with pytest.raises(PyrovaeError, match="an integer >= 1"):
         GuideWarmup(0)
 
     seen = []
@@ -422,3 +423,25 @@ def test_the_alarm_gives_a_slow_start_its_grace():
         graceful.on_epoch_end(state)
         eager.on_epoch_end(state)
     assert graceful.message is None and eager.message is not None
+
+
+def test_adam_takes_torchs_fused_kernel_where_it_has_one():
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    assert adam(params, 1e-3).defaults["fused"] is True
+    assert not adam(params, 1e-3, fused=False).defaults["fused"]
+    assert adamw(params, 1e-3).defaults["fused"] is True
+    integer = [torch.zeros(3, dtype=torch.long)]
+    assert not fused_supported(integer)
+    with pytest.raises(ValueError, match="fused must be true, false or unset"):
+        adam(params, 1e-3, fused="yes")
+    # The fused step is Adam's step.
+    grads = torch.randn(3, 2)
+    steps = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(torch.ones(3, 2))
+        optimizer = adam([p], 0.1, fused=fused)
+        for _ in range(3):
+            p.grad = grads.clone()
+            optimizer.step()
+        steps.append(p.detach())
+    torch.testing.assert_close(steps[0], steps[1])

@@ -148,6 +148,21 @@ def test_a_run_compared_with_itself_differs_by_exactly_zero(run_dir):
     assert "baseline" in text and "+0.000 ± 0.000" in text and str(run_dir) in text
 
 
+@pytest.mark.parametrize("limit", [30, 150])  # one block, and two blocks of 100 points
+def test_evaluate_compare_and_report_print_the_same_log_px(run_dir, tmp_path, limit):
+    """The same run, K, seed and points give the same per-point log p(x) in all three."""
+    from pyrovae.inference.experiment.evaluation import evaluate_run
+
+    evaluation = evaluate_run(run_dir, num_samples=30, limit=limit, seed=3, write=False)
+    comparison = compare_runs([run_dir], limit=limit, num_samples=30, num_latent_samples=4, seed=3)
+    assert torch.equal(evaluation.result.log_px, comparison.log_px[0])
+    report = write_report(
+        run_dir, path=tmp_path / "report.html", limit=limit, num_samples=30, seed=3,
+        num_latent_samples=4,
+    )  # fmt: skip
+    assert f"{evaluation.result.log_px.mean().item():.3f} ± " in report.read_text()
+
+
 def test_paired_difference_is_the_mean_of_per_point_differences(run_dir, wide_dir):
     comparison = compare_runs([run_dir, wide_dir], limit=30, num_samples=30, num_latent_samples=4)
     difference = comparison.log_px[1] - comparison.log_px[0]
@@ -213,3 +228,22 @@ def test_the_decoded_grid_of_a_2d_latent_space_has_legible_square_tiles():
     box = fig.axes[1].get_window_extent()
     assert abs(box.width - box.height) < 2  # square, like the scatter it maps
     assert box.width / GRID_STEPS >= 40  # pixels per decoded digit at 100 dpi (15 tiles: 25)
+
+
+def test_plotting_leaves_the_callers_matplotlib_alone(tmp_path):
+    """No backend switch, no pyplot figures: a notebook's own plotting is untouched."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "from pyrovae.inference.reporting import plots\n"
+        f"plots.save_image_grid(torch.rand(4, 64), (8, 8), {str(tmp_path / 'grid.png')!r})\n"
+        "plots.figure_to_base64(plots.khat_figure(torch.rand(50), 0.7))\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False"]
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -46,6 +46,7 @@ from pyrovae.inference.algorithms.scoring import (
     check_sites,
     score,
 )
+from pyrovae.inference.errors import check_int
 
 __all__ = [
     "SCHEDULES",
@@ -58,7 +59,7 @@ Program = Callable[..., Any]
 Terms = tuple[Tensor, Tensor, Tensor]
 """``(log q(z|x), log p(z), log p(x|z))`` per chain and point, ``(C, B)``."""
 
-_INITIAL_STEP_SIZE = 0.1
+INITIAL_STEP_SIZE = 0.1
 _ADAPT_RATE = 0.5
 """Each transition multiplies a point's step size by exp(rate * (acceptance - target))."""
 
@@ -180,17 +181,17 @@ def annealed_log_marginal_likelihood(
         >>> ais = annealed_log_marginal_likelihood(vae, guide, x_test[:100], num_steps=1000)
         >>> ais.log_px.mean(), ais.acceptance.mean()
     """
-    _check(x, num_chains, num_steps, leapfrog_steps, target_accept, init, batch_size)
+    check_annealing(x, num_chains, num_steps, leapfrog_steps, target_accept, init, batch_size)
     betas = annealing_schedule(schedule, num_steps)
     blocks = [
-        _anneal(
+        anneal(
             model,
             guide,
             block,
             _initial_state(model, guide, block, num_chains, init, max_plate_nesting),
             betas,
             leapfrog_steps,
-            step_size or _INITIAL_STEP_SIZE,
+            step_size or INITIAL_STEP_SIZE,
             target_accept,
             init,
             max_plate_nesting,
@@ -199,7 +200,7 @@ def annealed_log_marginal_likelihood(
         for block in x.split(batch_size)
     ]
     log_weights = torch.cat([b[0] for b in blocks], 1).T.contiguous()
-    log_px, stderr = _log_mean_exp(log_weights)
+    log_px, stderr = log_mean_exp(log_weights)
     return AnnealedLikelihood(
         log_px=log_px,
         stderr=stderr,
@@ -223,13 +224,13 @@ def _initial_state(
                 model, guide, x, num_particles=num_chains, max_plate_nesting=max_plate_nesting
             )
             check_sites(scores)
-            return _latent_values(scores.guide_trace)
+            return latent_values(scores.guide_trace)
         with pyro.plate(PARTICLE_PLATE, num_chains, dim=-(max_plate_nesting + 1)):
-            trace, observed = _prior_trace(model, x)
-        return _latent_values(trace, observed)
+            trace, observed = prior_trace(model, x)
+        return latent_values(trace, observed)
 
 
-def _anneal(
+def anneal(
     model: Program,
     guide: Program,
     x: Tensor,
@@ -292,7 +293,7 @@ def _anneal(
     return log_weights, accepted / (len(betas) - 1), sizes
 
 
-def _prior_trace(model: Program, x: Tensor) -> tuple[Trace, list[str]]:
+def prior_trace(model: Program, x: Tensor) -> tuple[Trace, list[str]]:
     """The model run with its data unobserved (latents and data drawn from p(z) p(x|z)),
     and the names of the sites that were observed."""
     observed = [
@@ -303,7 +304,7 @@ def _prior_trace(model: Program, x: Tensor) -> tuple[Trace, list[str]]:
     return poutine.trace(poutine.uncondition(model)).get_trace(x), observed
 
 
-def _latent_values(trace: Trace, observed: list[str] = ()) -> dict[str, Tensor]:
+def latent_values(trace: Trace, observed: list[str] = ()) -> dict[str, Tensor]:
     """The values of a trace's latent sample sites (not data, not plates).
 
     Raises:
@@ -335,7 +336,7 @@ def _values_trace(values: dict[str, Tensor]) -> Trace:
     return trace
 
 
-def _log_mean_exp(log_weights: Tensor, negated: bool = False) -> tuple[Tensor, Tensor]:
+def log_mean_exp(log_weights: Tensor, negated: bool = False) -> tuple[Tensor, Tensor]:
     """Per row: log-mean-exp of ``(N, C)`` log weights (or minus it, with ``negated``) and
     its delta-method standard error."""
     num_chains = log_weights.shape[-1]
@@ -348,7 +349,7 @@ def _log_mean_exp(log_weights: Tensor, negated: bool = False) -> tuple[Tensor, T
     return (-log_mean if negated else log_mean), stderr
 
 
-def _check(
+def check_annealing(
     x: Tensor,
     num_chains: int,
     num_steps: int,
@@ -363,8 +364,7 @@ def _check(
         ("leapfrog_steps", leapfrog_steps),
         ("batch_size", batch_size),
     ):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(value, name)
     if not 0 < target_accept < 1:
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
     if init not in ("guide", "prior"):

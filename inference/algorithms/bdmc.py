@@ -15,16 +15,16 @@ import torch
 from torch import Tensor
 
 from pyrovae.inference.algorithms.annealing import (
-    _INITIAL_STEP_SIZE,
+    INITIAL_STEP_SIZE,
     AnnealedLikelihood,
     Program,
-    _anneal,
-    _check,
-    _latent_values,
-    _log_mean_exp,
-    _prior_trace,
+    anneal,
     annealed_log_marginal_likelihood,
     annealing_schedule,
+    check_annealing,
+    latent_values,
+    log_mean_exp,
+    prior_trace,
 )
 from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING
 
@@ -103,16 +103,18 @@ def bdmc(
         Sandwiching the marginal likelihood using bidirectional Monte Carlo (Grosse,
         Ghahramani and Adams, 2015)
     """
-    _check(example, num_chains, num_steps, leapfrog_steps, target_accept, "guide", batch_size)
+    check_annealing(
+        example, num_chains, num_steps, leapfrog_steps, target_accept, "guide", batch_size
+    )
     template = example[:1].expand(num_points, *example.shape[1:]).contiguous()
     with torch.no_grad(), pyro.validation_enabled(False):
-        trace, observed = _prior_trace(model, template)
+        trace, observed = prior_trace(model, template)
     if len(observed) != 1:
         raise ValueError(f"bdmc needs a model with one observed site, got {observed}")
     x = trace.nodes[observed[0]]["value"].detach()
-    latents = _latent_values(trace, observed)
+    latents = latent_values(trace, observed)
     betas = annealing_schedule(schedule, num_steps)
-    settings = (leapfrog_steps, step_size or _INITIAL_STEP_SIZE, target_accept)
+    settings = (leapfrog_steps, step_size or INITIAL_STEP_SIZE, target_accept)
     forward = annealed_log_marginal_likelihood(
         model,
         guide,
@@ -134,7 +136,7 @@ def bdmc(
             name: v[rows].expand(num_chains, *v[rows].shape).clone() for name, v in latents.items()
         }
         reverse_blocks.append(
-            _anneal(
+            anneal(
                 model,
                 guide,
                 x[rows],
@@ -148,7 +150,7 @@ def bdmc(
         )
     # The reverse weights estimate 1 / p(x): their log-mean-exp, negated, bounds from above.
     log_weights = torch.cat([b[0] for b in reverse_blocks], 1).T.contiguous()
-    upper, stderr = _log_mean_exp(log_weights, negated=True)
+    upper, stderr = log_mean_exp(log_weights, negated=True)
     reverse = AnnealedLikelihood(
         log_px=upper,
         stderr=stderr,

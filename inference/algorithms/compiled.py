@@ -149,11 +149,11 @@ class TracedProgram:
         return sum(1 for g in self._graphs.values() if g is not None and g.verified)
 
     def _state(self) -> tuple[list[Tensor], list[Tensor]]:
-        others = dict(self.module.named_parameters())
-        return (
-            [p.detach() for p in self.params],
-            [others[n].detach() for n in self._other_names] + list(self._buffers.values()),
-        )
+        rest = list(self._buffers.values())
+        if self._other_names:
+            others = dict(self.module.named_parameters())
+            rest = [others[n].detach() for n in self._other_names] + rest
+        return [p.detach() for p in self.params], rest
 
     @staticmethod
     def _tensors(inputs: tuple) -> list[Tensor]:

@@ -36,11 +36,13 @@ from pyrovae.inference.algorithms.scoring import (
     check_sites,
     score,
 )
+from pyrovae.inference.errors import check_int
 
 if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = [
+    "AUTO_MIN_PAIRS",
     "DEFAULT_MAX_MEMORY",
     "DEFAULT_MAX_MEMORY_ACCELERATOR",
     "KHAT_THRESHOLD",
@@ -176,7 +178,7 @@ def log_marginal_likelihood(
             traced tensor program (:class:`~pyrovae.inference.algorithms.compiled.TracedProgram`,
             checked against Pyro's scoring before use, the main pass shape compiled by
             ``torch.compile``). ``"auto"`` does so for estimates of at least
-            :data:`AUTO_MIN_PASSES` passes, where it was measured faster.
+            :data:`AUTO_MIN_PAIRS` (point, draw) pairs.
 
     Returns:
         A :class:`MarginalLikelihood` of per-point tensors.
@@ -202,8 +204,7 @@ def log_marginal_likelihood(
     pair_bytes, dtype = _probe(model, guide, x, max_plate_nesting)
     chunk, batch, group = _plan(len(x), num_samples, pair_bytes, max_memory, chunk_size, batch_size)
     flat_tol = FLAT_ULPS * torch.finfo(dtype).eps
-    passes = math.ceil(len(x) / batch) * math.ceil(num_samples / chunk)
-    traced = _traced_passes(compile, passes, model, guide, max_plate_nesting)
+    traced = _traced_passes(compile, len(x) * num_samples, model, guide, max_plate_nesting)
     bar = tqdm(total=len(x), unit="point", disable=None if progress else True, leave=False)
     with torch.no_grad(), pyro.validation_enabled(False), bar:
         groups = []
@@ -235,13 +236,14 @@ def _check_arguments(
     max_memory: int | None,
     max_plate_nesting: int,
 ) -> None:
-    if not _is_positive_int(num_samples):
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
-        if value is not None and not _is_positive_int(value):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    if max_memory is not None and not _is_positive_int(max_memory):
-        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    check_int(num_samples, "num_samples")
+    for name, value in (
+        ("chunk_size", chunk_size),
+        ("batch_size", batch_size),
+        ("max_memory (bytes)", max_memory),
+    ):
+        if value is not None:
+            check_int(value, name)
     if not (isinstance(max_plate_nesting, int) and max_plate_nesting >= 0):
         raise ValueError(f"max_plate_nesting must be >= 0, got {max_plate_nesting!r}")
     if not isinstance(x, Tensor):
@@ -274,15 +276,19 @@ def like_parameters(x: Tensor, *programs: Program) -> Tensor:
     return x
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+def _is_count(value: object) -> bool:
+    try:
+        check_int(value, "k")
+    except ValueError:
+        return False
+    return True
 
 
 def _bound_sizes(bounds: Sequence[int] | None, num_samples: int) -> tuple[int, ...]:
     if bounds is None:
         powers = [10**i for i in range(int(math.log10(num_samples)) + 1)]
         return tuple(sorted({*powers, num_samples}))
-    bad = [k for k in bounds if not _is_positive_int(k) or k > num_samples]
+    bad = [k for k in bounds if not _is_count(k) or k > num_samples]
     if bad:
         raise ValueError(f"bounds must be integers in [1, num_samples={num_samples}], got {bad}")
     return tuple(sorted(set(bounds)))
@@ -377,10 +383,11 @@ def _estimate_block(
     }
 
 
-AUTO_MIN_PASSES = 2000
-"""Under ``compile="auto"``, an estimate of at least this many passes scores them through a
-compiled trace. Measured on 2 CPU cores (benchmarks/eval_throughput.py, MNIST 784-400-50,
-K = 5000): the trace and the compile cost about 10 s once and save a few ms a pass."""
+AUTO_MIN_PAIRS = 10_000_000
+"""Under ``compile="auto"``, an estimate of at least this many (point, draw) pairs scores
+its passes through a compiled trace (the MNIST test set at K = 5,000 is 50 million).
+Measured on 2 CPU cores (benchmarks/eval_throughput.py, MNIST 784-400-50): the trace and
+the compile cost about 10 s once."""
 
 
 def _pass(
@@ -419,9 +426,9 @@ class _TracedPasses(TracedProgram):
 
 
 def _traced_passes(
-    mode: str | bool, passes: int, model: Program, guide: Program, max_plate_nesting: int
+    mode: str | bool, pairs: int, model: Program, guide: Program, max_plate_nesting: int
 ) -> _TracedPasses | None:
-    if not compile_wanted(mode, passes, AUTO_MIN_PASSES):
+    if not compile_wanted(mode, pairs, AUTO_MIN_PAIRS):
         return None
     if not (isinstance(model, nn.Module) and isinstance(guide, nn.Module)):
         return None

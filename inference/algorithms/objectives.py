@@ -20,6 +20,7 @@ from pyro.poutine.trace_struct import Trace
 from torch import Tensor, nn
 
 from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, Scores, score
+from pyrovae.inference.errors import check_int
 
 ESTIMATORS = ("reparam", "stl", "dreg")
 """Gradient estimators of :class:`ParticleBound`: reparameterization, sticking-the-landing,
@@ -178,8 +179,7 @@ def _weight_path_gradients(guide_trace: Trace, weights: Tensor) -> None:
 
 
 def _check_particles(num_particles: int) -> None:
-    if int(num_particles) != num_particles or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
+    check_int(num_particles, "num_particles")
 
 
 def _check_estimator(estimator: str, valid: tuple[str, ...]) -> None:

@@ -29,7 +29,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Independent, kl_divergence, register_kl
 
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.model.distributions import TorchToPyro
 
 
@@ -316,8 +316,7 @@ def _check_beta(value: float, name: str) -> None:
 
 
 def _check_steps(value: int, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_int(value, name, minimum)
 
 
 SCHEDULES = {

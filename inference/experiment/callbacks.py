@@ -20,7 +20,7 @@ from pyro import poutine
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.distributed import rank_and_world
 from pyrovae.inference.experiment.runs import BEST, Checkpoint
 from pyrovae.model.sites import OBSERVED
@@ -202,9 +202,7 @@ class EarlyStopping(Callback):
     def __init__(
         self, patience: int, monitor: str = "validation_elbo", start_epoch: int = 1
     ) -> None:
-        if isinstance(patience, bool) or int(patience) != patience or patience < 1:
-            raise PyrovaeError(f"patience must be an integer of at least 1, got {patience!r}")
-        self.patience = int(patience)
+        self.patience = check_int(patience, "patience", error=PyrovaeError)
         self.monitor = monitor
         self.start_epoch = int(start_epoch)
 

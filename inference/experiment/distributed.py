@@ -22,6 +22,7 @@ from pyrovae.inference.errors import PyrovaeError
 
 __all__ = [
     "all_reduce_sum",
+    "derived_seed",
     "gather_blocks",
     "is_main_process",
     "launched",
@@ -88,6 +89,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of part ``index`` (a rank's draws, an evaluation block) of work seeded by
+    ``seed``: the one rule, so that parts never share a stream and reruns repeat them."""
+    return (seed + 7919 * index) % 2**32
 
 
 def gather_blocks(

@@ -24,11 +24,21 @@ from pyrovae.inference.algorithms.annealing import (
     AnnealedLikelihood,
     annealed_log_marginal_likelihood,
 )
-from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
+from pyrovae.inference.algorithms.compiled import compile_wanted
+from pyrovae.inference.algorithms.marginal import (
+    AUTO_MIN_PAIRS,
+    MarginalLikelihood,
+    log_marginal_likelihood,
+)
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.data import check_data
-from pyrovae.inference.experiment.distributed import gather_blocks, process_group, rank_and_world
+from pyrovae.inference.experiment.distributed import (
+    derived_seed,
+    gather_blocks,
+    process_group,
+    rank_and_world,
+)
 from pyrovae.inference.experiment.inputs import resolve_device
 from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
@@ -41,6 +51,7 @@ __all__ = [
     "SETTINGS",
     "Evaluation",
     "check_evaluation_target",
+    "estimate_log_px",
     "evaluate_run",
     "evaluation_settings",
 ]
@@ -272,8 +283,7 @@ def evaluate_run(
         ("num_chains", num_chains),
         ("num_steps", num_steps),
     ):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise PyrovaeError(f"{name} must be at least 1, got {value}")
+        check_int(value, name, error=PyrovaeError)
     settings = evaluation_settings(method, split, num_samples, num_chains, num_steps, limit, seed)
     if limit is not None and limit < 1:
         raise PyrovaeError(f"limit must be at least 1, got {limit}")
@@ -287,26 +297,21 @@ def evaluate_run(
     x = x[:limit]
     accuracy = _accuracy(run, x, None if labels is None else labels[:limit])
 
-    def estimate(index: int, block: Tensor) -> MarginalLikelihood | AnnealedLikelihood:
-        if method == "is":
-            return log_marginal_likelihood(run.model, run.guide, block, num_samples=num_samples)
-        return annealed_log_marginal_likelihood(run.model, run.guide, block, num_chains, num_steps)
-
-    def seed_block(index: int) -> None:
-        pyro.set_rng_seed((seed + 7919 * index) % 2**32)
-        bar.update()
-
     start = time.perf_counter()
     with process_group(resolve_device(device or run.spec.train.device)) as device_:
         run.model.to(device_)
         run.guide.to(device_)
-        blocks = list(x.to(device_).split(BLOCK))
-        bar = tqdm(total=len(blocks), unit="block", disable=None if progress else True)
-        try:
-            with bar:
-                result = _concatenate(gather_blocks(blocks, estimate, seed_block))
-        except ValueError as e:
-            raise PyrovaeError(str(e)) from None
+        result = estimate_log_px(
+            run.model,
+            run.guide,
+            x.to(device_),
+            method=method,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            num_steps=num_steps,
+            seed=seed,
+            progress=progress,
+        )
         writes = rank_and_world()[0] == 0
     evaluation = Evaluation(
         run=run.path,
@@ -331,6 +336,66 @@ def evaluate_run(
     if write and writes:
         evaluation.write(target)
     return evaluation
+
+
+def estimate_log_px(
+    model: Any,
+    guide: Any,
+    x: Tensor,
+    *,
+    method: str = "is",
+    num_samples: int = 5000,
+    num_chains: int = 16,
+    num_steps: int = 500,
+    seed: int = 0,
+    progress: bool = False,
+) -> MarginalLikelihood | AnnealedLikelihood:
+    """Per-point log p(x) of ``x``: the one estimate that ``evaluate``, ``compare`` and the
+    report print, so that they agree for the same run, K, seed and points.
+
+    The points go in blocks of :data:`BLOCK`; block ``i`` draws after
+    ``pyro.set_rng_seed(derived_seed(seed, i))``, so the result does not depend on how many
+    processes share the blocks (under ``torchrun`` each rank takes every world-th block and
+    all ranks get every result).
+
+    Args:
+        model: the Pyro model.
+        guide: the guide.
+        x: the points, on the programs' device.
+        method: ``"is"`` (importance sampling from the guide) or ``"ais"``.
+        num_samples: K, draws per point (``"is"``).
+        num_chains: chains per point (``"ais"``).
+        num_steps: annealing steps per chain (``"ais"``).
+        seed: the seed of block 0.
+        progress: show a progress bar over the blocks.
+
+    Raises:
+        PyrovaeError: a model or guide the estimator cannot score.
+    """
+    if method not in METHODS:
+        raise PyrovaeError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    # The passes of all blocks are traced and compiled once when the whole estimate is large.
+    compile = compile_wanted("auto", len(x) * num_samples, AUTO_MIN_PAIRS)
+
+    def estimate(index: int, block: Tensor) -> MarginalLikelihood | AnnealedLikelihood:
+        if method == "is":
+            return log_marginal_likelihood(
+                model, guide, block, num_samples=num_samples, compile=compile
+            )
+        return annealed_log_marginal_likelihood(model, guide, block, num_chains, num_steps)
+
+    blocks = list(x.split(BLOCK))
+    bar = tqdm(total=len(blocks), unit="block", disable=None if progress else True)
+
+    def seed_block(index: int) -> None:
+        pyro.set_rng_seed(derived_seed(seed, index))
+        bar.update()
+
+    try:
+        with bar:
+            return _concatenate(gather_blocks(blocks, estimate, seed_block))
+    except ValueError as e:
+        raise PyrovaeError(str(e)) from None
 
 
 def _concatenate(results: list[Any]) -> Any:

@@ -31,7 +31,7 @@ from pyrovae.inference.experiment.callbacks import (
     ProgressBar,
     device_of,
 )
-from pyrovae.inference.experiment.distributed import all_reduce_sum, rank_and_world
+from pyrovae.inference.experiment.distributed import all_reduce_sum, derived_seed, rank_and_world
 from pyrovae.inference.experiment.inputs import (
     as_data,
     check_inputs,
@@ -40,7 +40,7 @@ from pyrovae.inference.experiment.inputs import (
     place,
     resolve_device,
 )
-from pyrovae.inference.experiment.recipes import step_schedule
+from pyrovae.inference.experiment.recipes import adam, step_schedule
 from pyrovae.inference.experiment.validation import validate
 from pyrovae.inference.experiment.warmup import GuideWarmup
 
@@ -96,7 +96,8 @@ def fit(
             gradients only: the logged and evaluated ELBO stays the true one.
         epochs: total number of epochs, counting those a restored run already has.
         batch_size: points per step.
-        lr: learning rate of the default Adam optimizer.
+        lr: learning rate of the default optimizer, Adam with torch's fused kernel where it
+            has one (:func:`~pyrovae.inference.experiment.recipes.adam`).
         optimizer: a ``torch.optim`` optimizer over the loss module's parameters, instead.
         lr_scheduler: a ``torch.optim.lr_scheduler`` scheduler of that optimizer, stepped
             after every epoch's validation (``ReduceLROnPlateau`` on the validation ELBO);
@@ -161,7 +162,7 @@ def fit(
     _initialize_from_data(model, guide, x_train)
     loss_fn = (objective or elbo())(model, guide)
     params = _parameters(loss_fn, x_train[:batch_size].to(device), transform)
-    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
+    optimizer = optimizer or adam(params, lr)
     steps = math.ceil(x_train.shape[0] / batch_size)
     rank, world = rank_and_world()
     state = FitState(
@@ -182,7 +183,7 @@ def fit(
         warmup = any(isinstance(c, GuideWarmup) for c in callbacks)
         train_module = _data_parallel(loss_fn, model, guide, device, batch_size, world, warmup)
         # Every rank starts from rank 0's parameters (DDP broadcasts them); its own draws.
-        pyro.set_rng_seed((0 if seed is None else seed) + 7919 * rank)
+        pyro.set_rng_seed(derived_seed(0 if seed is None else seed, rank))
 
     # The data were checked once above; per-step argument checks would only cost time.
     with pyro.validation_enabled(False):

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.callbacks import Callback, FitState
 
 __all__ = ["GuideWarmup", "check_warmup", "set_base_only"]
@@ -35,11 +35,7 @@ class GuideWarmup(Callback):
     """
 
     def __init__(self, epochs: int) -> None:
-        if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
-            raise PyrovaeError(
-                f"guide warm-up epochs must be an integer of at least 1, got {epochs!r}"
-            )
-        self.epochs = int(epochs)
+        self.epochs = check_int(epochs, "guide warm-up epochs", error=PyrovaeError)
 
     def on_fit_start(self, state: FitState) -> None:
         check_warmup(state.guide, self.epochs)

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from pyrovae.inference.algorithms.marginal import like_parameters
 from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, PARTICLE_PLATE, score
+from pyrovae.inference.errors import check_int
 from pyrovae.inference.reporting.diagnostics import ancestral_draws, diagnose, primary_site
 
 __all__ = [
@@ -212,8 +213,7 @@ def check_held_out(x: Tensor, x_test: Tensor, validation: float, **sizes: int) -
         ValueError: naming the first value that fails.
     """
     for name, value in sizes.items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(value, name)
     for what, points in (("x", x), ("x_test", x_test)):
         if points.dim() < 2:
             raise ValueError(

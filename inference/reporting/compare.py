@@ -18,8 +18,8 @@ import pyro
 import torch
 from torch import Tensor
 
-from pyrovae.inference.algorithms.annealing import annealed_log_marginal_likelihood
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.evaluation import estimate_log_px
 from pyrovae.inference.experiment.runs import Run, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.inference.reporting.diagnostics import diagnose
@@ -124,27 +124,32 @@ def compare_runs(
         raise PyrovaeError(f"the {split} split has {len(x)} points; a comparison needs two")
     rows, log_px = [], []
     for run in runs:
+        # The estimate `evaluate` prints for the same run, K, seed and points.
+        estimate = estimate_log_px(
+            run.model,
+            run.guide,
+            x,
+            method=method,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            num_steps=num_steps,
+            seed=seed,
+            progress=progress,
+        )
         pyro.set_rng_seed(seed)
         diag = diagnose(
             run.model,
             run.guide,
             x,
-            num_samples=num_samples if method == "is" else 0,
+            num_samples=0,
+            marginal=estimate if method == "is" else None,
             num_latent_samples=num_latent_samples,
-            progress=progress,
         )
         summary = diag.summary()
-        if method == "is":
-            assert diag.marginal is not None  # num_samples >= 1 was checked
-            log_px.append(diag.marginal.log_px)
-        else:
-            pyro.set_rng_seed(seed)
-            ais = annealed_log_marginal_likelihood(
-                run.model, run.guide, x, num_chains, num_steps, progress=progress
-            )
-            log_px.append(ais.log_px)
-            summary["log_px"] = ais.log_px.mean().item()
-            summary["log_px_se"] = (ais.log_px.std() / math.sqrt(len(x))).item()
+        log_px.append(estimate.log_px)
+        if method != "is":
+            summary["log_px"] = estimate.log_px.mean().item()
+            summary["log_px_se"] = (estimate.log_px.std() / math.sqrt(len(x))).item()
         difference = log_px[-1] - log_px[0]
         row: dict[str, float | str] = {"run": str(run.path)}
         row.update({k: summary[k] for k in (*_COLUMNS, "log_px_se", "latent_dim")})

@@ -54,6 +54,7 @@ from pyrovae.inference.algorithms.scoring import (
     check_sites,
     score,
 )
+from pyrovae.inference.errors import check_int
 from pyrovae.inference.experiment.validation import ACTIVITY_THRESHOLD
 from pyrovae.inference.reporting.sites import (
     SiteDiagnostics,
@@ -238,8 +239,7 @@ def diagnose(
         raise ValueError(f"x must be (N, *features) with N >= 2, got shape {tuple(x.shape)}")
     x = like_parameters(x, model, guide)
     for name, value in (("num_latent_samples", num_latent_samples), ("batch_size", batch_size)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(value, name)
     if marginal is None and num_samples > 0:
         marginal = log_marginal_likelihood(
             model, guide, x, num_samples=num_samples, progress=progress

@@ -12,8 +12,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -72,29 +71,20 @@ def check_image_path(path: str | Path) -> None:
 
 def save_image_grid(images: Tensor, image_shape: tuple[int, ...], path: str | Path) -> None:
     """Writes an image grid of ``images`` to ``path`` (PNG or anything matplotlib writes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grid = separated_grid(images, image_shape, math.ceil(math.sqrt(images.shape[0])))
     height, width = grid.shape
     scale = max(1.0, 400 / max(height, width))
-    fig = plt.figure(figsize=(width * scale / 100, height * scale / 100), dpi=100)
+    fig = _figure(figsize=(width * scale / 100, height * scale / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(grid, cmap=_grey(), vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     fig.savefig(path)
-    plt.close(fig)
 
 
 def figure_to_base64(fig: Figure, dpi: int = 100) -> str:
-    """Renders a figure as a base64 PNG for embedding (``data:image/png;base64,...``), closes it."""
-    import matplotlib.pyplot as plt
-
+    """Renders a figure as a base64 PNG for embedding (``data:image/png;base64,...``)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -104,14 +94,11 @@ def training_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
     Epochs are whole-number ticks; a run of a single epoch shows its values as labelled points
     on an axis of one epoch either side, not on a fractional axis around it.
     """
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     extra = [k for k in history[0] if "reconstruction" in k or "kl" in k] if history else []
-    fig, axes = plt.subplots(
-        1, 1 + len(extra), figsize=(5.5 * (1 + len(extra)), 3.4), squeeze=False
-    )
+    fig, axes = _subplots(1, 1 + len(extra), figsize=(5.5 * (1 + len(extra)), 3.4), squeeze=False)
     panels = [(axes[0, 0], ("train_elbo", "validation_elbo"), "ELBO", None)]
     panels += [
         (ax, (key,), key.replace("_", " "), "tab:green")
@@ -143,8 +130,7 @@ def training_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
 
 def per_point_figure(reconstruction: Tensor, kl: Tensor) -> Figure:
     """Histograms over data points of the reconstruction term and the KL term."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    fig, axes = _subplots(1, 2, figsize=(10, 3))
     for ax, values, name in ((axes[0], reconstruction, "E_q[log p(x|z)]"), (axes[1], kl, "KL")):
         ax.hist(values.numpy(), bins=40, color="tab:blue")
         ax.axvline(values.mean().item(), color="k", ls="--", label=f"mean {values.mean():.2f}")
@@ -158,8 +144,7 @@ def image_panels_figure(
     panels: Sequence[tuple[str, Tensor]], image_shape: tuple[int, ...], ncol: int = 8
 ) -> Figure:
     """Image grids side by side, one titled panel per ``(title, images (N, H*W))``."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
     for ax, (title, images) in zip(axes[0], panels, strict=True):
         _show(ax, *_separated(images, image_shape), ncol)
         ax.set_title(title)
@@ -172,10 +157,9 @@ def traversal_figure(
     images: Tensor, image_shape: tuple[int, ...], row_labels: Sequence[str], values: Tensor
 ) -> Figure:
     """A grid of ``images (rows, steps, H*W)``: one latent dimension per row, varied along it."""
-    plt = _pyplot()
     rows, steps = images.shape[:2]
     flat, (height, width) = _separated(images.reshape(rows * steps, -1), image_shape)
-    fig, ax = plt.subplots(figsize=(0.6 * steps + 1.5, 0.6 * rows + 0.8))
+    fig, ax = _subplots(figsize=(0.6 * steps + 1.5, 0.6 * rows + 0.8))
     _show(ax, flat, (height, width), steps)
     ax.set_yticks([height * (r + 0.5) for r in range(rows)], list(row_labels))
     ax.set_xticks([width * (s + 0.5) for s in range(steps)], [f"{v:+.1f}" for v in values])
@@ -199,8 +183,7 @@ def latent_scatter_figure(
     ``grid`` is an image tiling decoded latents over ``extent`` (left, right, bottom, top),
     drawn on the same axes limits as the scatter so positions correspond.
     """
-    plt = _pyplot()
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         1,
         2 if grid is not None else 1,
         figsize=(14.5 if grid is not None else 6.5, 6.6 if grid is not None else 5.4),
@@ -237,10 +220,9 @@ def latent_histograms_figure(
     Pass ``prior_grid (G,)`` with ``prior_density (G, D)`` where the prior's marginals have
     a density, else ``prior_samples (P, D)``, drawn as an outlined histogram.
     """
-    plt = _pyplot()
     ncol = min(4, len(dims))
     nrow = math.ceil(len(dims) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
+    fig, axes = _subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
     for ax in axes.flat[len(dims) :]:
         ax.axis("off")
     for ax, d, title in zip(axes.flat, dims, titles, strict=False):
@@ -262,11 +244,10 @@ def latent_histograms_figure(
 
 def units_figure(activity: Tensor, kl_per_dim: Tensor | None, threshold: float) -> Figure:
     """Per latent dimension: variance of the posterior mean (log scale) and mean KL."""
-    plt = _pyplot()
     dims = np.arange(len(activity))
     # At most about 20 labelled ticks: 50 dimensions' labels would run into each other.
     ticks = dims[:: max(1, math.ceil(len(dims) / 20))]
-    fig, axes = plt.subplots(1, 2 if kl_per_dim is not None else 1, figsize=(11, 3), squeeze=False)
+    fig, axes = _subplots(1, 2 if kl_per_dim is not None else 1, figsize=(11, 3), squeeze=False)
     ax = axes[0, 0]
     ax.bar(
         dims,
@@ -287,8 +268,7 @@ def units_figure(activity: Tensor, kl_per_dim: Tensor | None, threshold: float) 
 
 def khat_figure(khat: Tensor, threshold: float) -> Figure:
     """Histogram of per-point Pareto k̂ with the reliability threshold."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = _subplots(figsize=(6, 3))
     known = khat[~torch.isnan(khat)].numpy()
     ax.hist(known, bins=40, color="tab:green")
     ax.axvline(threshold, color="tab:red", ls="--", label=f"k̂ = {threshold:g}")
@@ -367,10 +347,17 @@ def _escape(value: object) -> str:
     return html.escape(str(value))
 
 
-def _pyplot() -> ModuleType:
-    import matplotlib
+def _subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """``plt.subplots`` through matplotlib's object API: a ``Figure`` on an Agg canvas, never
+    registered with pyplot, so that neither the caller's backend nor its figures change."""
+    fig = _figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def _figure(**kwargs: Any) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig

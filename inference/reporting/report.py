@@ -21,6 +21,7 @@ from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.callbacks import collapse_message
 from pyrovae.inference.experiment.data import Splits
+from pyrovae.inference.experiment.evaluation import estimate_log_px
 from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.inference.reporting import plots
@@ -98,14 +99,22 @@ def write_report(
     x, labels = x[:limit], None if labels is None else labels[:limit]
     if len(x) < 2:
         raise PyrovaeError(f"the {data_split} split has {len(x)} points; a report needs two")
+    # log p(x) is the estimate `evaluate` and `compare` print for the same K, seed and points.
+    marginal = (
+        estimate_log_px(
+            run.model, run.guide, x, num_samples=num_samples, seed=seed, progress=progress
+        )
+        if num_samples > 0
+        else None
+    )
     pyro.set_rng_seed(seed)
     diag = diagnose(
         run.model,
         run.guide,
         x,
-        num_samples=num_samples,
+        num_samples=0,
+        marginal=marginal,
         num_latent_samples=num_latent_samples,
-        progress=progress,
     )
     bracket = _aggregate(run, data, data_split, x, seed) if aggregate else None
     shape = tuple(run.image_shape)
