@@ -142,3 +142,22 @@ def test_a_run_refuses_data_other_than_its_own(tmp_path, monkeypatch):
     # The same bytes again are the same data, wherever they lie.
     _npz(other / "mnist.npz", 0)
     assert evaluate_run(run, num_samples=3, limit=4, write=False).num_points == 4
+
+
+def test_a_deleted_spec_is_named_with_how_to_restore_it(tmp_path, capsys):
+    from pyrovae.inference.cli import main
+    from pyrovae.inference.experiment.runs import restore_spec
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", "--no-progress"]) == 0
+    original = (run / "spec.toml").read_text()
+    (run / "spec.toml").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-k", "5", "--limit", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "spec.toml is missing" in err[0] and "restore_spec" in err[0]
+    assert restore_spec(run) == run / "spec.toml"
+    assert (run / "spec.toml").read_text() == original
+    with pytest.raises(PyrovaeError, match="exists; move it away"):
+        restore_spec(run)
+    assert main(["evaluate", str(run), "-k", "5", "--limit", "5"]) == 0

@@ -94,14 +94,20 @@ def test_checkpoint_that_does_not_match_its_spec(tmp_path, capsys):
     one_line_error(capsys, code, "does not match", "spec.toml")
 
 
-def test_sample_does_not_overwrite(tmp_path, capsys):
+def test_sample_and_report_follow_one_replace_rule(tmp_path, capsys):
+    """A command's default file in the run is replaced; an existing -o file needs --force."""
     assert train(tmp_path) == 0
-    target = tmp_path / "s.png"
-    target.write_bytes(b"mine")
-    one_line_error(
-        capsys, main(["sample", str(tmp_path / "run"), "-o", str(target)]), "already exists"
-    )
-    assert target.read_bytes() == b"mine"
+    run = str(tmp_path / "run")
+    for _ in range(2):  # the README's `pyrovae sample RUN`, twice
+        assert main(["sample", run, "-n", "4"]) == 0
+        assert main(["report", run, "--limit", "20", "-k", "10"]) == 0
+    assert (tmp_path / "run" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    for command in (["sample", run], ["report", run, "--limit", "20", "-k", "10"]):
+        target = tmp_path / "mine.out"
+        target.write_bytes(b"mine")
+        capsys.readouterr()
+        one_line_error(capsys, main([*command, "-o", str(target)]), "already exists", "--force")
+        assert target.read_bytes() == b"mine"
 
 
 def bad_file(tmp_path, array):
@@ -128,6 +134,21 @@ def bad_file(tmp_path, array):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragments):
     one_line_error(capsys, train(tmp_path, *args), *fragments)
     assert not (tmp_path / "run").exists()
+
+
+def test_threads_sets_torchs_cpu_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "train", "--out", str(tmp_path / "a"), "--epochs", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        # After the command name as well.
+        assert main(["train", "--out", str(tmp_path / "b"), "--epochs", "1", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    one_line_error(capsys, main(["--threads", "0", "train"]), "--threads must be an integer >= 1")
 
 
 @pytest.mark.parametrize(
@@ -354,3 +375,12 @@ def test_seeds_directories_and_missing_spreads_are_said_plainly(tmp_path, capsys
     assert main(["evaluate", run, "-k", "1", "--limit", "1", "-o", str(tmp_path / "e.json")]) == 0
     out = capsys.readouterr().out
     assert "± n/a (Monte Carlo error of the mean n/a)" in out and "nan" not in out
+
+
+def test_sample_decodes_in_chunks_and_caps_the_grid(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    run = str(tmp_path / "run")
+    assert main(["sample", run, "-n", "2500", "-o", str(tmp_path / "big.png")]) == 0
+    assert (tmp_path / "big.png").stat().st_size > 0
+    capsys.readouterr()
+    one_line_error(capsys, main(["sample", run, "-n", "10001"]), "more than one image grid")

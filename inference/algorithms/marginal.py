@@ -111,7 +111,11 @@ class MarginalLikelihood:
         the mean over the points (their spread, sd / sqrt(N)); ``khat_bad_fraction`` is the share of points with k̂ > 0.7.
         """
         n = len(self.log_px)
-        out = {name: getattr(self, name).mean().item() for name in _POINT_FIELDS}
+        # Per-point Monte Carlo errors do not average into the error of the mean: that is
+        # log_px_mc_error; "stderr" stays a per-point field.
+        out = {
+            name: getattr(self, name).mean().item() for name in _POINT_FIELDS if name != "stderr"
+        }
         out["log_px_mc_error"] = self.stderr.square().sum().sqrt().item() / n
         out["log_px_se"] = (self.log_px.std() / math.sqrt(n)).item() if n > 1 else math.nan
         out["khat"] = self.khat.nanmean().item()

@@ -13,26 +13,32 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from pyrovae.inference.cli.parser import build_parser
-from pyrovae.inference.errors import Interrupted, PyrovaeError
+from pyrovae.inference.errors import Interrupted, PyrovaeError, check_int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyrovae`` command; returns the exit code.
 
     Every problem with the user's input, files or environment is one line on stderr and
-    exit code 2 (130 for an interruption); ``--debug`` shows the traceback instead.
+    exit code 2 (130 for an interruption); ``--debug`` shows the traceback instead. A reader
+    that closes the output early (``| head``) ends the printing quietly, with exit code 0,
+    whatever the command.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.threads is not None:
+            torch.set_num_threads(check_int(args.threads, "--threads", error=PyrovaeError))
         args.command(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except BrokenPipeError:
-        # The reader went away (| head): stop writing to it, without a traceback at exit.
+        # The reader went away (`| head`) after the work was done and written: as for any
+        # Unix filter, that is not a failure. Stop writing to it, without a traceback at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print("pyrovae: error: the output pipe closed early; printing stopped", file=sys.stderr)
-        return 2
+        return 0
     except Interrupted as e:
         print(f"pyrovae: {e}", file=sys.stderr)
         return 130

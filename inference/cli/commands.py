@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyro
+import torch
 
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
@@ -65,22 +66,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+MAX_GRID = 10_000
+"""The most samples ``sample`` puts in one image grid (100 x 100 images)."""
+
+SAMPLE_CHUNK = 1000
+"""Samples decoded at a time."""
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from pyrovae.inference.reporting.plots import check_image_path, save_image_grid
 
     if args.num_samples < 1:
         raise PyrovaeError(f"-n must be at least 1, got {args.num_samples}")
+    if args.num_samples > MAX_GRID:
+        raise PyrovaeError(
+            f"-n {args.num_samples} is more than one image grid holds ({MAX_GRID}, a "
+            f"{int(MAX_GRID**0.5)} x {int(MAX_GRID**0.5)} grid); write several grids with "
+            "different --seed values, or draw from Python with run.model.sample(n)"
+        )
     _check_seed(args)
     run = load_run(args.run)
-    output = Path(args.output) if args.output else run.path / "samples.png"
-    if output.is_dir():
-        raise PyrovaeError(
-            f"-o {output} is a directory; give a file name, such as {output / 'samples.png'}"
-        )
-    if output.exists() and not args.force:
-        raise PyrovaeError(
-            f"{output} already exists; pass --force to replace it or choose another -o"
-        )
+    output = _output(args, run.path / "samples.png")
     check_image_path(output)
     shape = _image_shape(run)
     classes = getattr(run.model, "classes", 0)
@@ -92,9 +98,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
         )
     with _lock_if_inside(run.path, output):
         pyro.set_rng_seed(args.seed)
-        options = {"labels": args.label} if classes else {}
-        images = run.model.sample(args.num_samples, mean=not args.draw, **options)
-        save_image_grid(images, shape, output)
+        n = args.num_samples
+        labels = None
+        if classes:  # the classes in turn, or the one asked for
+            labels = (
+                torch.arange(n) % classes if args.label is None else torch.full((n,), args.label)
+            )
+        parts = []
+        with torch.no_grad():  # decoded in chunks: memory stays bounded whatever -n is
+            for start in range(0, n, SAMPLE_CHUNK):
+                size = min(SAMPLE_CHUNK, n - start)
+                options = {"labels": labels[start : start + size]} if classes else {}
+                parts.append(run.model.sample(size, mean=not args.draw, **options))
+        save_image_grid(torch.cat(parts), shape, output)
     print(f"wrote {args.num_samples} samples from {run.path} to {output}")
 
 
@@ -243,12 +259,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     from pyrovae.inference.reporting.report import write_report
 
     _check_diagnostic_options(args)
-    if args.output and Path(args.output).exists() and not args.force:
-        raise PyrovaeError(
-            f"{args.output} already exists; pass --force to replace it or choose another -o"
-        )
     run = load_run(args.run)
-    target = Path(args.output) if args.output else run.path / "report.html"
+    target = _output(args, run.path / "report.html")
     with _lock_if_inside(run.path, target):
         path = write_report(
             run,
@@ -261,6 +273,22 @@ def cmd_report(args: argparse.Namespace) -> None:
             aggregate=args.aggregate_kl,
         )
     print(f"wrote {path}")
+
+
+def _output(args: argparse.Namespace, default: Path) -> Path:
+    """Where a command writes its file, by one rule: its default file in the run is the
+    run's own and is replaced; a file named with ``-o`` that exists is replaced only with
+    ``--force``. A folder is never a file name."""
+    output = Path(args.output) if args.output else default
+    if output.is_dir():
+        raise PyrovaeError(
+            f"-o {output} is a directory; give a file name, such as {output / default.name}"
+        )
+    if args.output and output.exists() and not args.force:
+        raise PyrovaeError(
+            f"{output} already exists; pass --force to replace it or choose another -o"
+        )
+    return output
 
 
 def _lock_if_inside(run_dir: Path, target: Path) -> contextlib.AbstractContextManager:

@@ -18,11 +18,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyrovae", description="Variational autoencoders as Pyro programs."
     )
+    threads_help = (
+        "CPU threads torch may use (default: torch's, one per core); on a machine busy with "
+        "other work, 1 is often much faster"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    # --debug also after the command name; SUPPRESS keeps a command's parser from resetting it.
+    parser.add_argument("--threads", type=int, metavar="N", help=threads_help)
+    # --debug and --threads also after the command name; SUPPRESS keeps a command's parser
+    # from resetting what was given before it.
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    debug.add_argument(
+        "--threads", type=int, metavar="N", default=argparse.SUPPRESS, help=threads_help
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

@@ -30,6 +30,7 @@ __all__ = [
     "Callback",
     "Checkpointing",
     "CollapseAlarm",
+    "DivergenceAlarm",
     "EarlyStopping",
     "FitState",
     "ProgressBar",
@@ -272,6 +273,49 @@ class CollapseAlarm(Callback):
             grace = max(2, state.epochs // 10) if self.grace is None else self.grace
             counted = [h for h in state.history if h["epoch"] > grace]
             self.message = collapse_message(counted, self.epochs)
+            if self.message is not None and state.rank == 0:
+                tqdm.write(f"pyrovae: warning: {self.message}", file=self.stream or sys.stderr)
+
+
+DIVERGENCE_FACTOR = 10
+"""A training bound more than this many times its scale (at least 100 nats) below the best
+epoch's is divergence: no ordinary epoch-to-epoch noise comes close."""
+
+
+def divergence_message(history: list[dict[str, float]]) -> str | None:
+    """The divergence warning for a training history, or None: the last epoch's training
+    bound fell far below the best so far (:data:`DIVERGENCE_FACTOR`) while staying finite
+    (a NaN stops training with its own error)."""
+    finite = [h for h in history if math.isfinite(h.get("train_elbo", math.nan))]
+    if len(finite) < 2:
+        return None
+    best = max(finite[:-1], key=lambda h: h["train_elbo"])
+    last = finite[-1]
+    drop = best["train_elbo"] - last["train_elbo"]
+    if drop <= DIVERGENCE_FACTOR * max(abs(best["train_elbo"]), 100.0):
+        return None
+    return (
+        f"training is diverging: the training bound fell from {best['train_elbo']:.4g} "
+        f"(epoch {best['epoch']}) to {last['train_elbo']:.4g} nats/point (epoch "
+        f"{last['epoch']}); lower train.lr or set train.grad_clip"
+    )
+
+
+class DivergenceAlarm(Callback):
+    """Prints one warning line, once, when the training bound diverges
+    (:func:`divergence_message`): a run that ends finite but far worse than it was.
+
+    Args:
+        stream: where the line goes (default: stderr, through tqdm so a bar stays intact).
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
+        self.message: str | None = None
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if self.message is None:
+            self.message = divergence_message(state.history)
             if self.message is not None and state.rank == 0:
                 tqdm.write(f"pyrovae: warning: {self.message}", file=self.stream or sys.stderr)
 

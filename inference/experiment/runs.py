@@ -42,6 +42,7 @@ __all__ = [
     "check_writable",
     "load_run",
     "promote_run",
+    "restore_spec",
     "run_lock",
     "stage_run",
 ]
@@ -456,6 +457,12 @@ def load_run(
                 "build the model and guide yourself and call "
                 "Checkpoint.load(path).restore(model, guide)"
             )
+        if checkpoint is not None and (path / MARKER).is_file():
+            raise PyrovaeError(
+                f"{path / SPEC} is missing, but {path / name} holds the spec the run was "
+                'trained with; restore it with: python -c "from pyrovae.inference.experiment.'
+                f"runs import restore_spec; restore_spec('{path}')\""
+            )
         raise PyrovaeError(f"{path} is not a pyrovae run: {path / SPEC} does not exist")
     spec = load_spec(path / SPEC)
     if checkpoint is None:
@@ -466,6 +473,26 @@ def load_run(
     model.eval()
     guide.eval()
     return Run(path, spec, model, guide, checkpoint)
+
+
+def restore_spec(path: str | Path) -> Path:
+    """Writes a run's ``spec.toml`` again from the spec its checkpoint holds (after it was
+    deleted or damaged); refuses to replace a ``spec.toml`` that is there.
+
+    Returns:
+        The path written.
+
+    Raises:
+        PyrovaeError: no run checkpoint with a spec, or a ``spec.toml`` already there.
+    """
+    path = Path(path)
+    if (path / SPEC).exists():
+        raise PyrovaeError(f"{path / SPEC} exists; move it away first to restore the original")
+    checkpoint = Checkpoint.load(path)
+    if checkpoint is None or checkpoint.spec is None:
+        raise PyrovaeError(f"{path} has no checkpoint with a spec to restore {SPEC} from")
+    atomic_write(path / SPEC, checkpoint.spec.encode())
+    return path / SPEC
 
 
 def _check_spec_matches(path: Path, spec: Spec, checkpoint: Checkpoint) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,10 @@ def fit(
         pyro.set_rng_seed(derived_seed(0 if seed is None else seed, rank))
 
     # The data were checked once above; per-step argument checks would only cost time.
-    with pyro.validation_enabled(False):
+    # Pyro warns of a NaN loss on every step and every gradient; a NaN stops training with
+    # one error line (TrainingDiverged) instead.
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
         try:
             for callback in callbacks:
                 callback.on_fit_start(state)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyrovae.inference.algorithms.scoring import score
+from pyrovae.inference.algorithms.scoring import SiteError, score
 from pyrovae.inference.experiment.distributed import all_reduce_sum, rank_and_world
 
 __all__ = ["ACTIVITY_THRESHOLD", "validate"]
@@ -47,7 +47,7 @@ def validate(
             for name in scores.latent_sites:
                 mean = _posterior_mean(scores.guide_trace.nodes[name]["fn"])
                 means.setdefault(name, []).append(mean)
-    except ValueError:
+    except SiteError:  # a latent outside the data plate: no per-point ELBO, only the loss
         total = torch.zeros((), device=device, dtype=torch.float64)
         for part in x.split(max(batch_size, 1024)):
             total += loss_fn(part.to(device)).double()

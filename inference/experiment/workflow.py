@@ -29,6 +29,7 @@ from pyrovae.inference.experiment.callbacks import (
     Callback,
     Checkpointing,
     CollapseAlarm,
+    DivergenceAlarm,
     EarlyStopping,
     FitState,
     TensorBoard,
@@ -200,6 +201,7 @@ def train_run(
         if train.patience is not None:
             own.append(EarlyStopping(train.patience, start_epoch=first_counted))
         own.append(CollapseAlarm())
+        own.append(DivergenceAlarm())
         if train.log == "tensorboard":
             own.append(
                 TensorBoard(

@@ -78,7 +78,12 @@ def save_image_grid(images: Tensor, image_shape: tuple[int, ...], path: str | Pa
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(grid, cmap=_grey(), vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
-    fig.savefig(path)
+    from pyrovae.inference.experiment.runs import atomic_write
+
+    # Rendered in memory, then renamed into place: a grid being replaced is never half-written.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png")
+    atomic_write(Path(path), buffer.getvalue())
 
 
 def figure_to_base64(fig: Figure, dpi: int = 100) -> str:
