@@ -215,3 +215,15 @@ def test_rejects_a_single_point():
     model = ppca()
     with pytest.raises(ValueError, match="N >= 2"):
         diagnose(model, AmortizedGuide(Collapsed()), model.sample(1), num_samples=0)
+
+
+def test_the_primary_site_views_are_declared_attributes():
+    """IDEs and type checkers see them: class attributes, not a __getattr__."""
+    from pyrovae.inference.reporting.diagnostics import Diagnostics
+    from pyrovae.inference.reporting.sites import SiteDiagnostics
+
+    assert not hasattr(Diagnostics, "__getattr__") or Diagnostics.__getattr__ is object.__getattr__
+    views = [name for name in vars(Diagnostics) if not name.startswith("_")]
+    site_names = set(vars(SiteDiagnostics)) | set(SiteDiagnostics.__dataclass_fields__)
+    for name in ("kl_per_dim", "posterior_mean", "activity", "active", "mutual_information"):
+        assert name in views and name in site_names

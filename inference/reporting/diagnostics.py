@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import pyro
 import torch
@@ -82,6 +82,28 @@ _DEFAULT_MAX_MEMORY = 64 * 2**20
 Program = Callable[..., Any]
 
 
+_T = TypeVar("_T")
+
+
+class _PrimaryView(Generic[_T]):
+    """A read-only attribute of :class:`Diagnostics` that is its primary site's attribute of
+    the same name: visible to IDEs and type checkers, unlike a ``__getattr__``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, owner_object: None, owner: type) -> _PrimaryView[_T]: ...
+
+    @overload
+    def __get__(self, owner_object: Diagnostics, owner: type) -> _T: ...
+
+    def __get__(self, owner_object: Diagnostics | None, owner: type) -> Any:
+        if owner_object is None:
+            return self
+        return getattr(owner_object.site, self.name)
+
+
 @dataclass(frozen=True)
 class Diagnostics:
     """Per-point and per-site diagnostics of a model and guide on N points.
@@ -120,11 +142,30 @@ class Diagnostics:
         """``(N,)`` the ELBO per point, reconstruction minus KL."""
         return self.reconstruction - self.kl
 
-    def __getattr__(self, name: str) -> Any:
-        # The single-site views: kl_per_dim, posterior_mean, activity, mutual_information...
-        if name.startswith("_") or name not in _SITE_VIEWS:
-            raise AttributeError(name)
-        return getattr(self.sites[self.primary], name)
+    @property
+    def site(self) -> SiteDiagnostics:
+        """The :class:`SiteDiagnostics` of :attr:`primary`, whose figures the views below are."""
+        return self.sites[self.primary]
+
+    # The primary site's figures, as attributes of the whole (see SiteDiagnostics).
+    kl_per_dim = _PrimaryView["Tensor | None"]("kl_per_dim")
+    kl_method = _PrimaryView[str]("kl_method")
+    posterior_mean = _PrimaryView[Tensor]("posterior_mean")
+    posterior_variance = _PrimaryView[Tensor]("posterior_variance")
+    samples = _PrimaryView[Tensor]("samples")
+    prior_mean = _PrimaryView[Tensor]("prior_mean")
+    prior_variance = _PrimaryView[Tensor]("prior_variance")
+    prior_samples = _PrimaryView[Tensor]("prior_samples")
+    pointwise_information = _PrimaryView["Tensor | None"]("pointwise_information")
+    mutual_information = _PrimaryView[float]("mutual_information")
+    marginal_kl = _PrimaryView[float]("marginal_kl")
+    activity_threshold = _PrimaryView[float]("activity_threshold")
+    posterior_mean_error = _PrimaryView["Tensor | None"]("posterior_mean_error")
+    latent_dim = _PrimaryView[int]("latent_dim")
+    activity = _PrimaryView[Tensor]("activity")
+    active = _PrimaryView[Tensor]("active")
+    aggregate_mean = _PrimaryView[Tensor]("aggregate_mean")
+    aggregate_variance = _PrimaryView[Tensor]("aggregate_variance")
 
     def summary(self) -> dict[str, float]:
         """Dataset-level figures as plain floats, for tables and JSON.
@@ -161,28 +202,6 @@ class Diagnostics:
             out["khat_bad_fraction"] = ml["khat_bad_fraction"]
             out["num_samples"] = float(self.marginal.num_samples)
         return out
-
-
-_SITE_VIEWS = {
-    "kl_per_dim",
-    "kl_method",
-    "posterior_mean",
-    "posterior_variance",
-    "samples",
-    "prior_mean",
-    "prior_variance",
-    "prior_samples",
-    "pointwise_information",
-    "mutual_information",
-    "marginal_kl",
-    "activity_threshold",
-    "posterior_mean_error",
-    "latent_dim",
-    "activity",
-    "active",
-    "aggregate_mean",
-    "aggregate_variance",
-}
 
 
 def diagnose(
