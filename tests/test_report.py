@@ -247,3 +247,19 @@ def test_plotting_leaves_the_callers_matplotlib_alone(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["svg", "False"]
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_a_long_unit_table_folds_and_captions_name_only_the_panels_drawn():
+    from pyrovae.guides import AmortizedGuide, DiagonalNormal
+    from pyrovae.inference.reporting.diagnostics import diagnose
+    from pyrovae.inference.reporting.sections import FOLD_ROWS, units_section
+    from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
+
+    torch.manual_seed(0)
+    dims = FOLD_ROWS + 2
+    vae = VAE(StandardNormal(dims), Decoder(dims, 8, [8]), Bernoulli())
+    guide = AmortizedGuide(DiagonalNormal(8, dims, hidden=[8]))
+    x = torch.bernoulli(torch.full((20, 8), 0.5))
+    html = units_section(diagnose(vae, guide, x, num_samples=0, num_latent_samples=2))
+    assert f"<details><summary>{dims} dimensions," in html
+    assert "Left: how much" in html and "Right: the KL" in html  # both panels drawn

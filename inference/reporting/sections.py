@@ -35,19 +35,24 @@ __all__ = [
 Section = tuple[str, str]
 """A report section: (title, inner HTML)."""
 
+FOLD_ROWS = 10
+"""A per-dimension table longer than this is folded (``<details>``) in the report."""
+
 GRID_STEPS = 10
 """Decoded images per side of the 2-D latent grid: few enough that each stays legible."""
 
 
 def units_section(diag: Diagnostics) -> str:
     body = figure(plots.units_figure(diag.activity, diag.kl_per_dim, diag.activity_threshold))
+    two_panels = diag.kl_per_dim is not None
     kl_panel = (
         " Right: the KL each dimension costs."
-        if diag.kl_per_dim is not None
+        if two_panels
         else " The KL does not split by dimension for this guide and prior."
     )
     body += caption(
-        "Left: how much each dimension's posterior mean varies across data points; a "
+        ("Left: h" if two_panels else "H")
+        + "ow much each dimension's posterior mean varies across data points; a "
         f"dimension above {diag.activity_threshold:g} is active (Burda et al., 2016), below "
         "it the encoder ignores x in that dimension." + kl_panel
     )
@@ -66,9 +71,16 @@ def units_section(diag: Diagnostics) -> str:
             )
         )
     header = ("dimension", "Var E[z|x]", "KL", "q(z) mean", "q(z) var", "p(z) mean", "p(z) var")
+    table = plots.html_table(header, rows)
+    if len(rows) > FOLD_ROWS:  # a long table folds, its summary says what it holds
+        active = int(diag.active.sum())
+        table = (
+            f"<details><summary>{len(rows)} dimensions, {active} active: moments per "
+            f"dimension</summary>{table}</details>"
+        )
     return (
         body
-        + plots.html_table(header, rows)
+        + table
         + caption(
             "Moments of the aggregate posterior q(z) against the prior's: the generator is fed "
             "p(z) at sampling time but was trained on codes from q(z), so where they differ, "
