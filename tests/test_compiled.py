@@ -10,14 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 from test_components import ALL, FEATURES, build
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import fit
 from pyrovae.inference.algorithms.compiled import (
     AUTO_MIN_STEPS,
+    COMPILE_AFTER_REPLAYS,
+    ONEDNN_MIN_ROWS,
     CompiledStep,
     NotCompilable,
     compile_wanted,
+    onednn_linears,
 )
 from pyrovae.inference.algorithms.objectives import analytic_kl, elbo, enumerated_elbo, iwae
 from pyrovae.inference.algorithms.schedules import (
@@ -183,12 +187,36 @@ def test_fit_compiled_trains_like_eager_fit():
         model = VAE(StandardNormal(2), Decoder(2, 16, [8]), Bernoulli())
         guide = AmortizedGuide(DiagonalNormal(16, 2, hidden=[8]))
         histories[mode] = fit(
-            model, guide, x[:160], validation=x[160:], epochs=2, batch_size=32,
-            progress=False, compile=mode, kl_schedule=LinearWarmup(5),
+            model, guide, x[:160], validation=x[160:], batch_size=32,
+            epochs=3, progress=False, compile=mode, kl_schedule=LinearWarmup(5),
         )  # fmt: skip
     for eager, compiled in zip(histories["off"], histories["on"], strict=True):
         assert compiled["train_elbo"] == pytest.approx(eager["train_elbo"], rel=1e-4)
         assert compiled["validation_elbo"] == pytest.approx(eager["validation_elbo"], rel=1e-4)
+
+
+def test_inductor_compiles_a_signature_once_it_has_been_replayed_often():
+    """A signature met a few times replays its FX graph; one met often is compiled, and the
+    compiled step gives the replayed step's loss and gradients (float32, Inductor)."""
+    torch.manual_seed(0)
+    model = VAE(StandardNormal(2), Decoder(2, 16, [8]), Bernoulli())
+    guide = AmortizedGuide(DiagonalNormal(16, 2, hidden=[8]))
+    loss_fn = elbo()(model, guide)
+    params = list(loss_fn.parameters())
+    step = CompiledStep(loss_fn, params)
+    x = torch.bernoulli(torch.full((8, 16), 0.3), generator=torch.Generator().manual_seed(0))
+    for i in range(COMPILE_AFTER_REPLAYS):  # traced, verified, then replayed
+        step(x, i)
+    torch.manual_seed(7)
+    replayed = step(x, 0)  # the last replay before the compile
+    assert step.inductor_signatures == 0
+    step(x[:5], 0)  # another signature, traced
+    torch.manual_seed(7)
+    compiled = step(x, 0)
+    assert step.inductor_signatures == 1
+    torch.testing.assert_close(compiled[0], replayed[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled[1], replayed[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_modes():
@@ -207,3 +235,36 @@ def test_programs_that_are_not_modules_are_not_compiled():
     loss_fn = elbo()(model, model)
     with pytest.raises(NotCompilable, match="not both nn.Modules"):
         CompiledStep(loss_fn, [])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_onednn_linears_replace_float32_linear_layers_and_agree():
+    """Each float32 ``nn.Linear`` of a traced graph runs through oneDNN's linear, with the
+    same result to float32 rounding; float64 graphs are left as they are."""
+    net = torch.nn.Sequential(
+        torch.nn.Linear(20, 30), torch.nn.Softplus(), torch.nn.Linear(30, 7, bias=True)
+    )
+    x = torch.randn(ONEDNN_MIN_ROWS, 20, generator=torch.Generator().manual_seed(0))
+
+    def linears(graph: torch.fx.GraphModule) -> dict[str, int]:
+        targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+        return {
+            name: targets.count(name)
+            for name in ("aten.addmm.default", "pyrovae.onednn_linear.default")
+        }
+
+    graph = make_fx(net)(x)
+    expected = graph(x)
+    assert linears(onednn_linears(graph)) == {
+        "aten.addmm.default": 0,
+        "pyrovae.onednn_linear.default": 2,
+    }
+    torch.testing.assert_close(graph(x), expected, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(graph, dynamic=False)
+    with torch.no_grad():  # as the traced programs replay
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+    few_rows = make_fx(net)(x[:-1])
+    assert linears(onednn_linears(few_rows))["pyrovae.onednn_linear.default"] == 0
+    double = make_fx(net.double())(x.double())
+    assert linears(onednn_linears(double))["pyrovae.onednn_linear.default"] == 0
