@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import fit
-from pyrovae.inference.experiment.callbacks import Callback, FitState
+from pyrovae.inference.experiment.callbacks import BatchTransform, Callback, FitState
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 
 LATENT, HIDDEN = 50, 400
@@ -148,12 +148,10 @@ def pyrovae_run(
         x_train,
         epochs=epochs,
         batch_size=batch,
-        transform=torch.bernoulli,
         device=str(x_train.device),
         seed=None,
-        progress=False,
         compile=compile_mode,
-        callbacks=[TakeTurns(turns, name, epochs)],
+        callbacks=[TakeTurns(turns, name, epochs), BatchTransform(torch.bernoulli)],
     )
     return [row["seconds"] for row in history]
 

@@ -37,12 +37,14 @@ from pyrovae.inference.algorithms.scoring import Scores, score
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.build import build, build_objective, build_schedule
 from pyrovae.inference.experiment.callbacks import (
+    BatchTransform,
     Callback,
     Checkpointing,
     CollapseAlarm,
     DivergenceAlarm,
     EarlyStopping,
     FitState,
+    GradientClipping,
     ProgressBar,
 )
 from pyrovae.inference.experiment.data import Splits, load_data
@@ -66,6 +68,7 @@ __all__ = [
     "AnnealedLikelihood",
     "OBJECTIVES",
     "SCHEDULES",
+    "BatchTransform",
     "Callback",
     "Checkpoint",
     "Checkpointing",
@@ -79,6 +82,7 @@ __all__ = [
     "Evaluation",
     "FitState",
     "FreeBits",
+    "GradientClipping",
     "KLSchedule",
     "KLWeight",
     "LinearWarmup",

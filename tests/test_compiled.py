@@ -188,7 +188,7 @@ def test_fit_compiled_trains_like_eager_fit():
         guide = AmortizedGuide(DiagonalNormal(16, 2, hidden=[8]))
         histories[mode] = fit(
             model, guide, x[:160], validation=x[160:], batch_size=32,
-            epochs=3, progress=False, compile=mode, kl_schedule=LinearWarmup(5),
+            epochs=3, compile=mode, kl_schedule=LinearWarmup(5),
         )  # fmt: skip
     for eager, compiled in zip(histories["off"], histories["on"], strict=True):
         assert compiled["train_elbo"] == pytest.approx(eager["train_elbo"], rel=1e-4)

@@ -24,8 +24,10 @@ from torch import Tensor, nn
 import pyrovae
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import (
+    BatchTransform,
     Callback,
     Checkpoint,
+    Checkpointing,
     EarlyStopping,
     FitState,
     PyrovaeError,
@@ -37,6 +39,7 @@ from pyrovae.inference import (
     log_marginal_likelihood,
     train_run,
 )
+from pyrovae.inference.experiment.recipes import adam
 from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.model import DATA_PLATE, OBSERVED
 
@@ -256,8 +259,8 @@ def test_checkpoint_state_round_trip_and_refusal():
 
 def test_a_run_directory_written_by_fit_alone_is_explained(tmp_path, digits):
     model, guide = small_vae()
-    fit(model, guide, digits.train[:100], epochs=1, run_dir=tmp_path, progress=False)
-    with pytest.raises(PyrovaeError, match=r"written by fit\(run_dir=...\) without a spec"):
+    fit(model, guide, digits.train[:100], epochs=1, callbacks=[Checkpointing(tmp_path)])
+    with pytest.raises(PyrovaeError, match=r"written by fit \(Checkpointing\) without a spec"):
         load_run(tmp_path)
     fresh_model, fresh_guide = small_vae()
     Checkpoint.load(tmp_path).restore(fresh_model, fresh_guide)
@@ -305,7 +308,6 @@ def test_callbacks_see_every_step_and_epoch_and_can_stop(digits):
         epochs=5,
         batch_size=100,
         callbacks=[recorder],
-        progress=False,
     )
     assert len(history) == 2
     assert recorder.events == [
@@ -326,9 +328,8 @@ def test_early_stopping_is_a_callback(digits):
         guide,
         digits.train[:200],
         epochs=40,
-        lr=0.5,
+        optimizer=adam(nn.ModuleList([model, guide]).parameters(), 0.5),
         callbacks=[stopper],
-        progress=False,
     )
     assert len(history) < 40
     scores = [h["train_elbo"] for h in history]
@@ -356,14 +357,14 @@ def test_fit_trains_plain_pyro_functions_on_numpy_arrays(digits):
     pyro.get_param_store().clear()
     before = decoder.weight.detach().clone(), encoder.net[0].weight.detach().clone()
     data = digits.train.round().numpy().astype(np.float64)  # float64 NumPy input
-    history = fit(model, guide, data, validation=data[:200], epochs=5, progress=False)
+    history = fit(model, guide, data, validation=data[:200], epochs=5)
     pyro.get_param_store().clear()
     assert not torch.equal(before[0], decoder.weight) and not torch.equal(
         before[1], encoder.net[0].weight
     )
     assert history[-1]["validation_elbo"] > history[0]["validation_elbo"]
     with pytest.raises(PyrovaeError, match="integer dtype"):
-        fit(model, guide, (data * 255).astype(np.uint8), epochs=1, progress=False)
+        fit(model, guide, (data * 255).astype(np.uint8), epochs=1)
 
 
 # --- a hand-written two-latent model ---------------------------------------------------------
@@ -408,8 +409,7 @@ def test_a_two_latent_model_trains_is_scored_and_diagnosed(digits):
         digits.train,
         validation=digits.validation,
         epochs=4,
-        transform=torch.bernoulli,
-        progress=False,
+        callbacks=[BatchTransform(torch.bernoulli)],
     )
     assert history[-1]["validation_elbo"] > history[0]["validation_elbo"]
     x = digits.test[:40]

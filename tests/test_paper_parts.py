@@ -129,7 +129,7 @@ def test_the_best_checkpoint_is_the_best_validation_epoch_after_the_warmup(
     checkpointing = Checkpointing(tmp_path, best="validation_elbo", best_from=best_from)
     x = torch.rand(64, 16).round()
     fit(model, guide, x, validation=x[:16], epochs=len(values), batch_size=32,
-        callbacks=[scripted, checkpointing], progress=False)  # fmt: skip
+        callbacks=[scripted, checkpointing])  # fmt: skip
     kept = Checkpoint.load(tmp_path, name=BEST)
     assert kept.epoch == best
     model_state, guide_state = scripted.states[best]

@@ -16,11 +16,14 @@ from pyrovae.guides import (
     LowRankNormal,
 )
 from pyrovae.inference import (
+    BatchTransform,
     Checkpoint,
     CollapseAlarm,
     EarlyStopping,
     FitState,
+    GradientClipping,
     GuideWarmup,
+    LinearWarmup,
     fit,
     load_data,
     load_spec,
@@ -98,10 +101,16 @@ def test_a_fresh_mixture_prior_is_close_to_the_standard_normal():
     )
 
 
+def frozen(model, guide):
+    """The parameters of model and guide, for an optimizer of learning rate 0."""
+    return torch.nn.ModuleList([model, guide]).parameters()
+
+
 def test_fit_starts_vamp_pseudo_inputs_and_a_learned_scale_from_the_data(digits):
     encoder = DiagonalNormal(64, D, hidden=[16])
     model = VAE(VampPrior(D, 64, encoder, components=5), Decoder(D, 64, [16]), Bernoulli())
-    fit(model, AmortizedGuide(encoder), digits.train[:300], epochs=1, lr=0.0, progress=False)
+    guide = AmortizedGuide(encoder)
+    fit(model, guide, digits.train[:300], epochs=1, optimizer=adam(frozen(model, guide), 0.0))
     pseudo = model.prior.pseudo_inputs.detach()
     rows = (pseudo[:, None] == digits.train[:300][None]).all(-1).any(-1)
     assert rows.all()  # every pseudo-input is a training point
@@ -110,7 +119,7 @@ def test_fit_starts_vamp_pseudo_inputs_and_a_learned_scale_from_the_data(digits)
     likelihood = Gaussian(learn_scale=True, per_feature=True, features=64)
     model = VAE(StandardNormal(D), Decoder(D, 64, [16]), likelihood)
     guide = AmortizedGuide(DiagonalNormal(64, D, hidden=[16]))
-    fit(model, guide, grey, epochs=1, lr=0.0, progress=False)
+    fit(model, guide, grey, epochs=1, optimizer=adam(frozen(model, guide), 0.0))
     expected = grey.std(0).clamp(min=0.01)
     torch.testing.assert_close(likelihood.log_scale.exp().detach(), expected)
     fixed = Gaussian(scale=0.3, learn_scale=True, scale_from_data=False)
@@ -165,14 +174,14 @@ def test_a_guide_warm_up_trains_the_base_alone_and_hands_back_the_full_guide(dig
             if step == 0:
                 seen.append(encoder.head.base_only)
 
-    fit(model, guide, digits.train[:256], epochs=2, batch_size=64, guide_warmup=2,
-        callbacks=[Watch()], progress=False)  # fmt: skip
+    fit(model, guide, digits.train[:256], epochs=2, batch_size=64,
+        callbacks=[Watch(), GuideWarmup(2)])  # fmt: skip
     assert seen == [True, True] and not encoder.head.base_only
     for key, value in encoder.head.flow.transform.state_dict().items():
         torch.testing.assert_close(value, flow[key], rtol=0, atol=0)
     assert any(not torch.equal(v, trunk[k]) for k, v in encoder.net.state_dict().items())
 
-    fit(model, guide, digits.train[:256], epochs=1, batch_size=64, progress=False)
+    fit(model, guide, digits.train[:256], epochs=1, batch_size=64)
     moved = encoder.head.flow.transform.state_dict()
     assert any(not torch.equal(v, flow[k]) for k, v in moved.items())
 
@@ -230,7 +239,7 @@ def test_the_guide_warm_up_follows_the_epoch_and_the_spec_and_early_stopping_wai
     with pytest.raises(PyrovaeError, match="nothing to hold back"):
         fit(VAE(StandardNormal(2), Decoder(2, 8, [4]), Bernoulli()),
             AmortizedGuide(DiagonalNormal(8, 2, hidden=[4])), torch.rand(16, 8).round(),
-            guide_warmup=1, progress=False)  # fmt: skip
+            callbacks=[GuideWarmup(1)])  # fmt: skip
 
 
 # --- learning-rate schedules ----------------------------------------------------------------
@@ -323,6 +332,60 @@ def test_early_stopping_waits_for_the_warm_up():
     state = state_with(history(values[:2]))
     eager.on_epoch_end(state)
     assert state.stop
+    # Left to itself, early stopping counts from the end of the run's warm-ups.
+    for warmup_epochs, stops_at in ((0, 2), (4, 6)):
+        default = EarlyStopping(patience=1)
+        for n in range(1, len(values) + 1):
+            state = state_with(history(values[:n]))
+            state.warmup_epochs = warmup_epochs
+            default.on_epoch_end(state)
+            if state.stop:
+                break
+        assert n == stops_at
+
+
+def test_fit_counts_the_warm_ups_of_the_kl_schedule_and_of_the_guide(digits):
+    """FitState.warmup_epochs is the longest warm-up: the KL schedule's steps in whole
+    epochs, or a callback's (a guide warm-up), whichever callback comes first."""
+    seen = {}
+
+    class Record(Callback):
+        def on_fit_start(self, state):
+            seen["warmup"] = state.warmup_epochs
+
+    x = digits.train[:256]  # 4 steps per epoch at batch size 64
+    for schedule, callbacks, expected in (
+        (None, [], 0),
+        (LinearWarmup(warmup_steps=9), [], 3),
+        (LinearWarmup(warmup_steps=4), [GuideWarmup(2)], 2),
+    ):
+        model = VAE(StandardNormal(D), Decoder(D, 64, [16]), Bernoulli())
+        guide = AmortizedGuide(FullCovarianceNormal(64, D, hidden=[16]))
+        fit(model, guide, x, epochs=1, batch_size=64, kl_schedule=schedule,
+            callbacks=[Record(), *callbacks])  # fmt: skip
+        assert seen["warmup"] == expected
+
+
+def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(digits):
+    norms = []
+
+    class Norm(Callback):
+        def on_before_optimizer_step(self, state):
+            grads = [p.grad for g in state.optimizer.param_groups for p in g["params"]]
+            norms.append(
+                torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None]))
+            )
+
+    model = VAE(StandardNormal(D), Decoder(D, 64, [16]), Bernoulli())
+    guide = AmortizedGuide(DiagonalNormal(64, D, hidden=[16]))
+    fit(model, guide, digits.train[:256], epochs=1, batch_size=64,
+        callbacks=[GradientClipping(0.5), Norm()])  # fmt: skip
+    assert len(norms) == 4 and max(norms) <= 0.5 + 1e-5
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(PyrovaeError, match="grad_clip must be a finite number above 0"):
+            GradientClipping(bad)
+    with pytest.raises(PyrovaeError, match="BatchTransform needs a function"):
+        BatchTransform("bernoulli")
 
 
 def test_the_collapse_alarm_fires_on_collapse_only(capsys):
@@ -361,10 +424,9 @@ def test_the_alarm_on_real_runs():
             x[:500],
             validation=x[500:],
             epochs=6,
-            lr=3e-3,
+            optimizer=adam(torch.nn.ModuleList([model, guide]).parameters(), 3e-3),
             batch_size=50,
             callbacks=[alarm],
-            progress=False,
         )
         alarms[scale] = alarm.message
     assert alarms[0.05] is None

@@ -19,6 +19,7 @@ from interrupt import InterruptAt
 
 from pyrovae.inference import (
     Checkpoint,
+    Checkpointing,
     PyrovaeError,
     fit,
     load_run,
@@ -383,8 +384,8 @@ def test_the_python_api_fails_early_and_casts(tmp_path):
     assert model.sample(5).shape == (5, 6)  # a plain torch prior works in sample
     x = torch.rand(40, 6).round()
     with pytest.raises(PyrovaeError, match="does not exist"):
-        fit(model, guide, x, epochs=1, run_dir=tmp_path / "missing", progress=False)
-    fit(model, guide, x.double().numpy(), epochs=1, progress=False)  # float64 NumPy
+        fit(model, guide, x, epochs=1, callbacks=[Checkpointing(tmp_path / "missing")])
+    fit(model, guide, x.double().numpy(), epochs=1)  # float64 NumPy
     result = log_marginal_likelihood(model, guide, x.double(), num_samples=5)
     assert torch.isfinite(result.log_px).all()
     with pytest.raises(ValueError, match="integer dtype"):

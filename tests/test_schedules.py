@@ -24,6 +24,8 @@ from pyrovae.inference.algorithms.schedules import (
     LinearWarmup,
 )
 from pyrovae.inference.experiment.build import build_schedule
+from pyrovae.inference.experiment.callbacks import BatchTransform, Checkpointing
+from pyrovae.inference.experiment.recipes import adam
 from pyrovae.inference.experiment.runs import Checkpoint
 from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
 
@@ -209,9 +211,8 @@ def test_logged_elbo_is_the_true_one(digits):
             validation=digits.validation[:200],
             kl_schedule=kl_schedule,
             epochs=1,
-            lr=lr,
-            transform=torch.bernoulli,
-            progress=False,
+            optimizer=adam(nn.ModuleList([model, guide]).parameters(), lr),
+            callbacks=[BatchTransform(torch.bernoulli)],
         )
         return history[0], model.decoder.state_dict()
 
@@ -241,10 +242,7 @@ def test_checkpoint_resume_matches_uninterrupted_with_a_schedule(tmp_path, digit
             x,
             kl_schedule=Recorded(warmup_steps=10),
             epochs=epochs,
-            transform=torch.bernoulli,
-            run_dir=run_dir,
-            callbacks=callbacks,
-            progress=False,
+            callbacks=[Checkpointing(run_dir), *callbacks, BatchTransform(torch.bernoulli)],
         )
         return model
 

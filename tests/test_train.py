@@ -11,6 +11,13 @@ from interrupt import InterruptAt
 
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import TrainingDiverged, fit, load_data
+from pyrovae.inference.experiment.callbacks import (
+    BatchTransform,
+    Checkpointing,
+    EarlyStopping,
+    GradientClipping,
+)
+from pyrovae.inference.experiment.recipes import adam
 from pyrovae.inference.experiment.runs import CHECKPOINT, METRICS, Checkpoint
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 
@@ -35,8 +42,7 @@ def test_short_training_improves_validation_elbo(digits):
         digits.train,
         validation=digits.validation,
         epochs=8,
-        transform=torch.bernoulli,
-        progress=False,
+        callbacks=[BatchTransform(torch.bernoulli)],
     )
     assert [h["epoch"] for h in history] == list(range(1, 9))
     # 8 epochs take the validation ELBO from near the uniform-pixel value (64 log 2 = 44 nats)
@@ -55,9 +61,8 @@ def test_seeded_cpu_runs_are_reproducible(digits):
             guide,
             digits.train[:300],
             epochs=2,
-            transform=torch.bernoulli,
             seed=3,
-            progress=False,
+            callbacks=[BatchTransform(torch.bernoulli)],
         )
         states.append(model.state_dict())
     for key in states[0]:
@@ -76,10 +81,7 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, digits):
             x,
             validation=digits.validation,
             epochs=epochs,
-            transform=torch.bernoulli,
-            run_dir=run_dir,
-            callbacks=callbacks,
-            progress=False,
+            callbacks=[Checkpointing(run_dir), *callbacks, BatchTransform(torch.bernoulli)],
         )
         return model
 
@@ -115,7 +117,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits):
 
     with pytest.raises(TrainingDiverged, match="NaN or infinite in epoch 2.*epoch 1"):
         fit(
-            model, guide, digits.train, epochs=3, transform=poison, run_dir=tmp_path, progress=False
+            model,
+            guide,
+            digits.train,
+            epochs=3,
+            callbacks=[Checkpointing(tmp_path), BatchTransform(poison)],
         )
     checkpoint = Checkpoint.load(tmp_path)
     assert checkpoint.epoch == 1
@@ -132,11 +138,8 @@ def test_early_stopping_and_gradient_clipping(digits):
         digits.train[:200],
         validation=digits.validation,
         epochs=50,
-        patience=1,
-        lr=1e-1,
-        grad_clip=1.0,
-        transform=torch.bernoulli,
-        progress=False,
+        optimizer=adam(torch.nn.ModuleList([model, guide]).parameters(), 1e-1),
+        callbacks=[EarlyStopping(1), GradientClipping(1.0), BatchTransform(torch.bernoulli)],
     )
     assert len(history) < 50
     scores = [h["validation_elbo"] for h in history]
@@ -146,9 +149,9 @@ def test_early_stopping_and_gradient_clipping(digits):
 def test_bad_training_input(digits):
     model, guide = small_vae()
     with pytest.raises(Exception, match="support"):
-        fit(model, guide, digits.train * 3, epochs=1, progress=False)
-    with pytest.raises(Exception, match="patience"):
-        fit(model, guide, digits.train, epochs=1, patience=2, progress=False)
+        fit(model, guide, digits.train * 3, epochs=1)
+    with pytest.raises(Exception, match="early stopping on a validation figure needs"):
+        fit(model, guide, digits.train, epochs=1, callbacks=[EarlyStopping(2)])
 
 
 def test_validation_terms_add_up(digits):
@@ -160,8 +163,7 @@ def test_validation_terms_add_up(digits):
         digits.train,
         validation=digits.validation,
         epochs=2,
-        transform=torch.bernoulli,
-        progress=False,
+        callbacks=[BatchTransform(torch.bernoulli)],
     )
     for h in history:
         assert h["validation_elbo"] == pytest.approx(
@@ -181,9 +183,7 @@ def test_fit_on_cuda_keeps_everything_on_the_device(tmp_path, digits):
         validation=digits.validation,
         epochs=2,
         device="cuda",
-        transform=torch.bernoulli,
-        run_dir=tmp_path,
-        progress=False,
+        callbacks=[Checkpointing(tmp_path), BatchTransform(torch.bernoulli)],
     )
     assert all(p.is_cuda for p in model.parameters())
     assert math.isfinite(history[-1]["validation_elbo"])

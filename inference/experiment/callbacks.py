@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,14 @@ from pyrovae.model.sites import OBSERVED
 
 __all__ = [
     "COLLAPSE_KL",
+    "BatchTransform",
     "Callback",
     "Checkpointing",
     "CollapseAlarm",
     "DivergenceAlarm",
     "EarlyStopping",
     "FitState",
+    "GradientClipping",
     "ProgressBar",
     "TensorBoard",
     "collapse_message",
@@ -57,6 +59,11 @@ class FitState:
             :meth:`Callback.on_fit_start`, and the loop continues after its last epoch.
         epoch: the epoch running or last finished (0 before the first).
         stop: set by a callback to end training after the current epoch.
+        warmup_epochs: the epochs of the run's warm-ups, the longest of the KL schedule's
+            (its ``warmup_steps`` in whole epochs) and the callbacks' own
+            (:attr:`Callback.warmup_epochs`, a guide warm-up's). A warm-up lowers the ELBO
+            by design or trains another guide, so early stopping and the best epoch count
+            from the epoch after it: the one rule, kept here.
     """
 
     model: Any
@@ -72,16 +79,33 @@ class FitState:
     history: list[dict[str, float]] = field(default_factory=list)
     epoch: int = 0
     stop: bool = False
+    warmup_epochs: int = 0
+
+    @property
+    def first_counted(self) -> int:
+        """The first epoch that early stopping and the choice of the best epoch count."""
+        return self.warmup_epochs + 1
 
 
 class Callback:
     """Hooks of the training loop; subclass and override the ones you need."""
+
+    warmup_epochs: int = 0
+    """Epochs at the start in which this callback holds training in a warm-up (see
+    :attr:`FitState.warmup_epochs`)."""
 
     def on_fit_start(self, state: FitState) -> None:
         """Before the first epoch (after seeding): restore state, open files or bars."""
 
     def on_epoch_start(self, state: FitState) -> None:
         """Before the optimizer steps of epoch ``state.epoch``."""
+
+    def transform_batch(self, state: FitState, x: Tensor) -> Tensor:
+        """The training batch ``x`` (on the device) as the step should see it."""
+        return x
+
+    def on_before_optimizer_step(self, state: FitState) -> None:
+        """After the gradients of a step are computed, before the optimizer uses them."""
 
     def on_step_end(self, state: FitState, step: int, loss: Tensor) -> None:
         """After optimizer step ``step`` of the epoch; ``loss`` is the batch's summed loss,
@@ -104,9 +128,9 @@ class Checkpointing(Callback):
             TOML, the data's fingerprint as ``Splits.fingerprint`` gives it).
         resume: restore model, guide, optimizer, RNG states and history at the start.
         best: also keep ``best.pt``, model and guide at the epoch whose history value of
-            this key (``"validation_elbo"``) is the highest so far, counting from epoch
-            ``best_from`` (after the warm-ups, as early stopping does); None: no best.
-        best_from: the first epoch that may be the best.
+            this key (``"validation_elbo"``) is the highest so far; None: no best.
+        best_from: the first epoch that may be the best; None: the first after the
+            warm-ups (:attr:`FitState.first_counted`), as early stopping counts.
     """
 
     def __init__(
@@ -119,7 +143,7 @@ class Checkpointing(Callback):
         data_sha256: str | None = None,
         resume: bool = True,
         best: str | None = None,
-        best_from: int = 1,
+        best_from: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         # Rank 0 writes the run; the other ranks of a distributed run only read it.
@@ -132,7 +156,7 @@ class Checkpointing(Callback):
         self.data_sha256 = data_sha256
         self.resume = resume
         self.best = best
-        self.best_from = int(best_from)
+        self.best_from = best_from
         self.latest: Checkpoint | None = None
 
     def on_fit_start(self, state: FitState) -> None:
@@ -167,7 +191,7 @@ class Checkpointing(Callback):
         )
         if self.writes:
             self.latest.save(self.run_dir)
-            if self.best is not None and self._is_best(state.history):
+            if self.best is not None and self._is_best(state):
                 best = Checkpoint(
                     epoch=state.epoch,
                     model=self.latest.model,
@@ -180,11 +204,13 @@ class Checkpointing(Callback):
                 )
                 best.save(self.run_dir, BEST)
 
-    def _is_best(self, history: list[dict[str, float]]) -> bool:
+    def _is_best(self, state: FitState) -> bool:
         """Whether the last epoch's ``best`` value is the highest since ``best_from`` (the
         first of equal values wins, as in early stopping)."""
-        scores = [h[self.best] for h in history if h["epoch"] >= self.best_from]
-        if not scores or history[-1]["epoch"] < self.best_from:
+        history = state.history
+        start = state.first_counted if self.best_from is None else self.best_from
+        scores = [h[self.best] for h in history if h["epoch"] >= start]
+        if not scores or history[-1]["epoch"] < start:
             return False
         last = scores[-1]
         return math.isfinite(last) and all(not s >= last for s in scores[:-1])
@@ -196,29 +222,71 @@ class EarlyStopping(Callback):
     Args:
         patience: epochs without improvement to wait, at least 1.
         monitor: the history key to maximise.
-        start_epoch: the first epoch that counts: a KL warm-up lowers the ELBO by design
-            while it runs, so early stopping waits for its end.
+        start_epoch: the first epoch that counts; None: the first after the run's warm-ups
+            (:attr:`FitState.first_counted`: a KL warm-up lowers the ELBO by design while
+            it runs, a guide warm-up trains another guide).
+
+    Example:
+        >>> history = fit(vae, guide, x, validation=x_val, callbacks=[EarlyStopping(5)])
     """
 
     def __init__(
-        self, patience: int, monitor: str = "validation_elbo", start_epoch: int = 1
+        self, patience: int, monitor: str = "validation_elbo", start_epoch: int | None = None
     ) -> None:
         self.patience = check_int(patience, "patience", error=PyrovaeError)
         self.monitor = monitor
-        self.start_epoch = int(start_epoch)
+        self.start_epoch = start_epoch
 
-    def _epochs_since_best(self, history: list[dict[str, float]]) -> int:
-        scores = [h[self.monitor] for h in history if h["epoch"] >= self.start_epoch]
+    def _epochs_since_best(self, state: FitState) -> int:
+        start = state.first_counted if self.start_epoch is None else self.start_epoch
+        scores = [h[self.monitor] for h in state.history if h["epoch"] >= start]
         if not scores:
             return 0
         best_at = max(range(len(scores)), key=lambda i: (scores[i], -i))
         return len(scores) - 1 - best_at
 
     def on_fit_start(self, state: FitState) -> None:
-        state.stop = state.stop or self._epochs_since_best(state.history) >= self.patience
+        state.stop = state.stop or self._epochs_since_best(state) >= self.patience
 
     def on_epoch_end(self, state: FitState) -> None:
-        state.stop = state.stop or self._epochs_since_best(state.history) >= self.patience
+        state.stop = state.stop or self._epochs_since_best(state) >= self.patience
+
+
+class GradientClipping(Callback):
+    """Clips the gradient norm of the optimizer's parameters before every step
+    (``torch.nn.utils.clip_grad_norm_``).
+
+    Args:
+        max_norm: the largest norm of all gradients together, a finite number above 0.
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        if isinstance(max_norm, bool) or not (
+            isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0
+        ):
+            raise PyrovaeError(f"grad_clip must be a finite number above 0, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+
+    def on_before_optimizer_step(self, state: FitState) -> None:
+        params = [p for group in state.optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, self.max_norm)
+
+
+class BatchTransform(Callback):
+    """Applies ``fn`` to every training batch on the device, e.g. ``torch.bernoulli`` for
+    dynamic binarization (a fresh binary image from the grey levels at every step).
+
+    Example:
+        >>> fit(vae, guide, grey_images, callbacks=[BatchTransform(torch.bernoulli)])
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        if not callable(fn):
+            raise PyrovaeError(f"BatchTransform needs a function of the batch, got {fn!r}")
+        self.fn = fn
+
+    def transform_batch(self, state: FitState, x: Tensor) -> Tensor:
+        return self.fn(x)
 
 
 COLLAPSE_KL = 0.1
@@ -333,6 +401,13 @@ class ProgressBar(Callback):
         self.bar = tqdm(total=remaining, unit="batch", disable=None if state.rank == 0 else True)
         # Reading the running loss syncs with the device: a few times per epoch only.
         self.refresh = max(1, state.steps_per_epoch // 10)
+
+    def transform_batch(self, state: FitState, x: Tensor) -> Tensor:
+        """The training batch ``x`` (on the device) as the step should see it."""
+        return x
+
+    def on_before_optimizer_step(self, state: FitState) -> None:
+        """After the gradients of a step are computed, before the optimizer uses them."""
 
     def on_step_end(self, state: FitState, step: int, loss: Tensor) -> None:
         if self.bar is None or self.bar.disable:

@@ -4,7 +4,6 @@ support) and the optimizer's settings."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -45,14 +44,10 @@ def check_inputs(model: Any, train: Tensor, validation: Tensor | None = None) ->
         check_data(validation, "validation data", support)
 
 
-def check_settings(epochs: int, batch_size: int, lr: float, grad_clip: float | None) -> None:
+def check_settings(epochs: int, batch_size: int) -> None:
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise PyrovaeError(f"{name} must be an integer of at least 1, got {value!r}")
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
-        raise PyrovaeError(f"lr must be a finite number of at least 0, got {lr!r}")
-    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
-        raise PyrovaeError(f"grad_clip must be a finite number above 0, got {grad_clip!r}")
 
 
 def floating_dtype(*parts: Any) -> torch.dtype:

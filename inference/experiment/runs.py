@@ -453,7 +453,7 @@ def load_run(
     if not (path / SPEC).is_file():
         if checkpoint is not None and checkpoint.spec is None:
             raise PyrovaeError(
-                f"{path} holds a checkpoint written by fit(run_dir=...) without a spec; "
+                f"{path} holds a checkpoint written by fit (Checkpointing) without a spec; "
                 "build the model and guide yourself and call "
                 "Checkpoint.load(path).restore(model, guide)"
             )

@@ -11,7 +11,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,6 @@ from pyrovae.inference.experiment.callbacks import (
     Checkpointing,
     EarlyStopping,
     FitState,
-    ProgressBar,
     device_of,
 )
 from pyrovae.inference.experiment.distributed import all_reduce_sum, derived_seed, rank_and_world
@@ -60,20 +58,13 @@ def fit(
     validation: Tensor | np.ndarray | None = None,
     objective: Any = None,
     kl_schedule: KLSchedule | None = None,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
     optimizer: torch.optim.Optimizer | None = None,
     lr_scheduler: Any = None,
-    grad_clip: float | None = None,
-    patience: int | None = None,
-    guide_warmup: int = 0,
-    transform: Callable[[Tensor], Tensor] | None = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    callbacks: Sequence[Callback] = (),
     device: str | torch.device = "auto",
     seed: int | None = 0,
-    callbacks: Sequence[Callback] = (),
-    run_dir: str | Path | None = None,
-    progress: bool = True,
     compile: str | bool = "auto",
 ) -> list[dict[str, float]]:
     """Trains ``model`` and ``guide`` by minimising ``objective(model, guide)``.
@@ -81,7 +72,13 @@ def fit(
     The whole training set is kept on the device when it fits; each epoch shuffles it with
     the global torch RNG, so a seeded CPU run is reproducible. The loss is the negative
     objective averaged over the batch. After every epoch the validation data are scored
-    (ELBO, reconstruction and KL per point, from one draw) and the callbacks run.
+    (ELBO, reconstruction and KL per point, from one draw) and the callbacks run. Everything
+    else is a callback: :class:`~pyrovae.inference.experiment.callbacks.Checkpointing`,
+    :class:`~pyrovae.inference.experiment.callbacks.EarlyStopping`,
+    :class:`~pyrovae.inference.experiment.warmup.GuideWarmup`,
+    :class:`~pyrovae.inference.experiment.callbacks.ProgressBar`,
+    :class:`~pyrovae.inference.experiment.callbacks.GradientClipping`,
+    :class:`~pyrovae.inference.experiment.callbacks.BatchTransform` (dynamic binarization).
 
     Args:
         model: the Pyro model: an ``nn.Module`` whose ``forward(x)`` observes ``x``, or a
@@ -94,30 +91,21 @@ def fit(
         kl_schedule: a KL schedule (``pyrovae.inference.algorithms.schedules``): optimizer
             step ``s`` of the run, counted over all epochs (so a resumed run picks it up where
             it was), computes the loss under ``kl_schedule.handler(s)``. Those handlers change
-            gradients only: the logged and evaluated ELBO stays the true one.
-        epochs: total number of epochs, counting those a restored run already has.
-        batch_size: points per step.
-        lr: learning rate of the default optimizer, Adam with torch's fused kernel where it
-            has one (:func:`~pyrovae.inference.experiment.recipes.adam`).
-        optimizer: a ``torch.optim`` optimizer over the loss module's parameters, instead.
+            gradients only: the logged and evaluated ELBO stays the true one. Its warm-up
+            (``warmup_steps``) is one of the run's warm-ups (``FitState.warmup_epochs``).
+        optimizer: a ``torch.optim`` optimizer over the loss module's parameters; default
+            Adam with learning rate 1e-3 and torch's fused kernel where it has one
+            (:func:`~pyrovae.inference.experiment.recipes.adam`).
         lr_scheduler: a ``torch.optim.lr_scheduler`` scheduler of that optimizer, stepped
             after every epoch's validation (``ReduceLROnPlateau`` on the validation ELBO);
             checkpointed with the run.
-        grad_clip: clip the gradient norm to this value.
-        patience: shorthand for an :class:`EarlyStopping` callback (counting from the end
-            of a guide warm-up).
-        guide_warmup: shorthand for a :class:`GuideWarmup` callback of that many epochs
-            (0: none): a richer guide trains as its diagonal base first.
-        transform: applied to every training batch on the device, e.g. ``torch.bernoulli``
-            for dynamic binarization.
+        epochs: total number of epochs, counting those a restored run already has.
+        batch_size: points per step.
+        callbacks: :class:`Callback` objects, called in order.
         device: ``auto``, ``cpu``, ``cuda``...; modules are moved there.
         seed: seeds torch and Pyro at the start (a restored run then sets its saved RNG
             states). Submodules with an ``initialize_from_data(x)`` method are then given
             the training data (a VampPrior's pseudo-inputs start as training points).
-        callbacks: :class:`Callback` objects, called in order.
-        run_dir: shorthand for a :class:`Checkpointing` callback in this existing directory
-            (written every epoch, resumed from when it holds a checkpoint).
-        progress: show a progress bar (a :class:`ProgressBar` callback).
         compile: ``"auto"``, ``"on"`` or ``"off"`` (or a bool): run the training step as a
             traced tensor program (:class:`~pyrovae.inference.algorithms.compiled.CompiledStep`:
             the same loss and gradients without Pyro's per-step Python, fused by
@@ -134,8 +122,12 @@ def fit(
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
         PyrovaeError: bad data or settings, found before any training.
+
+    Example:
+        >>> history = fit(vae, guide, x_train, validation=x_val, epochs=20,
+        ...               callbacks=[EarlyStopping(5), ProgressBar()])
     """
-    check_settings(epochs, batch_size, lr, grad_clip)
+    check_settings(epochs, batch_size)
     device = resolve_device(device)
     for part in (model, guide):
         if isinstance(part, nn.Module):
@@ -145,16 +137,10 @@ def fit(
     x_val = as_data(validation, "validation data", dtype) if validation is not None else None
     check_inputs(model, x_train, x_val)
     callbacks = list(callbacks)
-    if run_dir is not None:
-        callbacks.insert(0, Checkpointing(run_dir, features=x_train.shape[1]))
-    if patience is not None:
-        if x_val is None:
-            raise PyrovaeError("early stopping (patience) needs validation data")
-        callbacks.append(EarlyStopping(patience, start_epoch=guide_warmup + 1))
-    if guide_warmup:
-        callbacks.append(GuideWarmup(guide_warmup))
-    if progress:
-        callbacks.append(ProgressBar())
+    if x_val is None and any(
+        isinstance(c, EarlyStopping) and c.monitor.startswith("validation") for c in callbacks
+    ):
+        raise PyrovaeError("early stopping on a validation figure needs validation=... data")
     if seed is not None:
         pyro.set_rng_seed(seed)
 
@@ -162,8 +148,8 @@ def fit(
     x_val = place(x_val, device) if x_val is not None else None
     _initialize_from_data(model, guide, x_train)
     loss_fn = (objective or elbo())(model, guide)
-    params = _parameters(loss_fn, x_train[:batch_size].to(device), transform)
-    optimizer = optimizer or adam(params, lr)
+    params = _parameters(loss_fn, x_train[:batch_size].to(device))
+    optimizer = optimizer or adam(params, 1e-3)
     steps = math.ceil(x_train.shape[0] / batch_size)
     rank, world = rank_and_world()
     state = FitState(
@@ -177,6 +163,10 @@ def fit(
         lr_scheduler,
         rank=rank,
         world_size=world,
+        warmup_epochs=max(
+            [math.ceil(getattr(kl_schedule, "warmup_steps", 0) / steps)]
+            + [callback.warmup_epochs for callback in callbacks]
+        ),
     )
     train_module = loss_fn
     if world > 1:
@@ -206,8 +196,6 @@ def fit(
                     callbacks,
                     params,
                     x_train,
-                    grad_clip,
-                    transform,
                     kl_schedule,
                     0 if seed is None else seed,
                     compiled,
@@ -273,9 +261,7 @@ def _initialize_from_data(model: Any, guide: Any, x: Tensor) -> None:
                 hook(x)
 
 
-def _parameters(
-    loss_fn: nn.Module, x: Tensor, transform: Callable[[Tensor], Tensor] | None
-) -> list[Tensor]:
+def _parameters(loss_fn: nn.Module, x: Tensor) -> list[Tensor]:
     """The loss module's parameters, and those of ``pyro.param`` / ``pyro.module`` sites of
     plain-function programs, captured from one traced evaluation of the loss as Pyro's
     ``SVI`` does."""
@@ -283,7 +269,7 @@ def _parameters(
     if isinstance(loss_fn.model, nn.Module) and isinstance(loss_fn.guide, nn.Module):
         return params
     with torch.no_grad(), poutine.trace(param_only=True) as capture:
-        loss_fn(transform(x) if transform is not None else x)
+        loss_fn(x)
     seen = {id(p) for p in params}
     for site in capture.trace.nodes.values():
         unconstrained = site["value"].unconstrained()
@@ -323,8 +309,6 @@ def _train_epoch(
     callbacks: list[Callback],
     params: list[Tensor],
     x_train: Tensor,
-    grad_clip: float | None,
-    transform: Callable[[Tensor], Tensor] | None,
     kl_schedule: KLSchedule | None,
     seed: int,
     compiled: CompiledStep | None = None,
@@ -350,8 +334,8 @@ def _train_epoch(
     for step, start in enumerate(range(0, n, batch_size)):
         rows = order[start : min(start + batch_size, n)]
         x = x_train[rows[rank::world]].to(device, non_blocking=True)
-        if transform is not None:
-            x = transform(x)
+        for callback in callbacks:
+            x = callback.transform_batch(state, x)
         optimizer.zero_grad(set_to_none=True)
         if compiled is not None:
             loss, grads = compiled(x, first_step + step)
@@ -364,8 +348,8 @@ def _train_epoch(
                 with kl_schedule.handler(first_step + step):
                     loss = train_module(x)
             (loss / x.shape[0]).backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, grad_clip)
+        for callback in callbacks:
+            callback.on_before_optimizer_step(state)
         optimizer.step()
         loss = loss.detach()
         total += loss

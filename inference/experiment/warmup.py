@@ -37,6 +37,10 @@ class GuideWarmup(Callback):
     def __init__(self, epochs: int) -> None:
         self.epochs = check_int(epochs, "guide warm-up epochs", error=PyrovaeError)
 
+    @property
+    def warmup_epochs(self) -> int:  # early stopping and the best epoch count after it
+        return self.epochs
+
     def on_fit_start(self, state: FitState) -> None:
         check_warmup(state.guide, self.epochs)
 

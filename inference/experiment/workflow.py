@@ -7,7 +7,6 @@ Python program, a notebook or a benchmark gets exactly what the command line get
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,12 +25,15 @@ from pyrovae.inference.experiment.build import (
     build_schedule,
 )
 from pyrovae.inference.experiment.callbacks import (
+    BatchTransform,
     Callback,
     Checkpointing,
     CollapseAlarm,
     DivergenceAlarm,
     EarlyStopping,
     FitState,
+    GradientClipping,
+    ProgressBar,
     TensorBoard,
 )
 from pyrovae.inference.experiment.data import Splits, check_data, load_data
@@ -176,11 +178,6 @@ def train_run(
                 remove_stale_stages(out)
             staging = stage_run(out, resolved) if writes else None
 
-        # A KL warm-up lowers the ELBO while it runs, and a guide warm-up trains another
-        # guide: early stopping, and the choice of the best epoch, wait for the end of both.
-        steps = math.ceil(len(data.train) / train.batch_size)
-        warmup = math.ceil(getattr(schedule, "warmup_steps", 0) / steps)
-        first_counted = max(warmup, train.guide_warmup) + 1
         fingerprint = data.fingerprint()
         if resume:
             recorded = Checkpoint.load(out).data_sha256
@@ -193,13 +190,16 @@ def train_run(
             spec=resolved.to_toml(),
             data_sha256=fingerprint,
             best="validation_elbo" if train.patience is not None else None,
-            best_from=first_counted,
         )
         own = [checkpointing] if staging is None else [checkpointing, _Promote(checkpointing, out)]
         if train.guide_warmup:
             own.append(GuideWarmup(train.guide_warmup))
         if train.patience is not None:
-            own.append(EarlyStopping(train.patience, start_epoch=first_counted))
+            own.append(EarlyStopping(train.patience))
+        if train.grad_clip is not None:
+            own.append(GradientClipping(train.grad_clip))
+        if data.dynamic:
+            own.append(BatchTransform(torch.bernoulli))
         own.append(CollapseAlarm())
         own.append(DivergenceAlarm())
         if train.log == "tensorboard":
@@ -224,12 +224,9 @@ def train_run(
                 batch_size=train.batch_size,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
-                grad_clip=train.grad_clip,
-                transform=torch.bernoulli if data.dynamic else None,
                 device=device_,
                 seed=train.seed,
-                callbacks=[*own, *callbacks],
-                progress=progress,
+                callbacks=[*own, *callbacks, *([ProgressBar()] if progress else [])],
                 compile=train.compile,
             )
         except (KeyboardInterrupt, TrainingDiverged) as e:
