@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.distributions.utils import vec_to_tril_matrix
 from torch.nn.functional import softplus
 
+from pyrovae.model.distributions import FullRankNormal
 from pyrovae.model.networks import network as build_network
 
 
@@ -82,7 +83,7 @@ class DiagonalNormalHead(nn.Module):
 
 
 class FullCovarianceHead(nn.Module):
-    """A ``MultivariateNormal`` from loc and the ``D (D + 1) / 2`` entries of a lower
+    """A ``MultivariateNormal`` (:class:`~pyrovae.model.distributions.FullRankNormal`) from loc and the ``D (D + 1) / 2`` entries of a lower
     triangle: the diagonal goes through ``softplus(.) + min_scale``, the off-diagonal entries
     are the outputs times ``off_diagonal_scale``.
 
@@ -120,7 +121,7 @@ class FullCovarianceHead(nn.Module):
             return dist.Normal(loc, scale).to_event(1)
         scale_tril = self.to_cholesky(vec_to_tril_matrix(tril * self.factor.to(tril)))
         eye = torch.eye(self.latent_dim, dtype=params.dtype, device=params.device)
-        return dist.MultivariateNormal(loc, scale_tril=scale_tril + self.min_scale * eye)
+        return FullRankNormal(loc, scale_tril=scale_tril + self.min_scale * eye)
 
 
 class LowRankHead(nn.Module):

@@ -1,7 +1,7 @@
 """The generative side of a VAE: priors p(z), decoders, likelihoods p(x|z), and ``VAE``."""
 
 from pyrovae.model.decoders import DECODERS, Decoder
-from pyrovae.model.distributions import DiscretizedLogistic
+from pyrovae.model.distributions import DiscretizedLogistic, FullRankNormal
 from pyrovae.model.layers import ConditionalNormal
 from pyrovae.model.likelihoods import (
     LIKELIHOODS,
@@ -25,6 +25,7 @@ from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED, latent_sites
 from pyrovae.model.vae import VAE, ConditionalVAE, SemiSupervisedVAE
 
 __all__ = [
+    "FullRankNormal",
     "DATA_PLATE",
     "DECODERS",
     "LATENT",

@@ -140,10 +140,20 @@ class DiscretizedLogistic(dist.TorchDistribution):
         return (grid * self.log_prob(grid).exp()).sum(0)
 
 
-@torch.distributions.kl.register_kl(dist.MultivariateNormal, dist.Independent)
-def _kl_mvn_diagonal_normal(q: dist.MultivariateNormal, p: dist.Independent) -> Tensor:
-    """KL(N(mu, L L^T) || N(m, diag(s^2))) in closed form: a full-covariance guide against a
-    diagonal Gaussian prior (torch registers MVN against MVN only)."""
+class FullRankNormal(dist.MultivariateNormal):
+    """A ``MultivariateNormal`` that knows its KL divergence to a diagonal Gaussian.
+
+    torch registers the KL of a ``MultivariateNormal`` against another one only; this class
+    (the full-covariance guide's distribution) adds the closed form against
+    ``Normal(loc, scale).to_event(1)``, which ``analytic_kl`` and Pyro's
+    ``TraceMeanField_ELBO`` then use. The registration is for this class alone, so
+    ``kl_divergence`` of torch's own classes behaves as torch defines it.
+    """
+
+
+@torch.distributions.kl.register_kl(FullRankNormal, dist.Independent)
+def _kl_full_rank_diagonal_normal(q: FullRankNormal, p: dist.Independent) -> Tensor:
+    """KL(N(mu, L L^T) || N(m, diag(s^2))) in closed form."""
     base = p.base_dist
     if not (isinstance(base, dist.Normal) and p.reinterpreted_batch_ndims == 1):
         raise NotImplementedError

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from pyrovae.guides import AmortizedGuide, DiagonalNormal, FlowEncoder
 from pyrovae.inference import PyrovaeError, Spec, build_objective, load_spec
 from pyrovae.inference.algorithms.objectives import OBJECTIVES, ParticleBound, elbo, iwae
-from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
+from pyrovae.model import VAE, Bernoulli, Decoder, FullRankNormal, Gaussian, StandardNormal
 
 LATENT_DIM, FEATURES = 2, 4
 
@@ -247,13 +247,14 @@ def test_objective_options_are_checked():
 def test_a_full_covariance_guide_has_a_closed_form_kl_to_a_diagonal_prior():
     """analytic_kl uses it: the registered KL equals torch's MVN-to-MVN formula, and a
     Monte Carlo estimate of it within 4 standard errors; other Independent priors (a Laplace)
-    stay unregistered, so TraceMeanField_ELBO falls back to Monte Carlo for them."""
+    stay unregistered, so TraceMeanField_ELBO falls back to Monte Carlo for them. Torch's own
+    MultivariateNormal keeps torch's registry: importing pyrovae registers nothing for it."""
     from torch.distributions import kl_divergence
 
     torch.manual_seed(0)
     tril = torch.randn(4, 3, 3).tril()
     tril.diagonal(dim1=-2, dim2=-1).abs_().add_(0.5)
-    q = dist.MultivariateNormal(torch.randn(4, 3), scale_tril=tril)
+    q = FullRankNormal(torch.randn(4, 3), scale_tril=tril)
     p = dist.Normal(torch.randn(3), torch.rand(3) + 0.5).to_event(1)
     as_mvn = dist.MultivariateNormal(p.base_dist.loc, scale_tril=torch.diag(p.base_dist.scale))
     torch.testing.assert_close(kl_divergence(q, p), kl_divergence(q, as_mvn))
@@ -263,6 +264,8 @@ def test_a_full_covariance_guide_has_a_closed_form_kl_to_a_diagonal_prior():
     assert ((draws.mean(0) - kl_divergence(q, p)).abs() < 4 * error).all()
     with pytest.raises(NotImplementedError):
         kl_divergence(q, dist.Laplace(torch.zeros(3), 1.0).to_event(1))
+    with pytest.raises(NotImplementedError):
+        kl_divergence(dist.MultivariateNormal(q.loc, scale_tril=tril), p)
 
 
 @pytest.mark.parametrize("passes", [2, None], ids=["coupling", "autoregressive"])
