@@ -50,9 +50,7 @@ from pyrovae.inference import (
     Checkpoint,
     Run,
     Spec,
-    Splits,
     build,
-    build_objective,
     diagnose,
     evaluate_run,
     load_data,
@@ -60,6 +58,8 @@ from pyrovae.inference import (
     load_spec,
     train_run,
 )
+from pyrovae.inference.experiment.build import build_objective
+from pyrovae.inference.experiment.data import Splits
 from pyrovae.inference.experiment.runs import SPEC, atomic_write
 from pyrovae.inference.experiment.workflow import load_run_data
 

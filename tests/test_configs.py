@@ -8,7 +8,8 @@ import pyro
 import pytest
 import torch
 
-from pyrovae.inference import build, build_objective, load_spec
+from pyrovae.inference import build, load_spec
+from pyrovae.inference.experiment.build import build_objective
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 

@@ -13,8 +13,9 @@ from ppca import PPCAPosterior
 from torch import Tensor, nn
 
 from pyrovae.guides import AmortizedGuide, DiagonalNormal, FlowEncoder
-from pyrovae.inference import PyrovaeError, Spec, build_objective, load_spec
+from pyrovae.inference import PyrovaeError, Spec, load_spec
 from pyrovae.inference.algorithms.objectives import OBJECTIVES, ParticleBound, elbo, iwae
+from pyrovae.inference.experiment.build import build_objective
 from pyrovae.model import VAE, Bernoulli, Decoder, FullRankNormal, Gaussian, StandardNormal
 
 LATENT_DIM, FEATURES = 2, 4
