@@ -21,7 +21,6 @@ upper layer of a stack); the upper bound needs the closed-form aggregate of ``di
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import Tensor
 
+from pyrovae.inference.algorithms.density import donsker_varadhan, fit_critic
 from pyrovae.inference.algorithms.marginal import like_parameters
 from pyrovae.inference.algorithms.scoring import MAX_PLATE_NESTING, PARTICLE_PLATE, score
 from pyrovae.inference.errors import check_int
@@ -44,7 +43,6 @@ __all__ = [
     "check_held_out",
     "posterior_draws",
     "rng_devices",
-    "train_with_patience",
 ]
 
 Program = Callable[..., Any]
@@ -182,11 +180,11 @@ def aggregate_kl(
                 p = ancestral_draws(model, x[:batch_size], [name], len(q))[name]
             return q, p
 
-        critic, history = _fit_critic(
+        critic, history = fit_critic(
             draws, (valid, prior_valid), hidden, epochs, patience, batch_size, lr
         )
         with torch.no_grad():
-            lower, lower_se = _donsker_varadhan(critic(held_out), critic(prior_test))
+            lower, lower_se = donsker_varadhan(critic(held_out), critic(prior_test))
             upper_bound = mean_kl = math.nan
             if upper:
                 d = diagnose(model, guide, x_test, num_samples=0, num_latent_samples=num_draws)
@@ -229,97 +227,6 @@ def check_held_out(x: Tensor, x_test: Tensor, validation: float, **sizes: int) -
             f"x ({num_validation} for validation) and {len(x_test)} in x_test"
         )
     return num_validation
-
-
-class _Critic(nn.Module):
-    """T(z): an MLP on z standardized by the prior draws' moments, and on its squares, so
-    that the log ratio of two Gaussians, quadratic in z, is linear in the inputs."""
-
-    def __init__(self, draws: Tensor, hidden: int) -> None:
-        super().__init__()
-        self.register_buffer("loc", draws.mean(0))
-        self.register_buffer("scale", draws.std(0).clamp_min(1e-6))
-        dim = draws.shape[-1]
-        self.net = nn.Sequential(
-            nn.Linear(2 * dim, hidden),
-            nn.SiLU(),
-            nn.Linear(hidden, hidden),
-            nn.SiLU(),
-            nn.Linear(hidden, 1),
-        )
-
-    def forward(self, z: Tensor) -> Tensor:
-        parts = []
-        for part in z.split(65536):
-            u = (part - self.loc) / self.scale
-            parts.append(self.net(torch.cat([u, u.square()], -1)).squeeze(-1))
-        return torch.cat(parts)
-
-
-def _fit_critic(
-    draws: Callable[[], tuple[Tensor, Tensor]],
-    valid: tuple[Tensor, Tensor],
-    hidden: int,
-    epochs: int,
-    patience: int,
-    batch_size: int,
-    lr: float,
-) -> tuple[_Critic, list[float]]:
-    """Logistic regression of posterior (label 1) against prior draws (label 0), fresh
-    ``draws()`` each epoch, stopped by the Donsker-Varadhan bound on the validation draws;
-    returns the best critic and the validation bound after each epoch."""
-    critic = _Critic(valid[1], hidden).to(valid[1].device, valid[1].dtype)
-    optimizer = torch.optim.Adam(critic.parameters(), lr=lr)
-
-    def train_epoch() -> None:
-        q_train, p_train = draws()
-        order = torch.randperm(len(q_train), device=q_train.device)
-        for index in order.split(batch_size):
-            q_logit, p_logit = critic(q_train[index]), critic(p_train[index])
-            loss = F.softplus(-q_logit).mean() + F.softplus(p_logit).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-    def validate() -> float:
-        with torch.no_grad():
-            return _donsker_varadhan(critic(valid[0]), critic(valid[1]))[0]
-
-    return critic, train_with_patience(critic, train_epoch, validate, epochs, patience)
-
-
-def train_with_patience(
-    module: nn.Module,
-    train_epoch: Callable[[], None],
-    validate: Callable[[], float],
-    epochs: int,
-    patience: int,
-) -> list[float]:
-    """Runs ``train_epoch()`` then ``validate()`` (higher is better) for at most ``epochs``
-    epochs, stops after ``patience`` epochs without a better figure, and leaves ``module``
-    in its best state; returns the validation figure after each epoch."""
-    history: list[float] = []
-    best, best_state, waited = -math.inf, copy.deepcopy(module.state_dict()), 0
-    for _ in range(epochs):
-        train_epoch()
-        history.append(validate())
-        if history[-1] > best:
-            best, best_state, waited = history[-1], copy.deepcopy(module.state_dict()), 0
-        else:
-            waited += 1
-            if waited >= patience:
-                break
-    module.load_state_dict(best_state)
-    return history
-
-
-def _donsker_varadhan(t_q: Tensor, t_p: Tensor) -> tuple[float, float]:
-    """E_q[T] - log E_p[exp T] from draws, and its standard error by the delta method."""
-    t_q, t_p = t_q.double(), t_p.double()
-    log_mean_exp = torch.logsumexp(t_p, 0) - math.log(len(t_p))
-    weights = (t_p - t_p.max()).exp()
-    variance = t_q.var() / len(t_q) + weights.var() / (weights.mean().square() * len(t_p))
-    return (t_q.mean() - log_mean_exp).item(), variance.sqrt().item()
 
 
 def posterior_draws(model: Program, guide: Program, x: Tensor, name: str, num_draws: int) -> Tensor:

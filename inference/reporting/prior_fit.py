@@ -28,13 +28,9 @@ import pyro
 import torch
 from torch import Tensor, nn
 
+from pyrovae.inference.algorithms.density import fit_density
 from pyrovae.inference.algorithms.marginal import like_parameters
-from pyrovae.inference.reporting.aggregate import (
-    check_held_out,
-    posterior_draws,
-    rng_devices,
-    train_with_patience,
-)
+from pyrovae.inference.reporting.aggregate import check_held_out, posterior_draws, rng_devices
 from pyrovae.model.distributions import as_pyro
 
 __all__ = ["PriorFit", "fit_prior"]
@@ -167,14 +163,6 @@ def fit_prior(
                 [fitted.log_prob(b) - reference.log_prob(b) for b in z.split(batch_size)]
             )
 
-    def train_epoch() -> None:
-        z = draws(x_train)
-        for index in torch.randperm(len(z), device=z.device).split(batch_size):
-            loss = -as_pyro(prior()).log_prob(z[index]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
     with torch.random.fork_rng(devices=rng_devices(x)):
         pyro.set_rng_seed(seed)
         x_train, x_valid = x[: len(x) - num_validation], x[len(x) - num_validation :]
@@ -182,12 +170,18 @@ def fit_prior(
         if start is not None:  # a VampPrior's pseudo-inputs start at training points
             start(x_train)
         valid, held_out = draws(x_valid), draws(x_test)
-        optimizer = torch.optim.Adam(own, lr=lr)
         try:
             for p in frozen:
                 p.requires_grad_(False)
-            history = train_with_patience(
-                prior, train_epoch, lambda: gain(valid).mean().item(), epochs, patience
+            history = fit_density(
+                prior,
+                own,
+                lambda: draws(x_train),
+                lambda: gain(valid).mean().item(),
+                epochs,
+                patience,
+                batch_size,
+                lr,
             )
         finally:
             for p, flag in zip(frozen, requires, strict=True):
