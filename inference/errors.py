@@ -13,6 +13,11 @@ class Interrupted(PyrovaeError):
     """The user stopped the work (Ctrl-C); the message says what was kept."""
 
 
+class DiskFull(PyrovaeError):
+    """A file could not be written for lack of space (or quota); the file it would have
+    replaced is unchanged, and the message names both."""
+
+
 def check_int(
     value: object, name: str, minimum: int = 1, error: type[Exception] = ValueError
 ) -> int:

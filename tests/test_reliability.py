@@ -3,6 +3,7 @@ on stderr, exit code 2, no traceback, and nothing that was on disk changes."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import torch
 from interrupt import InterruptAt
 
 from pyrovae.inference import (
+    Callback,
     Checkpoint,
     Checkpointing,
     PyrovaeError,
@@ -27,7 +29,8 @@ from pyrovae.inference import (
     train_run,
 )
 from pyrovae.inference.cli import main
-from pyrovae.inference.errors import Interrupted
+from pyrovae.inference.errors import DiskFull, Interrupted
+from pyrovae.inference.experiment.runs import atomic_write
 from pyrovae.model import VAE, Bernoulli, Decoder
 
 TINY = [
@@ -303,6 +306,48 @@ def test_interruption_and_divergence_say_what_was_kept(workspace):
             callbacks=[InterruptAt(2)],
         )
     assert Checkpoint.load(workspace / "runs" / "fresh").epoch == 1
+
+
+def no_space(fd: int) -> None:
+    """``os.fsync`` on a full disk."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class DiskFullAt(Callback):
+    """From the start of epoch ``epoch``, the file system has no room for new files."""
+
+    def __init__(self, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.epoch = epoch
+        self.monkeypatch = monkeypatch
+
+    def on_epoch_start(self, state) -> None:
+        if state.epoch == self.epoch:
+            self.monkeypatch.setattr(os, "fsync", no_space)
+
+
+def test_a_full_disk_names_the_file_and_what_was_kept(workspace, monkeypatch, capsys):
+    """No room for the checkpoint of epoch 2: one line names the file and says that the
+    checkpoint of epoch 1 is kept, which loads; no partial temporary file is left."""
+    run_dir = workspace / "runs" / "full"
+    with pytest.raises(DiskFull) as caught:
+        train_run(None, run_dir, overrides=[*SETTINGS, "train.epochs=3"], progress=False,
+                  callbacks=[DiskFullAt(2, monkeypatch)])  # fmt: skip
+    message = str(caught.value)
+    assert f"no space left on the device to write {run_dir / 'checkpoint.pt'}" in message
+    assert "MiB free" in message
+    assert f"the checkpoint of epoch 1 in {run_dir} is kept" in message
+    assert f"--resume {run_dir}" in message and "\n" not in message
+    monkeypatch.undo()
+    assert Checkpoint.load(run_dir).epoch == 1
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".checkpoint.pt.")]
+
+    target = workspace / "notes.bin"
+    target.write_bytes(b"kept")
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(DiskFull, match="notes.bin is unchanged"):
+        atomic_write(target, b"new bytes")
+    assert target.read_bytes() == b"kept"
+    assert sorted(p.name for p in workspace.iterdir() if p.name.startswith(".notes")) == []
 
 
 def test_a_run_knows_its_data_from_any_directory(workspace, monkeypatch):

@@ -176,7 +176,7 @@ class Checkpointing(Callback):
         self.latest = checkpoint
 
     def on_epoch_end(self, state: FitState) -> None:
-        self.latest = Checkpoint(
+        latest = Checkpoint(
             epoch=state.epoch,
             model=state.model.state_dict(),
             guide=state.guide.state_dict(),
@@ -190,19 +190,21 @@ class Checkpointing(Callback):
             data_sha256=self.data_sha256,
         )
         if self.writes:
-            self.latest.save(self.run_dir)
-            if self.best is not None and self._is_best(state):
-                best = Checkpoint(
-                    epoch=state.epoch,
-                    model=self.latest.model,
-                    guide=self.latest.guide,
-                    history=self.latest.history,
-                    features=self.features,
-                    image_shape=self.image_shape,
-                    spec=self.spec,
-                    data_sha256=self.data_sha256,
-                )
-                best.save(self.run_dir, BEST)
+            latest.save(self.run_dir)
+        # Only a checkpoint on disk is the latest: a failed save leaves the one before.
+        self.latest = latest
+        if self.writes and self.best is not None and self._is_best(state):
+            best = Checkpoint(
+                epoch=state.epoch,
+                model=latest.model,
+                guide=latest.guide,
+                history=latest.history,
+                features=self.features,
+                image_shape=self.image_shape,
+                spec=self.spec,
+                data_sha256=self.data_sha256,
+            )
+            best.save(self.run_dir, BEST)
 
     def _is_best(self, state: FitState) -> bool:
         """Whether the last epoch's ``best`` value is the highest since ``best_from`` (the

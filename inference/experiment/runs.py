@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -25,7 +26,7 @@ import tomllib
 import torch
 from torch import nn
 
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import DiskFull, PyrovaeError
 from pyrovae.inference.experiment.build import build
 from pyrovae.inference.experiment.spec import Spec, load_spec
 
@@ -532,8 +533,16 @@ def _differing(a: Any, b: Any, where: str) -> list[str]:
 
 
 def atomic_write(file: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``file``, then renames it over ``file``."""
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    """Writes ``data`` to a temporary file beside ``file``, then renames it over ``file``.
+
+    Raises:
+        DiskFull: the disk (or the quota) has no room for ``data``; ``file`` is unchanged
+            and the partial temporary file is removed.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    except OSError as e:
+        raise _full(e, file, len(data)) from e
     try:
         # mkstemp makes the file private; give it the mode a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -542,6 +551,23 @@ def atomic_write(file: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, file)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _full(e, file, len(data)) from e
         raise
+
+
+def _full(error: OSError, file: Path, size: int) -> OSError | DiskFull:
+    """``error`` as a :class:`DiskFull` naming ``file`` when it is a full disk or quota."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    try:
+        free = f", {shutil.disk_usage(file.parent).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = ""
+    state = "is unchanged" if file.exists() else "was not created"
+    return DiskFull(
+        f"no space left on the device to write {file} ({size / 2**20:,.1f} MiB{free}); "
+        f"{file.name} {state}; free some space and run the command again"
+    )

@@ -16,7 +16,7 @@ import pyro
 import torch
 from torch import nn
 
-from pyrovae.inference.errors import Interrupted, PyrovaeError
+from pyrovae.inference.errors import DiskFull, Interrupted, PyrovaeError
 from pyrovae.inference.experiment.build import (
     build,
     build_lr_schedule,
@@ -229,7 +229,7 @@ def train_run(
                 callbacks=[*own, *callbacks, *([ProgressBar()] if progress else [])],
                 compile=train.compile,
             )
-        except (KeyboardInterrupt, TrainingDiverged) as e:
+        except (KeyboardInterrupt, TrainingDiverged, DiskFull) as e:
             what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e).split(";")[0]
             raise _stopped(what, e, out, checkpointing, resume) from None
         finally:
@@ -307,9 +307,11 @@ def _stopped(
         kept = f"no epoch finished, so {out} is unchanged"
     else:
         kept = f"no epoch finished, so nothing was written to {out}"
-    hint = "" if isinstance(error, KeyboardInterrupt) else "; lower train.lr or set train.grad_clip"
-    cls = Interrupted if isinstance(error, KeyboardInterrupt) else TrainingDiverged
-    return cls(f"{what}; {kept}{hint}")
+    if isinstance(error, KeyboardInterrupt):
+        return Interrupted(f"{what}; {kept}")
+    if isinstance(error, DiskFull):
+        return DiskFull(f"{what}; {kept}; free some space and continue with --resume {out}")
+    return TrainingDiverged(f"{what}; {kept}; lower train.lr or set train.grad_clip")
 
 
 def load_run_data(run: Run | Spec) -> Splits:
