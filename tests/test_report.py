@@ -17,6 +17,7 @@ from pyrovae.inference.reporting.compare import compare_runs, format_comparison
 from pyrovae.inference.reporting.report import write_report
 
 SECTIONS = (
+    "Verdict: how well does q(z) match the prior?",
     "Summary",
     "Training curves",
     "Latent units",
@@ -27,7 +28,7 @@ SECTIONS = (
     "Aggregate posterior against the prior",
     "Importance sampling: Pareto k̂",
 )
-FAST = {"limit": 40, "num_samples": 30, "num_latent_samples": 4}
+FAST = {"limit": 40, "num_samples": 30, "num_latent_samples": 4, "aggregate": False}
 
 
 def tiny_run(path, latent_dim: int = 2):
@@ -82,16 +83,21 @@ def test_report_is_one_self_contained_page(run_dir):
     assert len(images) >= 9
     assert all(image[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
     assert "at most log N = 3.69" in page  # the mutual information's bound for N = 40
-    assert "lower bound (critic)" not in page  # only when asked: it trains a classifier
+    assert "lower bound (critic)" not in page  # aggregate=False: no classifier trained
+    assert "--no-aggregate-kl" in page  # the verdict says where the lower bound comes from
+    # The verdict comes first, then the prior's samples beside the aggregate posterior's.
+    order = [page.index(f"<h2>{title}</h2>") for title in SECTIONS[:3]]
+    assert order[0] < page.index("<h2>Samples: prior against aggregate posterior</h2>") < order[1]
 
 
-def test_the_report_brackets_the_marginal_kl_when_asked(run_dir, tmp_path):
-    """``--aggregate-kl`` adds the critic's lower bound under the N-point marginal KL; for a
-    report of the training split the critic trains on the validation split."""
+def test_the_report_brackets_the_marginal_kl(run_dir, tmp_path):
+    """By default the critic's lower bound sits under the N-point marginal KL, in the verdict
+    and the summary; for a report of the training split the critic trains on the validation
+    split."""
     for split in ("test", "train"):
         out = tmp_path / f"{split}.html"
         code = main(
-            ["report", str(run_dir), "--aggregate-kl", "--split", split, "--limit", "200"]
+            ["report", str(run_dir), "--split", split, "--limit", "200"]
             + ["-k", "30", "-o", str(out)]
         )
         assert code == 0
@@ -106,6 +112,31 @@ def test_the_report_brackets_the_marginal_kl_when_asked(run_dir, tmp_path):
         # below (up to 3 standard errors above: its own noise).
         assert upper - 0.3 < lower < upper + 3 * se and 0 < se < 0.2, (split, lower, se, upper)
         assert "site z" in page and "Donsker-Varadhan" in page
+        verdict = re.search(r"<b>([-\d.]+) ≤ KL\(q\(z\) ‖ p\(z\)\) ≤ ([-\d.]+)</b>", page)
+        assert verdict is not None and float(verdict[2]) == pytest.approx(upper, abs=0.01)
+
+
+def test_the_verdict_warns_of_unreliable_estimates_and_shows_the_runs_evaluation(run_dir, tmp_path):
+    """A banner when more than a tenth of the points have k̂ > 0.7; the run's own
+    evaluation.json is quoted beside the report's estimate."""
+    from types import SimpleNamespace
+
+    from pyrovae.inference.reporting.report import KHAT_BANNER, _verdict
+
+    run = load_run(run_dir)
+    summary = {"num_points": 40, "marginal_kl": 0.8, "kl": 4.0, "mutual_information": 3.0,
+               "num_samples": 30, "log_px": -30.0}  # fmt: skip
+    for share, banner in ((KHAT_BANNER / 2, False), (2 * KHAT_BANNER, True)):
+        diag = SimpleNamespace(summary=lambda share=share: {**summary, "khat_bad_fraction": share})
+        page = _verdict(run, diag, "test", None)
+        assert ('class="banner"' in page) is banner
+        assert "KL(q(z) ‖ p(z)) ≤ 0.80</b>" in page and "at most 0.80 (20%)" in page
+    assert "The run's evaluation" not in page
+    assert main(["evaluate", str(run_dir), "-k", "20", "--limit", "30"]) == 0
+    page = _verdict(run, diag, "test", None)
+    saved = re.search(r"The run's evaluation.*?<b>([-\d.]+)</b> nats per point on 30 points", page)
+    assert saved is not None and "K = 20" in page
+    (run_dir / "evaluation.json").unlink()
 
 
 def test_the_bracket_of_a_semi_supervised_run_uses_unlabelled_rows(tmp_path):
@@ -115,7 +146,7 @@ def test_the_bracket_of_a_semi_supervised_run_uses_unlabelled_rows(tmp_path):
     common = ["--epochs", "1", "--set", "model.latent_dim=2", "--no-progress"]
     assert main(["train", "--out", str(run), "--set", 'model.labels="latent"', *common]) == 0
     out = tmp_path / "m2.html"
-    args = ["report", str(run), "--aggregate-kl", "--limit", "50", "-k", "30", "-o", str(out)]
+    args = ["report", str(run), "--limit", "50", "-k", "30", "-o", str(out)]
     assert main(args) == 0
     assert re.search(r"lower bound \(critic\)</td><td>\d+\.\d+ ± ", out.read_text())
 

@@ -314,6 +314,7 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 p.caption { color: #444; font-size: 0.95em; max-width: 60em; }
 p.note { background: #fff6d5; padding: 0.4em 0.8em; border-left: 4px solid #e0b000; }
+p.banner { background: #fde2e1; padding: 0.6em 0.8em; border-left: 6px solid #c62828; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.92em; }
 td, th { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
