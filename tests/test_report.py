@@ -294,3 +294,22 @@ def test_a_long_unit_table_folds_and_captions_name_only_the_panels_drawn():
     html = units_section(diagnose(vae, guide, x, num_samples=0, num_latent_samples=2))
     assert f"<details><summary>{dims} dimensions," in html
     assert "Left: how much" in html and "Right: the KL" in html  # both panels drawn
+
+
+def test_histogram_ticks_are_legible():
+    """Tick labels of at least 10 points, and few enough per axis not to collide."""
+    from pyrovae.inference.reporting.plots import latent_histograms_figure
+
+    samples = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    fig = latent_histograms_figure(
+        samples, range(8), [f"z{d}" for d in range(8)], prior_samples=torch.randn(500, 8)
+    )
+    fig.canvas.draw()
+    for ax in fig.axes[:8]:
+        labels = [t for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+        assert labels and min(t.get_fontsize() for t in labels) >= 10
+        low, high = ax.get_xlim()
+        shown = [
+            t for t in ax.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high
+        ]
+        assert len(shown) <= 5

@@ -212,6 +212,12 @@ def latent_scatter_figure(
     return fig
 
 
+TICK_SIZE = 10
+"""Tick labels of the small multiples, in points: legible once the page scales a four-column
+figure down to its width."""
+TITLE_SIZE = 11
+
+
 def latent_histograms_figure(
     samples: Tensor,
     dims: Sequence[int],
@@ -225,6 +231,8 @@ def latent_histograms_figure(
     Pass ``prior_grid (G,)`` with ``prior_density (G, D)`` where the prior's marginals have
     a density, else ``prior_samples (P, D)``, drawn as an outlined histogram.
     """
+    from matplotlib.ticker import MaxNLocator  # deferred, as every matplotlib import here
+
     ncol = min(4, len(dims))
     nrow = math.ceil(len(dims) / ncol)
     fig, axes = _subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
@@ -240,9 +248,12 @@ def latent_histograms_figure(
             ax.plot(prior_grid.numpy(), prior_density[:, d].numpy(), color="k", label="p(z)")
         elif prior_samples is not None:
             ax.hist(prior, bins=bins, density=True, histtype="step", color="k", label="p(z)")
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=7)
-    axes.flat[0].legend(fontsize=7)
+        ax.set_title(title, fontsize=TITLE_SIZE)
+        ax.tick_params(labelsize=TICK_SIZE)
+        # Few ticks, so that labels of a legible size do not collide.
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.yaxis.set_major_locator(MaxNLocator(3))
+    axes.flat[0].legend(fontsize=TICK_SIZE)
     fig.tight_layout()
     return fig
 
