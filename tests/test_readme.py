@@ -2,7 +2,8 @@
 
 The command-line block of "The command line" and the Python blocks of "Python API" are
 extracted from README.md and run in order in an empty directory laid out like a clone
-(``configs/`` beside the runs, MNIST in ``../shared/data``), without ``PYROVAE_DATA``.
+(``configs/`` beside the runs), with a home folder whose ``~/data`` holds MNIST, as the README
+tells a user to set it up, and without ``PYROVAE_DATA``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def test_the_readme_tour_runs_as_written(tmp_path):
     clone = tmp_path / "clone"
     clone.mkdir()
     (clone / "configs").symlink_to(ROOT / "configs")
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "data").symlink_to(DATA)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data").symlink_to(DATA)
     env = {k: v for k, v in os.environ.items() if k != "PYROVAE_DATA"}
+    env["HOME"] = str(home)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MPLBACKEND"] = "Agg"
 

@@ -47,9 +47,9 @@ def read_digits() -> dict[str, np.ndarray]:
 
 def read_mnist_like(name: str, path: str | None) -> tuple[dict[str, np.ndarray], Path | None]:
     looked: list[str] = []
-    candidates = [Path(path)] if path else []
+    candidates = [Path(path).expanduser()] if path else []
     if os.environ.get("PYROVAE_DATA"):
-        candidates.append(Path(os.environ["PYROVAE_DATA"]))
+        candidates.append(Path(os.environ["PYROVAE_DATA"]).expanduser())
     for candidate in candidates:
         found = _read_local(candidate, name)
         if found is not None:
