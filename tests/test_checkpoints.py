@@ -161,3 +161,28 @@ def test_a_deleted_spec_is_named_with_how_to_restore_it(tmp_path, capsys):
     with pytest.raises(PyrovaeError, match="exists; move it away"):
         restore_spec(run)
     assert main(["evaluate", str(run), "-k", "5", "--limit", "5"]) == 0
+
+
+def test_a_run_directory_moves_once_and_its_users_follow(tmp_path):
+    """Checkpointing and TensorBoard share the RunDirectory of a staged run: after the
+    promotion they write where the run is, with no callback repointing another."""
+    from pyrovae.inference.experiment.callbacks import Checkpointing
+    from pyrovae.inference.experiment.runs import RunDirectory
+
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "old.txt").write_text("the run being replaced")
+    staging = tmp_path / ".run.partial-1"
+    staging.mkdir()
+    directory = RunDirectory(staging, final)
+    checkpointing = Checkpointing(directory)
+    assert directory.staged and checkpointing.run_dir == staging
+    assert directory.tensorboard == staging / "tensorboard"
+    (staging / "new.txt").write_text("the new run")
+    directory.promote()
+    assert not directory.staged and checkpointing.run_dir == final
+    assert directory.tensorboard == final / "tensorboard"
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    directory.promote()  # once only
+    assert (final / "new.txt").is_file()

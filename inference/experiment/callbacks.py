@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.distributed import rank_and_world
-from pyrovae.inference.experiment.runs import BEST, Checkpoint
+from pyrovae.inference.experiment.runs import BEST, Checkpoint, RunDirectory
 from pyrovae.model.sites import OBSERVED
 
 __all__ = [
@@ -123,7 +123,9 @@ class Checkpointing(Callback):
     and, with ``resume``, continues from the one already in ``run_dir``.
 
     Args:
-        run_dir: an existing directory.
+        run_dir: an existing directory, or the :class:`RunDirectory` of a run being
+            written (a staged run moves once its first checkpoint exists; the callback
+            writes wherever it is).
         features, image_shape, spec, data_sha256: stored in every checkpoint (the spec as
             TOML, the data's fingerprint as ``Splits.fingerprint`` gives it).
         resume: restore model, guide, optimizer, RNG states and history at the start.
@@ -135,7 +137,7 @@ class Checkpointing(Callback):
 
     def __init__(
         self,
-        run_dir: str | Path,
+        run_dir: str | Path | RunDirectory,
         *,
         features: int | None = None,
         image_shape: Sequence[int] = (),
@@ -145,7 +147,7 @@ class Checkpointing(Callback):
         best: str | None = None,
         best_from: int | None = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
+        self.directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
         # Rank 0 writes the run; the other ranks of a distributed run only read it.
         self.writes = rank_and_world()[0] == 0
         if self.writes and not self.run_dir.is_dir():
@@ -158,6 +160,11 @@ class Checkpointing(Callback):
         self.best = best
         self.best_from = best_from
         self.latest: Checkpoint | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the run is now."""
+        return self.directory.path
 
     def on_fit_start(self, state: FitState) -> None:
         if not self.resume:
@@ -466,8 +473,9 @@ class TensorBoard(Callback):
     (``pip install "pyrovae[tensorboard]"``); rank 0 alone writes.
 
     Args:
-        log_dir: the folder, or a function giving it at the end of the first epoch (a staged
-            run's folder moves once its first checkpoint exists).
+        log_dir: the folder, or the :class:`RunDirectory` of a run being written, whose
+            ``tensorboard`` folder is opened at the end of the first epoch (a staged run
+            has moved by then).
         image_shape: ``(H, W)`` of the data, for image grids; none without it.
         examples: data points whose reconstructions are drawn.
         images_every: epochs between image grids (and the first epoch).
@@ -478,7 +486,7 @@ class TensorBoard(Callback):
 
     def __init__(
         self,
-        log_dir: str | Path | Any,
+        log_dir: str | Path | RunDirectory,
         image_shape: Sequence[int] = (),
         examples: Tensor | None = None,
         images_every: int = 5,
@@ -502,7 +510,9 @@ class TensorBoard(Callback):
         if self.writer is None:
             # Opened at the first epoch's end, after a staged run has moved into place:
             # TensorBoard's writer appends to its file by path.
-            log_dir = self.log_dir() if callable(self.log_dir) else self.log_dir
+            log_dir = (
+                self.log_dir.tensorboard if isinstance(self.log_dir, RunDirectory) else self.log_dir
+            )
             self.writer = self._writer_type(log_dir=str(log_dir))
         last = state.history[-1]
         for key, value in last.items():

@@ -38,6 +38,7 @@ __all__ = [
     "SPEC",
     "Checkpoint",
     "Run",
+    "RunDirectory",
     "atomic_write",
     "check_replaceable",
     "check_writable",
@@ -405,6 +406,44 @@ def remove_stale_stages(path: Path) -> list[Path]:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
     return removed
+
+
+class RunDirectory:
+    """Where a run being written lives now: a staging folder beside its path until its first
+    checkpoint is written (so that a failed start never touches a run already there), then
+    its path. The callbacks that write into the run share this object and read
+    :attr:`path` when they write, so that nothing has to be repointed when the run moves.
+
+    Args:
+        path: where the run is written now (its staging folder, or the run itself).
+        final: where the run ends up; default ``path`` (nothing staged).
+    """
+
+    def __init__(self, path: str | Path, final: str | Path | None = None) -> None:
+        self.path = Path(path)
+        self.final = Path(final) if final is not None else self.path
+
+    @property
+    def staged(self) -> bool:
+        """Whether the run still lives in its staging folder."""
+        return self.path != self.final
+
+    @property
+    def tensorboard(self) -> Path:
+        """The TensorBoard event folder, ``RUN/tensorboard``."""
+        return self.path / "tensorboard"
+
+    def promote(self) -> None:
+        """Moves a staged run to its final path (replacing the run there); once only."""
+        if self.staged:
+            promote_run(self.path, self.final)
+            self.path = self.final
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self.path)!r}, final={str(self.final)!r})"
 
 
 def promote_run(staging: Path, path: Path) -> None:

@@ -40,14 +40,15 @@ from pyrovae.inference.experiment.data import Splits, check_data, load_data
 from pyrovae.inference.experiment.distributed import process_group, rank_and_world
 from pyrovae.inference.experiment.inputs import check_inputs, resolve_device
 from pyrovae.inference.experiment.runs import (
+    CHECKPOINT,
     SPEC,
     Checkpoint,
     Run,
+    RunDirectory,
     atomic_write,
     check_replaceable,
     check_writable,
     load_run,
-    promote_run,
     remove_stale_stages,
     run_lock,
     stage_run,
@@ -183,15 +184,16 @@ def train_run(
             recorded = Checkpoint.load(out).data_sha256
             if recorded is not None:
                 check_fingerprint(data, recorded, out, recorded_path, fingerprint)
+        directory = RunDirectory(staging or out, out)
         checkpointing = Checkpointing(
-            staging or out,
+            directory,
             features=data.features,
             image_shape=data.image_shape or (),
             spec=resolved.to_toml(),
             data_sha256=fingerprint,
             best="validation_elbo" if train.patience is not None else None,
         )
-        own = [checkpointing] if staging is None else [checkpointing, _Promote(checkpointing, out)]
+        own = [checkpointing, _Promote(directory)]
         if train.guide_warmup:
             own.append(GuideWarmup(train.guide_warmup))
         if train.patience is not None:
@@ -205,7 +207,7 @@ def train_run(
         if train.log == "tensorboard":
             own.append(
                 TensorBoard(
-                    lambda: checkpointing.run_dir / "tensorboard",
+                    directory,
                     image_shape=data.image_shape or (),
                     examples=data.validation[:32],
                 )
@@ -242,16 +244,14 @@ def train_run(
 
 class _Promote(Callback):
     """Moves a staged run to its place once its first checkpoint exists (replacing the run
-    that was there), and points the checkpointing there."""
+    that was there); the callbacks writing into the run share its :class:`RunDirectory`."""
 
-    def __init__(self, checkpointing: Checkpointing, path: Path) -> None:
-        self.checkpointing = checkpointing
-        self.path = path
+    def __init__(self, directory: RunDirectory) -> None:
+        self.directory = directory
 
     def on_epoch_end(self, state: FitState) -> None:
-        if self.checkpointing.run_dir != self.path:
-            promote_run(self.checkpointing.run_dir, self.path)
-            self.checkpointing.run_dir = self.path
+        if self.directory.staged and (self.directory.path / CHECKPOINT).is_file():
+            self.directory.promote()
 
 
 def _resumed_spec(
