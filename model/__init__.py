@@ -1,13 +1,14 @@
 """The generative side of a VAE: priors p(z), decoders, likelihoods p(x|z), and ``VAE``."""
 
 from pyrovae.model.decoders import DECODERS, Decoder
-from pyrovae.model.distributions import DiscretizedLogistic
+from pyrovae.model.distributions import DiscretizedLogistic, DiscretizedLogisticMixture
 from pyrovae.model.layers import ConditionalNormal
 from pyrovae.model.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
     ContinuousBernoulli,
     EightBitLogistic,
+    EightBitLogisticMixture,
     Gaussian,
     HeteroscedasticGaussian,
     Laplace,
@@ -37,7 +38,9 @@ __all__ = [
     "ConditionalNormal",
     "ContinuousBernoulli",
     "DiscretizedLogistic",
+    "DiscretizedLogisticMixture",
     "EightBitLogistic",
+    "EightBitLogisticMixture",
     "FlowPrior",
     "Gaussian",
     "HeteroscedasticGaussian",

@@ -106,23 +106,7 @@ class DiscretizedLogistic(dist.TorchDistribution):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        top = self.levels - 1
-        level = (value * top).round().clamp(0, top)
-        centre = (level / top - self.loc) / self.scale
-        half_width = 0.5 / (top * self.scale)
-        upper, lower = centre + half_width, centre - half_width
-        # P(bin) = cdf(upper) - cdf(lower) = cdf(-lower) - cdf(-upper): take the form whose
-        # terms are below 1/2, so that neither rounds to 1 far out in a tail.
-        flip = centre > 0
-        high = torch.where(flip, -lower, upper)
-        low = torch.where(flip, -upper, lower)
-        log_high = logsigmoid(high)
-        # The clamp only bites when a bin is too narrow for floating point to resolve.
-        log_ratio = (logsigmoid(low) - log_high).clamp(max=-1e-30)
-        inner = log_high + torch.log(-torch.expm1(log_ratio))
-        return torch.where(
-            level == 0, logsigmoid(upper), torch.where(level == top, logsigmoid(-lower), inner)
-        )
+        return discretized_logistic_log_prob(value, self.loc, self.scale, self.levels)
 
     @torch.no_grad()
     def sample(self, sample_shape: Size | tuple[int, ...] = ()) -> Tensor:
@@ -135,9 +119,154 @@ class DiscretizedLogistic(dist.TorchDistribution):
 
     @property
     def mean(self) -> Tensor:
-        grid = torch.linspace(0, 1, self.levels, dtype=self.loc.dtype, device=self.loc.device)
-        grid = grid.reshape(-1, *(1,) * len(self.batch_shape))
-        return (grid * self.log_prob(grid).exp()).sum(0)
+        return discretized_logistic_mean(self.loc, self.scale, self.levels)
+
+
+def discretized_logistic_log_prob(value: Tensor, loc: Tensor, scale: Tensor, levels: int) -> Tensor:
+    """log P(value) of a logistic ``(loc, scale)`` rounded to ``levels`` values on [0, 1],
+    elementwise (see :class:`DiscretizedLogistic`): the one place this pmf is computed."""
+    top = levels - 1
+    level = (value * top).round().clamp(0, top)
+    centre = (level / top - loc) / scale
+    half_width = 0.5 / (top * scale)
+    upper, lower = centre + half_width, centre - half_width
+    # P(bin) = cdf(upper) - cdf(lower) = cdf(-lower) - cdf(-upper): take the form whose
+    # terms are below 1/2, so that neither rounds to 1 far out in a tail.
+    flip = centre > 0
+    high = torch.where(flip, -lower, upper)
+    low = torch.where(flip, -upper, lower)
+    log_high = logsigmoid(high)
+    # The clamp only bites when a bin is too narrow for floating point to resolve.
+    log_ratio = (logsigmoid(low) - log_high).clamp(max=-1e-30)
+    inner = log_high + torch.log(-torch.expm1(log_ratio))
+    return torch.where(
+        level == 0, logsigmoid(upper), torch.where(level == top, logsigmoid(-lower), inner)
+    )
+
+
+def discretized_logistic_mean(
+    loc: Tensor, scale: Tensor, levels: int, weights: Tensor | None = None
+) -> Tensor:
+    """The mean of a discretized logistic, elementwise, or with ``weights`` (summing to one
+    over the last dimension) the mean of that mixture of them over the last dimension.
+
+    A level index ``k`` in ``0 .. L-1`` has ``E[k] = sum_j P(k >= j)`` and
+    ``P(k >= j) = sigmoid((loc - b_j) / scale)`` with ``b_j = (j - 1/2) / (L - 1)`` the bin
+    edges, so the mean takes ``L - 1`` sigmoids, summed in chunks over the edges: memory stays
+    a few times the parameters' whatever the number of levels.
+    """
+    top = levels - 1
+    total = torch.zeros_like(loc * scale)
+    edges = (torch.arange(1, levels, dtype=total.dtype, device=total.device) - 0.5) / top
+    for chunk in edges.split(16):
+        shaped = chunk.reshape(-1, *(1,) * total.dim())
+        total = total + torch.sigmoid((loc - shaped) / scale).sum(0)
+    mean = total / top
+    return mean if weights is None else (mean * weights).sum(-1)
+
+
+class DiscretizedLogisticMixture(dist.TorchDistribution):
+    """A mixture of discretized logistics per pixel, shared by its colour channels: each pixel
+    picks one of K components, and given it every channel is an independent
+    :class:`DiscretizedLogistic` of that component's location and scale.
+
+    For a pixel ``p`` with channels ``x_1 .. x_C``,
+    ``P(x) = sum_k pi_k prod_c DL(x_c; loc_ck, scale_ck)``: sharing the choice of component
+    across channels lets the mixture put mass on colours (channels that move together),
+    which independent channels cannot. PixelCNN++ adds a linear dependence of each channel's
+    location on the channels before it; this one does not. The event is the flattened image,
+    ``C * P`` values channel-major (``(C, H, W)`` flattened).
+
+    Args:
+        logits: unnormalised log weights of the components, shape ``(..., P, K)``.
+        loc: locations on the [0, 1] scale, shape ``(..., C, P, K)``.
+        scale: scales (positive), shape ``(..., C, P, K)``.
+        levels: number of levels, 256 for 8-bit data.
+        validate_args: check the arguments (Pyro's default when None).
+
+    References:
+        PixelCNN++: Improving the PixelCNN with Discretized Logistic Mixture Likelihood and
+        Other Modifications (Salimans et al., 2017)
+    """
+
+    arg_constraints = {
+        "logits": constraints.real,
+        "loc": constraints.real,
+        "scale": constraints.positive,
+    }
+    support = constraints.independent(constraints.unit_interval, 1)
+    has_rsample = False
+
+    def __init__(
+        self,
+        logits: Tensor,
+        loc: Tensor,
+        scale: Tensor,
+        levels: int = 256,
+        validate_args: bool | None = None,
+    ) -> None:
+        if levels < 2:
+            raise ValueError(f"levels must be at least 2, got {levels}")
+        if loc.dim() < 3 or loc.shape != scale.shape:
+            raise ValueError(
+                f"loc and scale must share a shape (..., C, P, K), got {tuple(loc.shape)} and "
+                f"{tuple(scale.shape)}"
+            )
+        if logits.shape[-2:] != loc.shape[-2:]:
+            raise ValueError(
+                f"logits must be (..., P, K) = (..., {loc.shape[-2]}, {loc.shape[-1]}), got "
+                f"{tuple(logits.shape)}"
+            )
+        batch_shape = torch.broadcast_shapes(logits.shape[:-2], loc.shape[:-3])
+        channels, pixels, k = loc.shape[-3:]
+        self.logits = logits.expand(*batch_shape, pixels, k)
+        self.loc = loc.expand(*batch_shape, channels, pixels, k)
+        self.scale = scale.expand(*batch_shape, channels, pixels, k)
+        self.levels = int(levels)
+        super().__init__(batch_shape, Size([channels * pixels]), validate_args=validate_args)
+
+    def expand(self, batch_shape: Size, _instance: DiscretizedLogisticMixture | None = None):
+        new = self._get_checked_instance(DiscretizedLogisticMixture, _instance)
+        batch_shape = Size(batch_shape)
+        new.logits = self.logits.expand(*batch_shape, *self.logits.shape[-2:])
+        new.loc = self.loc.expand(*batch_shape, *self.loc.shape[-3:])
+        new.scale = self.scale.expand(*batch_shape, *self.scale.shape[-3:])
+        new.levels = self.levels
+        super(DiscretizedLogisticMixture, new).__init__(
+            batch_shape, self.event_shape, validate_args=False
+        )
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def channels(self) -> int:
+        return self.loc.shape[-3]
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        channels, pixels = self.loc.shape[-3:-1]
+        x = value.reshape(*value.shape[:-1], channels, pixels, 1)
+        per_channel = discretized_logistic_log_prob(x, self.loc, self.scale, self.levels)
+        joint = per_channel.sum(-3) + self.logits.log_softmax(-1)  # (..., P, K)
+        return joint.logsumexp(-1).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, sample_shape: Size | tuple[int, ...] = ()) -> Tensor:
+        shape = Size(sample_shape) + self.batch_shape
+        channels, pixels, _ = self.loc.shape[-3:]
+        pick = dist.Categorical(logits=self.logits).sample(Size(sample_shape))  # (*shape, P)
+        index = pick[..., None, :, None].expand(*shape, channels, pixels, 1)
+        loc = self.loc.expand(*shape, *self.loc.shape[-3:]).gather(-1, index)[..., 0]
+        scale = self.scale.expand(*shape, *self.scale.shape[-3:]).gather(-1, index)[..., 0]
+        x = DiscretizedLogistic(loc, scale, self.levels, validate_args=False).sample()
+        return x.reshape(*shape, channels * pixels)
+
+    @property
+    def mean(self) -> Tensor:
+        weights = self.logits.softmax(-1).unsqueeze(-3)
+        mean = discretized_logistic_mean(self.loc, self.scale, self.levels, weights)
+        return mean.flatten(-2)
 
 
 @torch.distributions.kl.register_kl(dist.MultivariateNormal, dist.Independent)
