@@ -124,10 +124,12 @@ def write_report(
         ("Latent units", units_section(diag)),
     ]
     with torch.no_grad():
-        if len(shape) == 2:
+        if plots.drawable(shape):
             sections += image_sections(run, diag, x, shape, traversal_dims, seed)
         else:
-            reason = "The data are not 2-D images, so reconstructions, samples and traversals "
+            reason = (
+                "The data are not grey or RGB images, so reconstructions, samples and traversals "
+            )
             sections.append(("Images", note(reason + "are not drawn.")))
         sections.append(("Latent space", latent_space(run, diag, labels, shape)))
     sections.append(("Aggregate posterior against the prior", histograms(run, diag)))
