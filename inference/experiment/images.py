@@ -175,7 +175,8 @@ def read_image_folder(
         if size is None and len(shapes) > 1:
             (first, a), (other, b) = list(shapes.items())[:2]
             raise PyrovaeError(
-                f"{b} is {other[1]}x{other[0]} pixels but {a} is {first[1]}x{first[0]}; set "
+                f"{b} is {other[1]} x {other[0]} pixels (width x height) but {a} is "
+                f"{first[1]} x {first[0]}; set "
                 "data.image_size to scale and centre-crop every image to one size (e.g. "
                 f"data.image_size = {min(first)})"
             )
