@@ -127,9 +127,12 @@ def discretized_logistic_log_prob(value: Tensor, loc: Tensor, scale: Tensor, lev
     elementwise (see :class:`DiscretizedLogistic`): the one place this pmf is computed."""
     top = levels - 1
     level = (value * top).round().clamp(0, top)
-    centre = (level / top - loc) / scale
-    half_width = 0.5 / (top * scale)
-    upper, lower = centre + half_width, centre - half_width
+    inverse_scale = scale.reciprocal()
+    centre = (level / top - loc) * inverse_scale
+    half_width = inverse_scale * (0.5 / top)
+    # The end bins reach to -inf and +inf: the same formula then gives their probability.
+    upper = torch.where(level == top, torch.inf, centre + half_width)
+    lower = torch.where(level == 0, -torch.inf, centre - half_width)
     # P(bin) = cdf(upper) - cdf(lower) = cdf(-lower) - cdf(-upper): take the form whose
     # terms are below 1/2, so that neither rounds to 1 far out in a tail.
     flip = centre > 0
@@ -138,17 +141,11 @@ def discretized_logistic_log_prob(value: Tensor, loc: Tensor, scale: Tensor, lev
     log_high = logsigmoid(high)
     # The clamp only bites when a bin is too narrow for floating point to resolve.
     log_ratio = (logsigmoid(low) - log_high).clamp(max=-1e-30)
-    inner = log_high + torch.log(-torch.expm1(log_ratio))
-    return torch.where(
-        level == 0, logsigmoid(upper), torch.where(level == top, logsigmoid(-lower), inner)
-    )
+    return log_high + torch.log(-torch.expm1(log_ratio))
 
 
-def discretized_logistic_mean(
-    loc: Tensor, scale: Tensor, levels: int, weights: Tensor | None = None
-) -> Tensor:
-    """The mean of a discretized logistic, elementwise, or with ``weights`` (summing to one
-    over the last dimension) the mean of that mixture of them over the last dimension.
+def discretized_logistic_mean(loc: Tensor, scale: Tensor, levels: int) -> Tensor:
+    """The mean of a discretized logistic, elementwise.
 
     A level index ``k`` in ``0 .. L-1`` has ``E[k] = sum_j P(k >= j)`` and
     ``P(k >= j) = sigmoid((loc - b_j) / scale)`` with ``b_j = (j - 1/2) / (L - 1)`` the bin
@@ -161,8 +158,7 @@ def discretized_logistic_mean(
     for chunk in edges.split(16):
         shaped = chunk.reshape(-1, *(1,) * total.dim())
         total = total + torch.sigmoid((loc - shaped) / scale).sum(0)
-    mean = total / top
-    return mean if weights is None else (mean * weights).sum(-1)
+    return total / top
 
 
 class DiscretizedLogisticMixture(dist.TorchDistribution):
@@ -178,9 +174,9 @@ class DiscretizedLogisticMixture(dist.TorchDistribution):
     ``C * P`` values channel-major (``(C, H, W)`` flattened).
 
     Args:
-        logits: unnormalised log weights of the components, shape ``(..., P, K)``.
-        loc: locations on the [0, 1] scale, shape ``(..., C, P, K)``.
-        scale: scales (positive), shape ``(..., C, P, K)``.
+        logits: unnormalised log weights of the components, shape ``(..., K, P)``.
+        loc: locations on the [0, 1] scale, shape ``(..., K, C, P)``.
+        scale: scales (positive), shape ``(..., K, C, P)``.
         levels: number of levels, 256 for 8-bit data.
         validate_args: check the arguments (Pyro's default when None).
 
@@ -209,19 +205,18 @@ class DiscretizedLogisticMixture(dist.TorchDistribution):
             raise ValueError(f"levels must be at least 2, got {levels}")
         if loc.dim() < 3 or loc.shape != scale.shape:
             raise ValueError(
-                f"loc and scale must share a shape (..., C, P, K), got {tuple(loc.shape)} and "
+                f"loc and scale must share a shape (..., K, C, P), got {tuple(loc.shape)} and "
                 f"{tuple(scale.shape)}"
             )
-        if logits.shape[-2:] != loc.shape[-2:]:
+        k, channels, pixels = loc.shape[-3:]
+        if logits.dim() < 2 or logits.shape[-2:] != (k, pixels):
             raise ValueError(
-                f"logits must be (..., P, K) = (..., {loc.shape[-2]}, {loc.shape[-1]}), got "
-                f"{tuple(logits.shape)}"
+                f"logits must be (..., K, P) = (..., {k}, {pixels}), got {tuple(logits.shape)}"
             )
         batch_shape = torch.broadcast_shapes(logits.shape[:-2], loc.shape[:-3])
-        channels, pixels, k = loc.shape[-3:]
-        self.logits = logits.expand(*batch_shape, pixels, k)
-        self.loc = loc.expand(*batch_shape, channels, pixels, k)
-        self.scale = scale.expand(*batch_shape, channels, pixels, k)
+        self.logits = logits.expand(*batch_shape, k, pixels)
+        self.loc = loc.expand(*batch_shape, k, channels, pixels)
+        self.scale = scale.expand(*batch_shape, k, channels, pixels)
         self.levels = int(levels)
         super().__init__(batch_shape, Size([channels * pixels]), validate_args=validate_args)
 
@@ -240,33 +235,36 @@ class DiscretizedLogisticMixture(dist.TorchDistribution):
 
     @property
     def channels(self) -> int:
-        return self.loc.shape[-3]
+        return self.loc.shape[-2]
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        channels, pixels = self.loc.shape[-3:-1]
-        x = value.reshape(*value.shape[:-1], channels, pixels, 1)
+        channels, pixels = self.loc.shape[-2:]
+        # Components lead and pixels run innermost: the sums over channels and components
+        # are then over outer dimensions, which vectorize.
+        x = value.reshape(*value.shape[:-1], 1, channels, pixels)
         per_channel = discretized_logistic_log_prob(x, self.loc, self.scale, self.levels)
-        joint = per_channel.sum(-3) + self.logits.log_softmax(-1)  # (..., P, K)
-        return joint.logsumexp(-1).sum(-1)
+        joint = per_channel.sum(-2) + self.logits.log_softmax(-2)  # (..., K, P)
+        return joint.logsumexp(-2).sum(-1)
 
     @torch.no_grad()
     def sample(self, sample_shape: Size | tuple[int, ...] = ()) -> Tensor:
         shape = Size(sample_shape) + self.batch_shape
-        channels, pixels, _ = self.loc.shape[-3:]
-        pick = dist.Categorical(logits=self.logits).sample(Size(sample_shape))  # (*shape, P)
-        index = pick[..., None, :, None].expand(*shape, channels, pixels, 1)
-        loc = self.loc.expand(*shape, *self.loc.shape[-3:]).gather(-1, index)[..., 0]
-        scale = self.scale.expand(*shape, *self.scale.shape[-3:]).gather(-1, index)[..., 0]
+        channels, pixels = self.loc.shape[-2:]
+        weights = self.logits.movedim(-2, -1)  # (..., P, K)
+        pick = dist.Categorical(logits=weights).sample(Size(sample_shape))  # (*shape, P)
+        index = pick[..., None, None, :].expand(*shape, 1, channels, pixels)
+        loc = self.loc.expand(*shape, *self.loc.shape[-3:]).gather(-3, index)[..., 0, :, :]
+        scale = self.scale.expand(*shape, *self.scale.shape[-3:]).gather(-3, index)[..., 0, :, :]
         x = DiscretizedLogistic(loc, scale, self.levels, validate_args=False).sample()
         return x.reshape(*shape, channels * pixels)
 
     @property
     def mean(self) -> Tensor:
-        weights = self.logits.softmax(-1).unsqueeze(-3)
-        mean = discretized_logistic_mean(self.loc, self.scale, self.levels, weights)
-        return mean.flatten(-2)
+        weights = self.logits.softmax(-2).unsqueeze(-2)  # (..., K, 1, P)
+        mean = discretized_logistic_mean(self.loc, self.scale, self.levels)
+        return (mean * weights).sum(-3).flatten(-2)
 
 
 @torch.distributions.kl.register_kl(dist.MultivariateNormal, dist.Independent)

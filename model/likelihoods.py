@@ -298,16 +298,11 @@ class EightBitLogisticMixture(nn.Module):
 
     def forward(self, params: Tensor) -> dist.Distribution:
         k, c = self.components, self.channels
-        blocks = params.chunk(3 * k, dim=-1)
-
-        def stacked(part: tuple[Tensor, ...]) -> Tensor:
-            """``(..., C, P, K)`` from K blocks of ``(..., C * P)``."""
-            x = torch.stack(part, -1)
-            return x.reshape(*x.shape[:-2], c, x.shape[-2] // c, k)
-
-        logits = stacked(blocks[:k]).sum(-3)
-        loc = stacked(blocks[k : 2 * k])
-        scale = softplus(stacked(blocks[2 * k :])) + self.min_scale
+        # A view, no copy: (..., 3 K F) is (logits, loc, scale) x K blocks of (C, P).
+        blocks = params.reshape(*params.shape[:-1], 3, k, c, params.shape[-1] // (3 * k * c))
+        logits = blocks[..., 0, :, :, :].sum(-2)
+        loc = blocks[..., 1, :, :, :]
+        scale = softplus(blocks[..., 2, :, :, :]) + self.min_scale
         return DiscretizedLogisticMixture(logits, loc, scale, self.levels, validate_args=False)
 
 

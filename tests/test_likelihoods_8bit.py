@@ -108,8 +108,8 @@ def test_bits_per_dim():
 def mixture_parameters(batch: int, channels: int, pixels: int, k: int, seed: int = 0):
     """Random logits, locations (some beyond [0, 1]) and scales (1e-3 to 1) in float64."""
     generator = torch.Generator().manual_seed(seed)
-    logits = 2 * torch.randn(batch, pixels, k, generator=generator, dtype=torch.float64)
-    loc = 1.4 * torch.rand(batch, channels, pixels, k, generator=generator, dtype=torch.float64)
+    logits = 2 * torch.randn(batch, k, pixels, generator=generator, dtype=torch.float64)
+    loc = 1.4 * torch.rand(batch, k, channels, pixels, generator=generator, dtype=torch.float64)
     log_scale = torch.empty_like(loc).uniform_(math.log(1e-3), 0.0, generator=generator)
     return logits, loc - 0.2, log_scale.exp()
 
@@ -140,10 +140,10 @@ def test_mixture_matches_the_logistic_cdf_differences():
     x[:20, :, 0], x[20:40, :, 1] = 0.0, 1.0
     unit = Uniform(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
     logistic = TransformedDistribution(unit, [SigmoidTransform().inv, AffineTransform(loc, scale)])
-    value = x[..., None, None].expand(400, 6, 3, 1, 3)  # (N, pixels, C, P, K)
+    value = x[:, :, None, :, None].expand(400, 6, 3, 3, 1)  # (N, pixels, K, C, P)
     upper = torch.where(value == 1, 1.0, logistic.cdf(value + 0.5 / 255))
     lower = torch.where(value == 0, 0.0, logistic.cdf(value - 0.5 / 255))
-    oracle = (logits.softmax(-1) * (upper - lower).prod(2)).sum(-1)[..., 0]  # (N, pixels)
+    oracle = (logits.softmax(-2) * (upper - lower).prod(-2)).sum(-2)[..., 0]  # (N, pixels)
     resolved = oracle > 1e-8
     assert resolved.sum() > 300
     log_p = d.log_prob(x)
@@ -167,8 +167,8 @@ def test_one_component_is_the_discretized_logistic():
 def test_the_channels_of_a_pixel_share_their_component():
     """Two components, black and white in every channel: a draw is a black or a white
     pixel, never a mixed one, in about equal numbers (within 5 binomial standard errors)."""
-    loc = torch.tensor([0.0, 1.0]).expand(3, 1, 2)
-    d = DiscretizedLogisticMixture(torch.zeros(1, 2), loc, torch.full((3, 1, 2), 1e-4))
+    loc = torch.tensor([0.0, 1.0])[:, None, None].expand(2, 3, 1)
+    d = DiscretizedLogisticMixture(torch.zeros(2, 1), loc, torch.full((2, 3, 1), 1e-4))
     torch.manual_seed(0)
     x = d.sample((10_000,))
     assert ((x == 0).all(-1) | (x == 1).all(-1)).all()
