@@ -256,7 +256,8 @@ def test_a_colour_folder_trains_evaluates_samples_and_reports(classes, tmp_path,
     run = tmp_path / "run"
     likelihood = 'model.likelihood={ kind = "discretized_logistic_mixture", components = 2 }'
     args = ["train", "--out", str(run), "--epochs", "2", "--set", f"data.name='{classes}'"]
-    assert main([*args, "--set", likelihood, *CONV]) == 0
+    # Two latent dimensions: the report draws the decoded latent grid too.
+    assert main([*args, "--set", likelihood, *CONV, "--set", "model.latent_dim=2"]) == 0
     loaded = load_run(run)
     assert loaded.image_shape == (3, HEIGHT, WIDTH)
     assert loaded.spec.data.path == str(classes.resolve())
@@ -280,14 +281,14 @@ def test_a_colour_folder_trains_evaluates_samples_and_reports(classes, tmp_path,
     for png in embedded_pngs(page):
         rgb = np.asarray(png.convert("RGB"), dtype=np.int64)
         coloured += int((np.abs(rgb[..., 0] - rgb[..., 2]) > 30).mean() > 0.01)
-    assert coloured >= 3  # reconstructions, samples, traversals drawn in colour
+    assert coloured >= 4  # reconstructions, samples, traversals, latent grid in colour
     # The data are fingerprinted: an image added to the folder is not the run's data.
     Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)).save(classes / "cat" / "z.png")
     one_line_error(capsys, main(["evaluate", str(run), "-k", "5", "--force"]), "not the data")
 
 
 def test_a_grey_folder_trains_and_its_data_reload(tmp_path):
-    write_images(tmp_path / "grey", 12, mode="L")
+    write_images(tmp_path / "grey", 20, mode="L")
     run = tmp_path / "grey-run"
     args = ["train", "--out", str(run), "--epochs", "1", "--set", f"data.name='{tmp_path}/grey'"]
     assert main([*args, "--set", 'model.likelihood={ kind = "bernoulli" }', *CONV]) == 0
@@ -295,6 +296,25 @@ def test_a_grey_folder_trains_and_its_data_reload(tmp_path):
     assert loaded.image_shape == (1, HEIGHT, WIDTH)
     assert torch.equal(load_run_data(loaded).test, load_data(str(tmp_path / "grey")).test)
     assert main(["sample", str(run), "-n", "4", "-o", str(tmp_path / "s.png")]) == 0
+    assert main(["report", str(run), "-k", "10", "--limit", "2"]) == 0
+    assert "<h2>Latent traversals</h2>" in (run / "report.html").read_text()
+
+
+def test_tensorboard_draws_colour_images(classes, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pyrovae.inference.experiment.workflow import train_run
+
+    overrides = [f"data.name='{classes}'", 'train.log="tensorboard"', "train.epochs=1"]
+    overrides += [CONV[i + 1] for i in range(0, len(CONV) - 1, 2)]
+    train_run(None, tmp_path / "run", overrides=overrides, progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert {"samples", "inputs_and_reconstructions"} <= set(events.Tags()["images"])
+    (pairs,) = events.Images("inputs_and_reconstructions")
+    with Image.open(io.BytesIO(pairs.encoded_image_string)) as grid:
+        rgb = np.asarray(grid.convert("RGB"), dtype=np.int64)
+    assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 30).mean() > 0.01  # the inputs' colours
 
 
 def truncated_jpeg(folder):
