@@ -1,13 +1,18 @@
 """The generative side of a VAE: priors p(z), decoders, likelihoods p(x|z), and ``VAE``."""
 
 from pyrovae.model.decoders import DECODERS, Decoder
-from pyrovae.model.distributions import DiscretizedLogistic, FullRankNormal
+from pyrovae.model.distributions import (
+    DiscretizedLogistic,
+    DiscretizedLogisticMixture,
+    FullRankNormal,
+)
 from pyrovae.model.layers import ConditionalNormal
 from pyrovae.model.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
     ContinuousBernoulli,
     EightBitLogistic,
+    EightBitLogisticMixture,
     Gaussian,
     HeteroscedasticGaussian,
     Laplace,
@@ -38,7 +43,9 @@ __all__ = [
     "ConditionalNormal",
     "ContinuousBernoulli",
     "DiscretizedLogistic",
+    "DiscretizedLogisticMixture",
     "EightBitLogistic",
+    "EightBitLogisticMixture",
     "FlowPrior",
     "Gaussian",
     "HeteroscedasticGaussian",

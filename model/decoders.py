@@ -30,7 +30,7 @@ class Decoder(nn.Module):
             ``pyrovae.model.networks``); None for the network's default.
         activation: activation between layers (see ``pyrovae.model.networks.ACTIVATIONS``).
         network: ``"mlp"`` or ``"conv"``.
-        image_shape: ``(H, W)`` of image data, needed by ``"conv"``.
+        image_shape: ``(C, H, W)`` (or ``(H, W)``) of image data, needed by ``"conv"``.
     """
 
     def __init__(

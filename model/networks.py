@@ -137,27 +137,28 @@ def conv(
     activation_name: str = "relu",
     image_shape: Sequence[int] | None = None,
 ) -> nn.Sequential:
-    """A convolutional network from flattened grey-level images to a vector.
+    """A convolutional network from flattened images, of any number of channels, to a vector.
 
     Each entry of ``hidden`` is a 3x3 convolution with stride 2 and padding 1, which maps a
     side of n pixels to ceil(n / 2) for any n; a ``Linear`` layer then maps the flattened
     feature maps to ``out_features``.
 
     Args:
-        in_features: number of pixels, ``H * W``.
+        in_features: number of values per image, ``C * H * W``.
         out_features: size of the output.
         hidden: channels of the convolutions, one stride-2 layer each (at least one).
         activation_name: a key of :data:`ACTIVATIONS`.
-        image_shape: ``(H, W)``; required.
+        image_shape: ``(C, H, W)``, or ``(H, W)`` for one channel; required.
 
     Returns:
-        The network, from ``(B, H * W)`` to ``(B, out_features)``.
+        The network, from ``(B, C * H * W)`` (channel-major, as ``Tensor.flatten`` lays out
+        ``(B, C, H, W)``) to ``(B, out_features)``.
     """
-    height, width = image_size(image_shape, in_features)
-    channels = [1, *check_sizes(hidden, "conv channels")]
+    colours, height, width = image_layout(image_shape, in_features)
+    channels = [colours, *check_sizes(hidden, "conv channels")]
     if len(channels) < 2:
         raise ValueError("a conv network needs at least one channel size in hidden")
-    layers: list[nn.Module] = [nn.Unflatten(-1, (1, height, width))]
+    layers: list[nn.Module] = [nn.Unflatten(-1, (colours, height, width))]
     for c_in, c_out in pairwise(channels):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), activation(activation_name)]
         height, width = (height + 1) // 2, (width + 1) // 2
@@ -180,10 +181,13 @@ class _TransposedConv(nn.Module):
         channels = check_sizes(hidden, "conv channels")
         if not channels:
             raise ValueError("a conv network needs at least one channel size in hidden")
-        self.height, self.width = image_size(image_shape)
+        colours, self.height, self.width = image_layout(image_shape)
         pixels = self.height * self.width
-        if out_features % pixels:
-            raise ValueError(f"out_features {out_features} is not a multiple of {pixels} pixels")
+        if out_features % (colours * pixels):
+            raise ValueError(
+                f"out_features {out_features} is not a multiple of {colours * pixels} values "
+                f"per image ({colours} x {self.height} x {self.width})"
+            )
         # Each transposed convolution doubles the side, so start at ceil(side / 2**n) and crop.
         scale = 2 ** len(channels)
         side = (-(-self.height // scale), -(-self.width // scale))
@@ -216,15 +220,17 @@ def deconv(
     A ``Linear`` layer maps the input to ``hidden[0]`` feature maps of side
     ``ceil(H / 2**n)`` (n = ``len(hidden)``); each following transposed convolution (kernel 4,
     stride 2, padding 1) doubles the side exactly, the last one emitting
-    ``out_features // (H * W)`` channels; the result is cropped to ``(H, W)`` and flattened
-    channel-major. Leading dimensions of the input (particles, batch) are kept.
+    ``out_features // (H * W)`` channels (the likelihood's parameters of each of the C
+    colour channels); the result is cropped to ``(H, W)`` and flattened channel-major, so
+    that parameter j of every value ``(C, H, W)`` is the j-th block of ``C * H * W``
+    outputs. Leading dimensions of the input (particles, batch) are kept.
 
     Args:
         in_features: size of the input.
-        out_features: ``H * W`` times the outputs per pixel.
+        out_features: ``C * H * W`` times the likelihood's parameters per value.
         hidden: channels of the feature maps from the coarsest to the finest (at least one).
         activation_name: a key of :data:`ACTIVATIONS`.
-        image_shape: ``(H, W)``; required.
+        image_shape: ``(C, H, W)``, or ``(H, W)`` for one channel; required.
 
     References:
         Unsupervised Representation Learning with Deep Convolutional Generative Adversarial
@@ -282,7 +288,7 @@ def network(
         hidden: hidden layer sizes (units for ``mlp``, channels for ``conv``); None for the
             network's default (:data:`DEFAULT_HIDDEN`, :data:`GENERATIVE_DEFAULT_HIDDEN`).
         activation_name: a key of :data:`ACTIVATIONS`.
-        image_shape: ``(H, W)`` for image data, else None.
+        image_shape: ``(C, H, W)`` (or ``(H, W)``) for image data, else None.
         generative: build the network from a vector to data (a decoder's).
     """
     builders = GENERATIVE_NETWORKS if generative else NETWORKS
@@ -327,20 +333,26 @@ def initialize(module: nn.Module, scheme: str) -> None:
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
 
 
-def image_size(image_shape: Sequence[int] | None, features: int | None = None) -> tuple[int, int]:
-    """Checks that ``image_shape`` is ``(H, W)``, with ``H * W == features`` if given.
+def image_layout(
+    image_shape: Sequence[int] | None, features: int | None = None
+) -> tuple[int, int, int]:
+    """Checks that ``image_shape`` is ``(C, H, W)``, or ``(H, W)`` for one channel, with
+    ``C * H * W == features`` if given: the one reading of an image shape.
 
     Returns:
-        ``(H, W)`` as ints.
+        ``(C, H, W)`` as ints.
     """
     if image_shape is None:
         raise ValueError("a conv network needs image data (image_shape is None)")
-    if len(image_shape) != 2 or min(image_shape) < 1:
-        raise ValueError(f"image_shape must be (H, W), got {tuple(image_shape)}")
-    height, width = int(image_shape[0]), int(image_shape[1])
-    if features is not None and height * width != features:
-        raise ValueError(f"image_shape {(height, width)} does not match {features} features")
-    return height, width
+    shape = tuple(image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) or (H, W), got {tuple(image_shape)}")
+    channels, height, width = (int(n) for n in shape)
+    if features is not None and channels * height * width != features:
+        raise ValueError(f"image_shape {tuple(image_shape)} does not match {features} features")
+    return channels, height, width
 
 
 def check_sizes(sizes: Sequence[int], what: str) -> list[int]:

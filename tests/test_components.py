@@ -316,6 +316,7 @@ def test_density_integrates_to_one(case: tuple, latent_dim: int, digits: Tensor)
 LIKELIHOOD_DOMAINS = {
     "bernoulli": ("sum", torch.tensor([0.0, 1.0])),
     "discretized_logistic": ("sum", torch.linspace(0, 1, 256)),
+    "discretized_logistic_mixture": ("sum", torch.linspace(0, 1, 256)),
     "continuous_bernoulli": ("integral", torch.linspace(0, 1, 20001)),
     "gaussian": ("integral", torch.linspace(-40, 40, 200001)),
     "heteroscedastic_gaussian": ("integral", torch.linspace(-40, 40, 200001)),
@@ -604,6 +605,93 @@ def test_conv_networks_fit_the_image(image_shape: tuple[int, int], hidden: tuple
     assert encoder(torch.rand(B, pixels)).batch_shape == (B,)
 
 
+# --- colour images: C > 1 through every part ---------------------------------------------
+
+COLOUR_SHAPE = (3, 6, 5)
+COLOUR_FEATURES = 90
+COLOUR_DEFAULTS = {
+    "prior": ("standard_normal", {}),
+    "encoder": ("diagonal_normal", {"network": "conv", "hidden": (4, 8)}),
+    "decoder": ("feedforward", {"network": "conv", "hidden": (8, 4)}),
+    "likelihood": ("bernoulli", {}),
+}
+"""Convolutional networks on both sides, so that every case sees (C, H, W) images."""
+
+
+def build_colour(case: tuple) -> tuple[VAE, AmortizedGuide]:
+    """As :func:`build`, for colour images of shape ``COLOUR_SHAPE``; the case's encoder or
+    decoder is convolutional when its constructor takes a network."""
+    family, name, options = case
+
+    def part(f: str, **context):
+        entry, opts = COLOUR_DEFAULTS[f]
+        if f == family:
+            entry, opts = name, dict(options)
+            if "network" in schema(REGISTRIES[f][name]) and f in ("encoder", "decoder"):
+                opts = {**COLOUR_DEFAULTS[f][1], **opts}
+        return construct(REGISTRIES[f][entry], opts, **context)
+
+    context = {
+        "latent_dim": 2,
+        "features": COLOUR_FEATURES,
+        "in_features": COLOUR_FEATURES,
+        "image_shape": COLOUR_SHAPE,
+    }
+    likelihood = part("likelihood", **context)
+    encoder = part("encoder", **context)
+    prior = part("prior", **context, encoder=encoder)
+    out_features = COLOUR_FEATURES * getattr(likelihood, "num_params", 1)
+    decoder = part("decoder", **context, out_features=out_features)
+    return VAE(prior, decoder, likelihood), AmortizedGuide(encoder)
+
+
+COLOUR_CASES = [(f, n, {}) for f, registry in REGISTRIES.items() for n in registry]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in COLOUR_CASES])
+def test_colour_images_through_every_part(case: tuple):
+    """(3, 6, 5) images of 8-bit levels with conv networks: every entry scores them with
+    finite values, every parameter gets a gradient, and samples and means have their shape."""
+    vae, guide = build_colour(case)
+    x = torch.randint(0, 256, (B, COLOUR_FEATURES), generator=torch.Generator().manual_seed(0))
+    x = x.float() / 255
+    assert guide.encoder(x).batch_shape == (B,)
+    params = vae.decoder(torch.randn(P, B, 2))
+    d = vae.likelihood(params)
+    assert d.event_shape == (COLOUR_FEATURES,) and d.batch_shape == (P, B)
+    log_p = d.log_prob(x)
+    assert log_p.shape == (P, B) and torch.isfinite(log_p).all()
+    assert d.sample().shape == (P, B, COLOUR_FEATURES)
+    elbo_loss(vae, guide, num_particles=2)(x).backward()
+    for param_name, p in nn.ModuleList([vae, guide]).named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{param_name} has no gradient"
+    for mean in (True, False):
+        assert vae.sample(4, mean=mean).shape == (4, COLOUR_FEATURES)
+
+
+def test_conv_networks_keep_the_channels_apart():
+    """The encoder reads (C, H, W) channel-major: a change in one value of one channel
+    reaches the first convolution's output only through that channel's weights; the decoder
+    lays out parameter j of channel c at block j, rows c."""
+    encoder = ENCODERS["diagonal_normal"](
+        in_features=COLOUR_FEATURES, latent_dim=2, network="conv", image_shape=COLOUR_SHAPE
+    )
+    first = encoder.net[1]
+    assert isinstance(first, nn.Conv2d) and first.in_channels == 3
+    unflatten = encoder.net[0]
+    x = torch.arange(COLOUR_FEATURES, dtype=torch.float32)
+    torch.testing.assert_close(unflatten(x), x.reshape(COLOUR_SHAPE))
+    decoder = DECODERS["feedforward"](
+        latent_dim=2,
+        out_features=2 * COLOUR_FEATURES,
+        network="conv",
+        hidden=(4,),
+        image_shape=COLOUR_SHAPE,
+    )
+    last = [m for m in decoder.modules() if isinstance(m, nn.ConvTranspose2d)][-1]
+    assert last.out_channels == 6
+
+
 # --- bad values ---------------------------------------------------------------------------
 
 _ENC = {"in_features": FEATURES, "latent_dim": 2}
@@ -664,6 +752,19 @@ BAD = [
     ("likelihood", "laplace", {"learn_scale": True, "per_feature": True}, "features"),
     ("likelihood", "heteroscedastic_gaussian", {"min_scale": -1.0}, "min_scale"),
     ("likelihood", "discretized_logistic", {"levels": 1}, "levels"),
+    ("likelihood", "discretized_logistic_mixture", {"components": 0}, "components"),
+    (
+        "decoder",
+        "feedforward",
+        {"latent_dim": 2, "out_features": 3 * 64, "image_shape": (2, 8, 8), "network": "conv"},
+        "multiple",
+    ),
+    (
+        "encoder",
+        "diagonal_normal",
+        {**_ENC, "network": "conv", "image_shape": (2, 8, 8)},
+        "does not match",
+    ),
 ]
 
 

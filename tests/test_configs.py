@@ -1,7 +1,9 @@
-"""Every shipped config loads, builds, and takes one optimizer step on MNIST-shaped data."""
+"""Every shipped config loads, builds, and takes one optimizer step on data shaped as its own:
+MNIST's binary 28x28 images, or the photos' 3x32x32 patches of 8-bit levels."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyro
@@ -27,8 +29,12 @@ def test_a_shipped_config_builds_and_steps(path, device):
     spec = load_spec(path)
     classes = spec.model.classes if spec.model.labels != "none" else 0
     pyro.set_rng_seed(0)
-    model, guide = build(spec, 784 + classes, (28, 28))
-    x = torch.bernoulli(torch.full((6, 784), 0.3))
+    shape = (3, 32, 32) if spec.data.name == "sklearn-photos" else (28, 28)
+    features = math.prod(shape)
+    model, guide = build(spec, features + classes, shape)
+    x = torch.bernoulli(torch.full((6, features), 0.3))
+    if len(shape) == 3:
+        x = torch.randint(0, 256, (6, features)).float() / 255
     if classes:
         code = torch.eye(classes)[torch.arange(6) % classes]
         code[::2] = 0 if spec.model.labels == "latent" else code[::2]  # M2: half unlabelled

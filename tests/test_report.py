@@ -157,7 +157,7 @@ def test_report_projects_wider_latents_and_skips_images_for_vectors(wide_dir, tm
         run, checkpoint=dataclasses.replace(run.checkpoint, image_shape=())
     )
     page = write_report(vectors, path=tmp_path / "r.html", **FAST).read_text()
-    assert "not 2-D images" in page
+    assert "not grey or RGB images" in page
     assert "<h2>Reconstructions</h2>" not in page
     assert "principal" in page  # a 3-D latent space is drawn through PCA
     assert len(embedded_pngs(page)) >= 5

@@ -341,9 +341,12 @@ def _shown(value: float, digits: int) -> str:
 
 
 def _image_shape(run: Run) -> tuple[int, ...]:
+    from pyrovae.inference.reporting.plots import drawable
+
     shape = tuple(run.image_shape)
-    if len(shape) != 2:
+    if not drawable(shape):
         raise PyrovaeError(
-            f"{run.path} was trained on data that are not 2-D images; no grid to draw"
+            f"{run.path} was trained on data that are not grey or RGB images (shape "
+            f"{shape or 'of feature vectors'}); no grid to draw"
         )
     return shape

@@ -61,7 +61,8 @@ def build(
     Args:
         spec: the spec.
         features: number of data features F (pixels for flattened images).
-        image_shape: ``(H, W)`` when the data are images, for convolutional networks.
+        image_shape: ``(H, W)`` or ``(C, H, W)`` when the data are images, for convolutional
+            networks and likelihoods that read the channels.
 
     Returns:
         ``(model, guide)``: the Pyro model ``VAE`` and the ``AmortizedGuide``.

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.distributed import rank_and_world
 from pyrovae.inference.experiment.runs import BEST, Checkpoint, RunDirectory
+from pyrovae.model.networks import image_layout
 from pyrovae.model.sites import OBSERVED
 
 __all__ = [
@@ -476,7 +477,8 @@ class TensorBoard(Callback):
         log_dir: the folder, or the :class:`RunDirectory` of a run being written, whose
             ``tensorboard`` folder is opened at the end of the first epoch (a staged run
             has moved by then).
-        image_shape: ``(H, W)`` of the data, for image grids; none without it.
+        image_shape: ``(H, W)`` or ``(C, H, W)`` of the data, for image grids (grey or
+            RGB); none without it.
         examples: data points whose reconstructions are drawn.
         images_every: epochs between image grids (and the first epoch).
 
@@ -518,16 +520,20 @@ class TensorBoard(Callback):
         for key, value in last.items():
             if key != "epoch" and math.isfinite(value):
                 self.writer.add_scalar(key.replace("_", "/", 1), value, state.epoch)
-        if len(self.image_shape) == 2 and (
-            state.epoch == 1 or state.epoch % self.images_every == 0
-        ):
+        if self._drawable() and (state.epoch == 1 or state.epoch % self.images_every == 0):
             self._images(state)
         self.writer.flush()
+
+    def _drawable(self) -> bool:
+        try:
+            return image_layout(self.image_shape)[0] in (1, 3)
+        except ValueError:  # feature vectors, or a shape that is not an image's
+            return False
 
     @torch.no_grad()
     def _images(self, state: FitState) -> None:
         model, guide = state.model, state.guide
-        shape = (-1, 1, *self.image_shape)
+        shape = (-1, *image_layout(self.image_shape))
         if hasattr(model, "sample"):
             samples = model.sample(64).clamp(0, 1).reshape(shape)
             self.writer.add_images("samples", samples, state.epoch)

@@ -1,8 +1,9 @@
 """Data sets: loading, checking, splitting and binarizing.
 
-Every data set becomes float32 tensors of shape ``(N, F)`` (images flattened, ``image_shape``
-kept for plots) with values in [0, 1] for images, split into train / validation / test with
-labels kept when there are any.
+Every data set becomes float32 tensors of shape ``(N, F)`` (images flattened channel-major,
+``image_shape`` ``(H, W)`` or ``(C, H, W)`` kept for networks and plots) with values in [0, 1]
+for images (8-bit images as their levels ``k / 255``), split into train / validation / test
+with labels kept when there are any.
 
 Evaluation protocol: with ``binarize = "dynamic"`` the training set is resampled
 ``x ~ Bernoulli(grey level)`` every batch, while validation and test are binarized once with a
@@ -23,6 +24,11 @@ from torch import Tensor
 from torch.distributions.constraints import Constraint
 
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.experiment.images import (
+    read_cifar10,
+    read_image_folder,
+    read_sklearn_photos,
+)
 from pyrovae.inference.experiment.sources import (
     NPZ_NAMES,
     read_digits,
@@ -31,7 +37,9 @@ from pyrovae.inference.experiment.sources import (
 )
 
 BINARIZE = ("none", "dynamic", "static")
-NAMED = ("digits", "mnist", "fashion-mnist")
+NAMED = ("digits", "mnist", "fashion-mnist", "cifar-10", "sklearn-photos")
+IMAGE_SETS = ("sklearn-photos",)
+"""Named data sets that ``data.image_size`` and ``data.channels`` apply to, besides folders."""
 BINARIZE_SEED = 20151101
 """Seed of the fixed binarization of evaluation splits (and of static training data)."""
 
@@ -48,7 +56,7 @@ class Splits:
         train, validation, test: the splits; ``train`` holds grey levels when
             ``dynamic`` is set (binarize each batch with ``torch.bernoulli``).
         train_labels, validation_labels, test_labels: integer labels, or None.
-        image_shape: ``(H, W)`` for images, None for plain feature vectors.
+        image_shape: ``(H, W)`` or ``(C, H, W)`` for images, None for plain feature vectors.
         dynamic: whether training batches are binarized afresh each time.
         source: the absolute path of the file or folder the data were read from (None for
             the bundled digits and for torchvision's download).
@@ -173,19 +181,33 @@ def load_data(
     path: str | None = None,
     validation_size: int | float | None = None,
     limit: int | None = None,
+    image_size: int | list[int] | None = None,
+    channels: int | None = None,
 ) -> Splits:
     """Loads a data set by name or path and prepares its splits.
 
     Args:
         name: ``digits`` (scikit-learn's bundled 8x8 digits, offline), ``mnist``,
-            ``fashion-mnist``, or a path to a ``.npz`` / ``.npy`` file.
+            ``fashion-mnist``, ``cifar-10`` (torchvision's python batches),
+            ``sklearn-photos`` (32x32 patches of scikit-learn's two bundled photos, offline;
+            see :func:`~.images.photo_patch_positions`), a path to a ``.npz`` / ``.npy``
+            file, or a folder of images (PNG, JPEG, ...; class subfolders give labels, as
+            torchvision's ``ImageFolder``; see :func:`~.images.read_image_folder`).
         binarize: ``none``, ``dynamic`` or ``static`` (see the module docstring).
         path: a file or directory holding the named data set (Keras-layout ``.npz`` or the
-            original IDX files); otherwise ``$PYROVAE_DATA`` is searched, then torchvision.
+            original IDX files; ``cifar-10-batches-py``); otherwise ``$PYROVAE_DATA`` is
+            searched, then (MNIST-style sets) torchvision. For a file or folder, its path
+            when given.
         validation_size: points held out of the training set (a count or a fraction); the
-            default is 10,000 for MNIST-style sets (the common 50k/10k split) and 10% else.
+            default is 10,000 for MNIST-style sets (the common 50k/10k split), 5,000 for
+            CIFAR-10 (45k/5k) and 10% else. A set without a test split (a file of one array,
+            a folder) holds out as many again for test. The photos' splits are regions.
         limit: keep only the first ``limit`` training points (after the split), for a quick
             try; validation and test stay whole.
+        image_size: for a folder or the photos, the size images are scaled and
+            centre-cropped to (a side, or ``[height, width]``); see
+            :func:`~.images.read_image_folder`.
+        channels: for a folder or the photos, 1 (greyscale) or 3 (RGB); default as found.
 
     Returns:
         The checked splits.
@@ -196,20 +218,37 @@ def load_data(
     if binarize not in BINARIZE:
         raise PyrovaeError(f"unknown data.binarize {binarize!r}; valid: {', '.join(BINARIZE)}")
     source = None
+    given = Path(path or name)
+    images = name in IMAGE_SETS or (
+        name not in NAMED and not name.endswith((".npz", ".npy")) and given.is_dir()
+    )
+    if not images and (image_size is not None or channels is not None):
+        raise PyrovaeError(
+            f"data.image_size and data.channels apply to a folder of images and to "
+            f"{', '.join(IMAGE_SETS)}, not to data.name = {name!r}; remove them"
+        )
     if name == "digits":
         arrays = read_digits()
     elif name in NPZ_NAMES:
         arrays, source = read_mnist_like(name, path)
+    elif name == "cifar-10":
+        arrays, source = read_cifar10(path)
+    elif name == "sklearn-photos":
+        arrays = read_sklearn_photos(image_size, channels)
     elif name.endswith((".npz", ".npy")):
-        source = Path(path or name)
-        arrays = read_user_file(source)
-        source = source.resolve()
+        arrays = read_user_file(given)
+        source = given.resolve()
+    elif images:
+        arrays = read_image_folder(given, image_size, channels)
+        source = given.resolve()
     else:
         raise PyrovaeError(
-            f"unknown data.name {name!r}; valid: {', '.join(NAMED)}, or a path to .npz/.npy"
+            f"unknown data.name {name!r}; valid: {', '.join(NAMED)}, a path to .npz/.npy, or "
+            "a folder of images"
+            + ("" if given.exists() else f" (there is no file or folder {given})")
         )
     if validation_size is None:
-        validation_size = 10_000 if name in NPZ_NAMES else 0.1
+        validation_size = 10_000 if name in NPZ_NAMES else 5_000 if name == "cifar-10" else 0.1
     splits = replace(_split(arrays, validation_size), source=source)
     if limit is not None:
         labels = splits.train_labels
@@ -270,6 +309,16 @@ def _as_features(x: np.ndarray, what: str) -> tuple[Tensor, tuple[int, ...] | No
 def _split(arrays: dict[str, np.ndarray], validation_size: int | float) -> Splits:
     x, image_shape = _as_features(arrays["x_train"], "training data")
     y = _labels(arrays.get("y_train"), len(x), "training labels")
+    if "x_validation" in arrays:  # every split given (the photos' regions)
+        return Splits(
+            train=x,
+            validation=_as_features(arrays["x_validation"], "validation data")[0],
+            test=_as_features(arrays["x_test"], "test data")[0],
+            train_labels=None,
+            validation_labels=None,
+            test_labels=None,
+            image_shape=image_shape,
+        )
     n_val = (
         int(round(validation_size * len(x)))
         if isinstance(validation_size, float)

@@ -86,7 +86,8 @@ class Checkpoint:
         rng: random number generator states (``torch`` and, where present, ``cuda``).
         history: one dict of floats per epoch (the metrics ``fit`` returns).
         features: number of data features the model was built for.
-        image_shape: ``(H, W)`` of image data, ``()`` for plain feature vectors.
+        image_shape: ``(H, W)`` or ``(C, H, W)`` of image data, ``()`` for plain feature
+            vectors.
         spec: the resolved spec the run was built from, as TOML, or None for a run made
             by ``fit`` alone.
         data_sha256: the fingerprint of the data the run was trained on

@@ -28,6 +28,7 @@ from pyrovae.inference.algorithms.objectives import OBJECTIVES
 from pyrovae.inference.algorithms.schedules import SCHEDULES
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.build import constructor_of
+from pyrovae.inference.experiment.images import check_image_options
 from pyrovae.inference.experiment.recipes import LR_SCHEDULES, OPTIMIZERS
 from pyrovae.model import (
     DECODERS,
@@ -106,6 +107,11 @@ class DataSpec:
     # ... and the labelled rows repeated to about this share of the training rows (0 or
     # unset: each once).
     labelled_share: float | None = _ranged(None, 0, 0.99)
+    # A folder of images (data.name = "path/to/folder") or sklearn-photos: the size every
+    # image is scaled and centre-cropped to (a side, or [height, width]; unset: the images'
+    # own, which must agree) and its channels (1 greyscale, 3 RGB; unset: as found).
+    image_size: int | list | None = None
+    channels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -276,12 +282,18 @@ def _check_applies(spec: Spec) -> None:
     """Refuses keys that the rest of the spec makes meaningless, rather than recording a
     setting that had no effect."""
     d, m = spec.data, spec.model
-    if d.name == "digits" and d.path is not None:
+    if d.name in ("digits", "sklearn-photos") and d.path is not None:
         raise PyrovaeError(
-            "data.path does not apply to data.name = 'digits', which is bundled with "
-            "scikit-learn; remove data.path, or set data.name to mnist, fashion-mnist or a "
-            "file"
+            f"data.path does not apply to data.name = {d.name!r}, which is bundled with "
+            "scikit-learn; remove data.path, or set data.name to mnist, fashion-mnist, "
+            "cifar-10, a file or a folder"
         )
+    if d.name == "sklearn-photos" and d.validation_size is not None:
+        raise PyrovaeError(
+            "data.validation_size does not apply to data.name = 'sklearn-photos', whose "
+            "splits are regions of the photos; remove data.validation_size"
+        )
+    check_image_options(d.image_size, d.channels)
     if m.labels != "latent":
         for key in ("labels_per_class", "labelled_share"):
             if getattr(d, key) is not None:

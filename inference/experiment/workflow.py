@@ -325,7 +325,9 @@ def load_run_data(run: Run | Spec) -> Splits:
     """
     spec = run.spec if isinstance(run, Run) else run
     d = spec.data
-    data = load_data(d.name, d.binarize, d.path, d.validation_size, d.limit)
+    data = load_data(
+        d.name, d.binarize, d.path, d.validation_size, d.limit, d.image_size, d.channels
+    )
     if spec.model.labels == "context":
         data = data.with_label_context(spec.model.classes)
     elif spec.model.labels == "latent":

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pyrovae.inference.errors import PyrovaeError
+from pyrovae.model.networks import image_layout
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,23 +28,37 @@ if TYPE_CHECKING:
 
 
 def image_grid(images: Tensor, image_shape: tuple[int, ...], ncol: int | None = None) -> np.ndarray:
-    """Tiles flattened images ``(N, H*W)`` into one ``(rows*H, ncol*W)`` array in [0, 1].
+    """Tiles flattened images ``(N, C*H*W)`` into one array in [0, 1]: ``(rows*H, ncol*W)``
+    for grey images (``image_shape`` ``(H, W)`` or ``(1, H, W)``), ``(rows*H, ncol*W, 3)``
+    for RGB ones (``(3, H, W)``).
 
     torchvision's ``make_grid`` is used when it imports; otherwise NumPy does the tiling.
     """
+    channels, h, w = image_layout(image_shape)
     n = images.shape[0]
     ncol = ncol or math.ceil(math.sqrt(n))
-    images = images.detach().float().cpu().clamp(0, 1).reshape(n, 1, *image_shape)
+    images = images.detach().float().cpu().clamp(0, 1).reshape(n, channels, h, w)
     try:
         from torchvision.utils import make_grid
     except Exception:  # noqa: BLE001 - torchvision is optional
         rows = math.ceil(n / ncol)
         padded = torch.zeros(rows * ncol, *images.shape[1:])
         padded[:n] = images
-        h, w = image_shape
-        grid = padded.reshape(rows, ncol, h, w).permute(0, 2, 1, 3).reshape(rows * h, ncol * w)
-        return grid.numpy()
-    return make_grid(images, nrow=ncol, padding=0)[0].numpy()
+        grid = padded.reshape(rows, ncol, channels, h, w).permute(0, 3, 1, 4, 2)
+        grid = grid.reshape(rows * h, ncol * w, channels)
+    else:
+        grid = make_grid(images, nrow=ncol, padding=0).permute(1, 2, 0)
+    return (grid[..., 0] if channels == 1 else grid).numpy()
+
+
+def drawable(image_shape: tuple[int, ...]) -> bool:
+    """Whether data of ``image_shape`` can be drawn as images: ``(H, W)``, or ``(C, H, W)``
+    with one channel (grey) or three (RGB)."""
+    try:
+        channels, _, _ = image_layout(image_shape)
+    except ValueError:
+        return False
+    return channels in (1, 3)
 
 
 def check_image_path(path: str | Path) -> None:
@@ -72,11 +87,11 @@ def check_image_path(path: str | Path) -> None:
 def save_image_grid(images: Tensor, image_shape: tuple[int, ...], path: str | Path) -> None:
     """Writes an image grid of ``images`` to ``path`` (PNG or anything matplotlib writes)."""
     grid = separated_grid(images, image_shape, math.ceil(math.sqrt(images.shape[0])))
-    height, width = grid.shape
+    height, width = grid.shape[:2]
     scale = max(1.0, 400 / max(height, width))
     fig = _figure(figsize=(width * scale / 100, height * scale / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(grid, cmap=_grey(), vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(_white_borders(grid), cmap=_grey(), vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     from pyrovae.inference.experiment.runs import atomic_write
 
@@ -148,7 +163,7 @@ def per_point_figure(reconstruction: Tensor, kl: Tensor) -> Figure:
 def image_panels_figure(
     panels: Sequence[tuple[str, Tensor]], image_shape: tuple[int, ...], ncol: int = 8
 ) -> Figure:
-    """Image grids side by side, one titled panel per ``(title, images (N, H*W))``."""
+    """Image grids side by side, one titled panel per ``(title, images (N, C*H*W))``."""
     fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
     for ax, (title, images) in zip(axes[0], panels, strict=True):
         _show(ax, *_separated(images, image_shape), ncol)
@@ -161,11 +176,12 @@ def image_panels_figure(
 def traversal_figure(
     images: Tensor, image_shape: tuple[int, ...], row_labels: Sequence[str], values: Tensor
 ) -> Figure:
-    """A grid of ``images (rows, steps, H*W)``: one latent dimension per row, varied along it."""
+    """A grid of ``images (rows, steps, C*H*W)``: one latent dimension per row, varied along it."""
     rows, steps = images.shape[:2]
-    flat, (height, width) = _separated(images.reshape(rows * steps, -1), image_shape)
+    flat, shape = _separated(images.reshape(rows * steps, -1), image_shape)
+    height, width = shape[-2:]
     fig, ax = _subplots(figsize=(0.6 * steps + 1.5, 0.6 * rows + 0.8))
-    _show(ax, flat, (height, width), steps)
+    _show(ax, flat, shape, steps)
     ax.set_yticks([height * (r + 0.5) for r in range(rows)], list(row_labels))
     ax.set_xticks([width * (s + 0.5) for s in range(steps)], [f"{v:+.1f}" for v in values])
     ax.set_xlabel("value of the dimension, in prior standard deviations from the prior mean")
@@ -204,7 +220,9 @@ def latent_scatter_figure(
     ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1])
     if grid is not None and extent is not None:
         ax.set(xlim=extent[:2], ylim=extent[2:])
-        axes[0, 1].imshow(grid, cmap=_grey(), vmin=0, vmax=1, extent=extent, aspect="auto")
+        axes[0, 1].imshow(
+            _white_borders(grid), cmap=_grey(), vmin=0, vmax=1, extent=extent, aspect="auto"
+        )
         axes[0, 1].set_box_aspect(1)
         ax.set_box_aspect(1)
         axes[0, 1].set(xlabel=axis_labels[0], ylabel=axis_labels[1], title="decoded grid")
@@ -299,16 +317,23 @@ def separated_grid(images: Tensor, image_shape: tuple[int, ...], ncol: int) -> n
     return image_grid(*_separated(images, image_shape), ncol)
 
 
-def _separated(images: Tensor, image_shape: tuple[int, ...]) -> tuple[Tensor, tuple[int, int]]:
-    """Images padded right and below with NaN, so tiles stay apart in a grid."""
-    height, width = image_shape
-    tiles = images.detach().float().cpu().reshape(-1, height, width)
+def _separated(images: Tensor, image_shape: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
+    """Images padded right and below with NaN, so tiles stay apart in a grid; returns them
+    flattened and their padded ``(C, H + 1, W + 1)``."""
+    channels, height, width = image_layout(image_shape)
+    tiles = images.detach().float().cpu().reshape(-1, channels, height, width)
     padded = torch.nn.functional.pad(tiles, (0, 1, 0, 1), value=math.nan)
-    return padded.flatten(1), (height + 1, width + 1)
+    return padded.flatten(1), (channels, height + 1, width + 1)
 
 
 def _show(ax: Axes, images: Tensor, image_shape: tuple[int, ...], ncol: int) -> None:
-    ax.imshow(image_grid(images, image_shape, ncol), cmap=_grey(), vmin=0, vmax=1)
+    ax.imshow(_white_borders(image_grid(images, image_shape, ncol)), cmap=_grey(), vmin=0, vmax=1)
+
+
+def _white_borders(grid: np.ndarray) -> np.ndarray:
+    """A grid as ``imshow`` draws it: NaN (the borders) white, drawn by the colour map for
+    grey grids and set to 1 in RGB ones, which ``imshow`` takes as they are."""
+    return grid if grid.ndim == 2 else np.nan_to_num(grid, nan=1.0)
 
 
 def _grey() -> Colormap:

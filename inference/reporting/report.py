@@ -127,14 +127,16 @@ def write_report(
         ("Latent units", units_section(diag)),
     ]
     with torch.no_grad():
-        if len(shape) == 2:
+        if plots.drawable(shape):
             images = image_sections(run, diag, x, shape, traversal_dims, seed)
             # The prior's samples beside the aggregate posterior's belong to the verdict.
             samples = [s for s in images if s[0].startswith("Samples")]
             sections[1:1] = samples
             sections += [s for s in images if s not in samples]
         else:
-            reason = "The data are not 2-D images, so reconstructions, samples and traversals "
+            reason = (
+                "The data are not grey or RGB images, so reconstructions, samples and traversals "
+            )
             sections.append(("Images", note(reason + "are not drawn.")))
         sections.append(("Latent space", latent_space(run, diag, labels, shape)))
     sections.append(("Aggregate posterior against the prior", histograms(run, diag)))

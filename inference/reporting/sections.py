@@ -193,7 +193,7 @@ def latent_space(run: Run, diag: Diagnostics, labels: Tensor | None, shape: tupl
         extent = (lo[0].item(), hi[0].item(), lo[1].item(), hi[1].item())
         conditional = hasattr(run.model, "split")
         reads_more = len(getattr(run.model, "decoder_sites", ())) > 1
-        if len(shape) == 2 and not conditional and not reads_more:
+        if plots.drawable(shape) and not conditional and not reads_more:
             steps = GRID_STEPS
             u = torch.linspace(lo[0].item(), hi[0].item(), steps, dtype=torch.float64)
             v = torch.linspace(hi[1].item(), lo[1].item(), steps, dtype=torch.float64)
