@@ -132,6 +132,14 @@ def test_the_verdict_warns_of_unreliable_estimates_and_shows_the_runs_evaluation
         assert ('class="banner"' in page) is banner
         assert "KL(q(z) ‖ p(z)) ≤ 0.80</b>" in page and "at most 0.80 (20%)" in page
     assert "The run's evaluation" not in page
+    page = _verdict(
+        run,
+        diag,
+        "test",
+        None,
+        "No lower bound: the critic trains on the train split, which has 3 points (need at least 2 training, 2 validation).",
+    )
+    assert "which has 3 points" in page and "--no-aggregate-kl" not in page
     assert main(["evaluate", str(run_dir), "-k", "20", "--limit", "30"]) == 0
     page = _verdict(run, diag, "test", None)
     saved = re.search(r"The run's evaluation.*?<b>([-\d.]+)</b> nats per point on 30 points", page)

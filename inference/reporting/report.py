@@ -82,8 +82,8 @@ def write_report(
         The path written.
 
     Raises:
-        PyrovaeError: an unknown split, fewer than two points, data that do not match, or
-            too few points for the critic.
+        PyrovaeError: an unknown split, fewer than two points, or data that do not match.
+            A split too small for the critic leaves the lower bound out, with a note.
     """
     run = run if isinstance(run, Run) else load_run(run)
     out = Path(path) if path is not None else run.path / REPORT
@@ -118,10 +118,13 @@ def write_report(
         marginal=marginal,
         num_latent_samples=num_latent_samples,
     )
-    bracket = _aggregate(run, data, data_split, x, seed) if aggregate else None
+    bracket, missing = _aggregate(run, data, data_split, x, seed) if aggregate else (None, None)
     shape = tuple(run.image_shape)
     sections = [
-        ("Verdict: how well does q(z) match the prior?", _verdict(run, diag, data_split, bracket)),
+        (
+            "Verdict: how well does q(z) match the prior?",
+            _verdict(run, diag, data_split, bracket, missing),
+        ),
         ("Summary", _summary(run, diag, data_split, bracket)),
         ("Training curves", _training(run, diag)),
         ("Latent units", units_section(diag)),
@@ -145,27 +148,36 @@ def write_report(
     return out
 
 
-def _aggregate(run: Run, data: Splits, split: str, x: Tensor, seed: int) -> AggregateKL:
-    """The critic's bound on the report's points, trained on another split's posteriors."""
+def _aggregate(
+    run: Run, data: Splits, split: str, x: Tensor, seed: int
+) -> tuple[AggregateKL | None, str | None]:
+    """The critic's bound on the report's points, trained on another split's posteriors; or
+    None and why, where that split is too small to train it (the report goes on without)."""
     pool_split = "validation" if split == "train" else "train"
     pool, _ = data.split(pool_split)
     if run.spec.model.labels == "latent":  # M2: q(z) of unlabelled points, as the report's
         pool = pool.clone()
         pool[:, -run.spec.model.classes :] = 0
     try:
-        return aggregate_kl(run.model, run.guide, pool, x, upper=False, seed=seed)
+        return aggregate_kl(run.model, run.guide, pool, x, upper=False, seed=seed), None
     except ValueError as error:
-        raise PyrovaeError(
-            f"cannot bound the marginal KL: the critic trains on the {pool_split} split "
-            f"({len(pool)} points): {error}"
-        ) from None
+        return None, (
+            f"No lower bound: the critic trains on the {pool_split} split, which has "
+            f"{len(pool)} points ({error})."
+        )
 
 
 KHAT_BANNER = 0.1
 """Above this share of points with k̂ > 0.7 the report's verdict opens with a warning."""
 
 
-def _verdict(run: Run, diag: Diagnostics, split: str, bracket: AggregateKL | None) -> str:
+def _verdict(
+    run: Run,
+    diag: Diagnostics,
+    split: str,
+    bracket: AggregateKL | None,
+    missing: str | None = None,
+) -> str:
     """The answer first: the bracket on KL(q(z) || p(z)) and what it means, a banner when the
     importance-sampling estimate is unreliable, and the run's own evaluation."""
     s = diag.summary()
@@ -200,9 +212,13 @@ def _verdict(run: Run, diag: Diagnostics, split: str, bracket: AggregateKL | Non
     else:
         bounds = f"<b>KL(q(z) ‖ p(z)) ≤ {upper:.2f}</b> nats"
         how = (
-            f"This is the marginal KL of the {n}-point aggregate, an upper bound in "
-            "expectation; a lower bound needs the critic (<code>pyrovae report RUN</code> "
-            "computes it unless given <code>--no-aggregate-kl</code>)."
+            f"This is the marginal KL of the {n}-point aggregate, an upper bound in expectation; "
+            + (
+                escape(missing)
+                if missing is not None
+                else "a lower bound needs the critic (<code>pyrovae report RUN</code> computes it "
+                "unless given <code>--no-aggregate-kl</code>)."
+            )
         )
     share = f"{min(upper / kl, 1.0):.0%}" if kl > 0 and math.isfinite(upper) else "n/a"
     body += (
