@@ -401,3 +401,28 @@ def test_rgb_grids_keep_each_tile_in_place():
     assert grid[0, 2].tolist() == pytest.approx([0.2, 0.8, 0])
     assert grid[3, 5].tolist() == pytest.approx([1.0, 0.0, 0])
     assert image_grid(tiles[:, :1].reshape(6, -1), (1, 2, 2), ncol=3).shape == (4, 6)
+
+
+@pytest.mark.parametrize("layout", ["channels last", "channels first"])
+def test_image_arrays_in_either_layout_train_and_sample(layout, tmp_path, capsys):
+    """A .npy of (N, H, W, 3), as NumPy and Pillow lay images out, is read as (N, 3, H, W);
+    either way the run samples an RGB grid."""
+    images = np.random.default_rng(0).random((300, 8, 6, 3)).astype(np.float32)
+    if layout == "channels first":
+        images = images.transpose(0, 3, 1, 2)
+    np.save(tmp_path / "x.npy", images)
+    data = load_data(str(tmp_path / "x.npy"), "none")
+    assert data.image_shape == (3, 8, 6)
+    first = images.transpose(0, 3, 1, 2) if layout == "channels last" else images
+    together = torch.cat([data.train, data.validation, data.test]).reshape(-1, 3, 8, 6)
+    for channel in range(3):  # each channel's pixels stay that channel's
+        torch.testing.assert_close(
+            together[:, channel].flatten().sort().values,
+            torch.from_numpy(first[:, channel]).flatten().sort().values,
+        )
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--set", f'data.name="{tmp_path / "x.npy"}"',
+                 "--set", 'model.likelihood={kind="continuous_bernoulli"}',
+                 "--set", "train.epochs=1", "--no-progress"]) == 0  # fmt: skip
+    assert main(["sample", str(run), "-n", "4"]) == 0
+    assert (run / "samples.png").is_file()

@@ -299,6 +299,9 @@ def _as_features(x: np.ndarray, what: str) -> tuple[Tensor, tuple[int, ...] | No
             f"{what} has shape {x.shape}: no data points to learn from; give an array with at "
             "least one point and one feature"
         )
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        # Channels last, as NumPy and Pillow lay images out: to torch's (C, H, W).
+        x = x.transpose(0, 3, 1, 2)
     image_shape = tuple(x.shape[1:]) if x.ndim >= 3 else None
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     t = torch.from_numpy(np.ascontiguousarray(x).reshape(len(x), -1).astype(np.float32) / scale)
