@@ -78,24 +78,37 @@ def construct(constructor, options: dict, **context):
     return constructor(**small, **options, **injected)
 
 
-def build(case: tuple, latent_dim: int = 2) -> tuple[VAE, AmortizedGuide]:
-    """The VAE and guide with the case's entry and defaults elsewhere, in the builder's order."""
+def build(
+    case: tuple,
+    latent_dim: int = 2,
+    image_shape: tuple[int, ...] = IMAGE_SHAPE,
+    defaults: dict[str, tuple[str, dict]] | None = None,
+) -> tuple[VAE, AmortizedGuide]:
+    """The VAE and guide with the case's entry and ``defaults`` elsewhere (``DEFAULTS``
+    without options), in the builder's order, for data of ``image_shape``. The case's
+    encoder or decoder takes the default's options where its constructor takes a network."""
     family, name, options = case
+    defaults = defaults or {f: (entry, {}) for f, entry in DEFAULTS.items()}
+    features = math.prod(image_shape)
 
     def part(f: str, **context):
-        entry, opts = (name, options) if f == family else (DEFAULTS[f], {})
+        entry, opts = defaults[f]
+        if f == family:
+            entry, opts = name, dict(options)
+            if "network" in schema(REGISTRIES[f][name]) and f in ("encoder", "decoder"):
+                opts = {**defaults[f][1], **opts}
         return construct(REGISTRIES[f][entry], opts, **context)
 
     context = {
         "latent_dim": latent_dim,
-        "features": FEATURES,
-        "in_features": FEATURES,
-        "image_shape": IMAGE_SHAPE,
+        "features": features,
+        "in_features": features,
+        "image_shape": image_shape,
     }
     likelihood = part("likelihood", **context)
     encoder = part("encoder", **context)
     prior = part("prior", **context, encoder=encoder)
-    out_features = FEATURES * getattr(likelihood, "num_params", 1)
+    out_features = features * getattr(likelihood, "num_params", 1)
     decoder = part("decoder", **context, out_features=out_features)
     return VAE(prior, decoder, likelihood), AmortizedGuide(encoder)
 
@@ -608,7 +621,7 @@ def test_conv_networks_fit_the_image(image_shape: tuple[int, int], hidden: tuple
 # --- colour images: C > 1 through every part ---------------------------------------------
 
 COLOUR_SHAPE = (3, 6, 5)
-COLOUR_FEATURES = 90
+COLOUR_FEATURES = math.prod(COLOUR_SHAPE)
 COLOUR_DEFAULTS = {
     "prior": ("standard_normal", {}),
     "encoder": ("diagonal_normal", {"network": "conv", "hidden": (4, 8)}),
@@ -618,33 +631,6 @@ COLOUR_DEFAULTS = {
 """Convolutional networks on both sides, so that every case sees (C, H, W) images."""
 
 
-def build_colour(case: tuple) -> tuple[VAE, AmortizedGuide]:
-    """As :func:`build`, for colour images of shape ``COLOUR_SHAPE``; the case's encoder or
-    decoder is convolutional when its constructor takes a network."""
-    family, name, options = case
-
-    def part(f: str, **context):
-        entry, opts = COLOUR_DEFAULTS[f]
-        if f == family:
-            entry, opts = name, dict(options)
-            if "network" in schema(REGISTRIES[f][name]) and f in ("encoder", "decoder"):
-                opts = {**COLOUR_DEFAULTS[f][1], **opts}
-        return construct(REGISTRIES[f][entry], opts, **context)
-
-    context = {
-        "latent_dim": 2,
-        "features": COLOUR_FEATURES,
-        "in_features": COLOUR_FEATURES,
-        "image_shape": COLOUR_SHAPE,
-    }
-    likelihood = part("likelihood", **context)
-    encoder = part("encoder", **context)
-    prior = part("prior", **context, encoder=encoder)
-    out_features = COLOUR_FEATURES * getattr(likelihood, "num_params", 1)
-    decoder = part("decoder", **context, out_features=out_features)
-    return VAE(prior, decoder, likelihood), AmortizedGuide(encoder)
-
-
 COLOUR_CASES = [(f, n, {}) for f, registry in REGISTRIES.items() for n in registry]
 
 
@@ -652,7 +638,7 @@ COLOUR_CASES = [(f, n, {}) for f, registry in REGISTRIES.items() for n in regist
 def test_colour_images_through_every_part(case: tuple):
     """(3, 6, 5) images of 8-bit levels with conv networks: every entry scores them with
     finite values, every parameter gets a gradient, and samples and means have their shape."""
-    vae, guide = build_colour(case)
+    vae, guide = build(case, image_shape=COLOUR_SHAPE, defaults=COLOUR_DEFAULTS)
     x = torch.randint(0, 256, (B, COLOUR_FEATURES), generator=torch.Generator().manual_seed(0))
     x = x.float() / 255
     assert guide.encoder(x).batch_shape == (B,)
