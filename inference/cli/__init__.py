@@ -40,19 +40,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Interrupted as e:
-        print(f"pyrovae: {e}", file=sys.stderr)
+        _say(f"pyrovae: {e}")
         return 130
     except KeyboardInterrupt:
-        print("pyrovae: interrupted", file=sys.stderr)
+        _say("pyrovae: interrupted")
         return 130
     except (PyrovaeError, OSError) as e:
         if args.debug:
             raise
         line = f"pyrovae: error: {_one_line(e)}"
-        print(line, file=sys.stderr)
+        _say(line)
         _tell_the_launcher(line)
         return 2
     return 0
+
+
+def _say(line: str) -> None:
+    """Writes one line to stderr in one write, so that the lines of several ranks under
+    torchrun (which share the stream) never interleave within a line, as print's separate
+    write of the newline lets them."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _tell_the_launcher(line: str) -> None:
