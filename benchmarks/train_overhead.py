@@ -148,8 +148,6 @@ def pyrovae_run(
         x_train,
         epochs=epochs,
         batch_size=batch,
-        device=str(x_train.device),
-        seed=None,
         compile=compile_mode,
         callbacks=[TakeTurns(turns, name, epochs), BatchTransform(torch.bernoulli)],
     )

@@ -61,7 +61,6 @@ def test_seeded_cpu_runs_are_reproducible(digits):
             guide,
             digits.train[:300],
             epochs=2,
-            seed=3,
             callbacks=[BatchTransform(torch.bernoulli)],
         )
         states.append(model.state_dict())
@@ -176,13 +175,14 @@ def test_validation_terms_add_up(digits):
 def test_fit_on_cuda_keeps_everything_on_the_device(tmp_path, digits):
     pyro.set_rng_seed(0)
     model, guide = small_vae()
+    model.cuda()
+    guide.cuda()
     history = fit(
         model,
         guide,
         digits.train,
         validation=digits.validation,
         epochs=2,
-        device="cuda",
         callbacks=[Checkpointing(tmp_path), BatchTransform(torch.bernoulli)],
     )
     assert all(p.is_cuda for p in model.parameters())

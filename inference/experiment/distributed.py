@@ -91,6 +91,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def shared_seed(device: torch.device) -> int:
+    """Rank 0's seed (``torch.initial_seed()``, what ``pyro.set_rng_seed`` set), the same on
+    every rank, so that ranks seeded differently (or not at all) still share the shuffle."""
+    seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=device)
+    if rank_and_world()[1] > 1:
+        dist.broadcast(seed, src=0)
+    return int(seed.item())
+
+
 def derived_seed(seed: int, index: int) -> int:
     """The seed of part ``index`` (a rank's draws, an evaluation block) of work seeded by
     ``seed``: the one rule, so that parts never share a stream and reruns repeat them."""

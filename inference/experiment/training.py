@@ -30,14 +30,18 @@ from pyrovae.inference.experiment.callbacks import (
     FitState,
     device_of,
 )
-from pyrovae.inference.experiment.distributed import all_reduce_sum, derived_seed, rank_and_world
+from pyrovae.inference.experiment.distributed import (
+    all_reduce_sum,
+    derived_seed,
+    rank_and_world,
+    shared_seed,
+)
 from pyrovae.inference.experiment.inputs import (
     as_data,
     check_inputs,
     check_settings,
     floating_dtype,
     place,
-    resolve_device,
 )
 from pyrovae.inference.experiment.recipes import adam, step_schedule
 from pyrovae.inference.experiment.validation import validate
@@ -63,14 +67,14 @@ def fit(
     epochs: int = 10,
     batch_size: int = 128,
     callbacks: Sequence[Callback] = (),
-    device: str | torch.device = "auto",
-    seed: int | None = 0,
     compile: str | bool = "auto",
 ) -> list[dict[str, float]]:
     """Trains ``model`` and ``guide`` by minimising ``objective(model, guide)``.
 
-    The whole training set is kept on the device when it fits; each epoch shuffles it with
-    the global torch RNG, so a seeded CPU run is reproducible. The loss is the negative
+    As in PyTorch, the modules' device is the training device (``vae.cuda()`` before ``fit``
+    trains on the GPU); the whole training set is kept there when it fits. Each epoch shuffles
+    it with the global torch RNG, so a run seeded beforehand (``pyro.set_rng_seed``) is
+    reproducible on the CPU. The loss is the negative
     objective averaged over the batch. After every epoch the validation data are scored
     (ELBO, reconstruction and KL per point, from one draw) and the callbacks run. Everything
     else is a callback: :class:`~pyrovae.inference.experiment.callbacks.Checkpointing`,
@@ -102,16 +106,16 @@ def fit(
         epochs: total number of epochs, counting those a restored run already has.
         batch_size: points per step.
         callbacks: :class:`Callback` objects, called in order.
-        device: ``auto``, ``cpu``, ``cuda``...; modules are moved there.
-        seed: seeds torch and Pyro at the start (a restored run then sets its saved RNG
-            states). Submodules with an ``initialize_from_data(x)`` method are then given
-            the training data (a VampPrior's pseudo-inputs start as training points).
         compile: ``"auto"``, ``"on"`` or ``"off"`` (or a bool): run the training step as a
             traced tensor program (:class:`~pyrovae.inference.algorithms.compiled.CompiledStep`:
             the same loss and gradients without Pyro's per-step Python, fused by
             ``torch.compile``). ``"auto"`` compiles fits of at least
             :data:`~pyrovae.inference.algorithms.compiled.AUTO_MIN_STEPS` steps on one
             process. A step that cannot be compiled trains eagerly, with one line saying why.
+
+    Submodules with an ``initialize_from_data(x)`` method are first given the training data
+    (a VampPrior's pseudo-inputs start as training points); a restored run then overwrites
+    them, and the RNG states, with its checkpoint's.
 
     Returns:
         The history: one dict per epoch with ``epoch``, ``train_elbo``,
@@ -128,10 +132,7 @@ def fit(
         ...               callbacks=[EarlyStopping(5), ProgressBar()])
     """
     check_settings(epochs, batch_size)
-    device = resolve_device(device)
-    for part in (model, guide):
-        if isinstance(part, nn.Module):
-            part.to(device)
+    device = _device(model, guide)
     dtype = floating_dtype(model, guide)
     x_train = as_data(train, "training data", dtype)
     x_val = as_data(validation, "validation data", dtype) if validation is not None else None
@@ -141,8 +142,6 @@ def fit(
         isinstance(c, EarlyStopping) and c.monitor.startswith("validation") for c in callbacks
     ):
         raise PyrovaeError("early stopping on a validation figure needs validation=... data")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
 
     x_train = place(x_train, device)
     x_val = place(x_val, device) if x_val is not None else None
@@ -169,12 +168,15 @@ def fit(
         ),
     )
     train_module = loss_fn
+    seed = 0
     if world > 1:
         # A guide warm-up leaves the richer part of the guide without gradients at first.
         warmup = any(isinstance(c, GuideWarmup) for c in callbacks)
         train_module = _data_parallel(loss_fn, model, guide, device, batch_size, world, warmup)
-        # Every rank starts from rank 0's parameters (DDP broadcasts them); its own draws.
-        pyro.set_rng_seed(derived_seed(0 if seed is None else seed, rank))
+        # Every rank starts from rank 0's parameters (DDP broadcasts them) and draws from
+        # its own stream, derived from the seed rank 0 was given; the shuffle is shared.
+        seed = shared_seed(device)
+        pyro.set_rng_seed(derived_seed(seed, rank))
 
     # The data were checked once above; per-step argument checks would only cost time.
     # Pyro warns of a NaN loss on every step and every gradient; a NaN stops training with
@@ -197,7 +199,7 @@ def fit(
                     params,
                     x_train,
                     kl_schedule,
-                    0 if seed is None else seed,
+                    seed,
                     compiled,
                 )
                 if not math.isfinite(train_elbo):
@@ -220,6 +222,16 @@ def fit(
             for callback in callbacks:
                 callback.on_fit_end(state)
     return state.history
+
+
+def _device(model: Any, guide: Any) -> torch.device:
+    """Where the modules' parameters are (the model's first, then the guide's); the CPU for
+    programs without module parameters."""
+    for part in (model, guide):
+        if isinstance(part, nn.Module):
+            for p in part.parameters():
+                return p.device
+    return torch.device("cpu")
 
 
 def _compiled_step(

@@ -215,6 +215,9 @@ def train_run(
         try:
             if writes and resume and (out / SPEC).read_text() != resolved.to_toml():
                 atomic_write(out / SPEC, resolved.to_toml().encode())
+            model.to(device_)
+            guide.to(device_)
+            pyro.set_rng_seed(train.seed)
             fit(
                 model,
                 guide,
@@ -226,8 +229,6 @@ def train_run(
                 batch_size=train.batch_size,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
-                device=device_,
-                seed=train.seed,
                 callbacks=[*own, *callbacks, *([ProgressBar()] if progress else [])],
                 compile=train.compile,
             )
