@@ -31,7 +31,7 @@ import torch
 from common import command_line, find_mnist
 
 from pyrovae.inference import aggregate_kl, load_run
-from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.experiment.runs import load_run_data
 
 
 def main() -> None:

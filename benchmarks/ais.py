@@ -36,7 +36,7 @@ from pyrovae.inference import (
     load_run,
     log_marginal_likelihood,
 )
-from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.experiment.runs import load_run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ais"

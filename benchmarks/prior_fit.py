@@ -40,8 +40,7 @@ from common import ROOT, command_line, find_mnist
 
 from pyrovae.inference import evaluate_run, fit_prior, load_run, load_spec
 from pyrovae.inference.experiment.build import component
-from pyrovae.inference.experiment.runs import Run, atomic_write
-from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.experiment.runs import Run, atomic_write, load_run_data
 from pyrovae.model import PRIORS
 
 PRIOR_NAMES = ("mixture", "flow", "vamp")

@@ -60,8 +60,7 @@ from pyrovae.inference import (
 )
 from pyrovae.inference.experiment.build import build_objective
 from pyrovae.inference.experiment.data import Splits
-from pyrovae.inference.experiment.runs import SPEC, atomic_write
-from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.experiment.runs import SPEC, atomic_write, load_run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIORS = ("standard", "mixture", "vamp", "flow")

@@ -19,8 +19,7 @@ from pyrovae.inference.cli import main
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.data import load_data
 from pyrovae.inference.experiment.images import photo_patch_positions
-from pyrovae.inference.experiment.runs import load_run
-from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.experiment.runs import load_run, load_run_data
 from pyrovae.inference.reporting.plots import image_grid
 
 HEIGHT, WIDTH = 6, 5

@@ -40,7 +40,7 @@ from pyrovae.inference import (
     train_run,
 )
 from pyrovae.inference.experiment.recipes import adam
-from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.experiment.runs import load_run_data
 from pyrovae.model import DATA_PLATE, OBSERVED
 
 REPO = Path(__file__).resolve().parents[1]

@@ -130,7 +130,7 @@ def test_each_network_has_its_own_default_sizes():
 
 
 def test_data_limit_trains_on_a_subset():
-    from pyrovae.inference.experiment.workflow import load_run_data
+    from pyrovae.inference.experiment.runs import load_run_data
 
     full = load_run_data(load_spec())
     part = load_run_data(load_spec(None, ["data.limit=100"]))

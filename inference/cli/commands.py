@@ -17,14 +17,20 @@ from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.distributed import is_main_process
 from pyrovae.inference.experiment.evaluation import (
-    EVALUATION,
     Evaluation,
     check_evaluation_target,
     evaluate_run,
     evaluation_settings,
 )
 from pyrovae.inference.experiment.inputs import resolve_device
-from pyrovae.inference.experiment.runs import Run, load_run, run_lock
+from pyrovae.inference.experiment.runs import (
+    EVALUATION,
+    REPORT,
+    SAMPLES,
+    Run,
+    load_run,
+    run_lock,
+)
 from pyrovae.inference.experiment.workflow import train_run
 
 UNRELIABLE_SHARE = 0.2
@@ -86,7 +92,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         )
     _check_seed(args)
     run = load_run(args.run)
-    output = _output(args, run.path / "samples.png")
+    output = _output(args, run.output(SAMPLES))
     check_image_path(output)
     shape = _image_shape(run)
     classes = getattr(run.model, "classes", 0)
@@ -117,7 +123,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _check_diagnostic_options(args)
     run = load_run(args.run, checkpoint=args.checkpoint)
-    target = Path(args.output) if args.output else run.path / EVALUATION
+    target = Path(args.output) if args.output else run.output(EVALUATION)
     settings = evaluation_settings(
         args.method, args.split, args.num_samples, args.chains, args.steps, args.limit, args.seed
     )
@@ -207,7 +213,6 @@ def _print_evaluation(evaluation: Evaluation, target: Path) -> None:
 
 def cmd_bdmc(args: argparse.Namespace) -> None:
     from pyrovae.inference.algorithms.bdmc import bdmc
-    from pyrovae.inference.experiment.workflow import load_run_data
 
     for flag, value in (
         ("--num-points", args.num_points),
@@ -221,7 +226,7 @@ def cmd_bdmc(args: argparse.Namespace) -> None:
     device = resolve_device(args.device or run.spec.train.device)
     run.model.to(device)
     run.guide.to(device)
-    example = load_run_data(run).test[:1].to(device)
+    example = run.data().test[:1].to(device)
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
     try:
@@ -260,7 +265,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     _check_diagnostic_options(args)
     run = load_run(args.run)
-    target = _output(args, run.path / "report.html")
+    target = _output(args, run.output(REPORT))
     with _lock_if_inside(run.path, target):
         path = write_report(
             run,

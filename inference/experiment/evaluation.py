@@ -40,13 +40,17 @@ from pyrovae.inference.experiment.distributed import (
     rank_and_world,
 )
 from pyrovae.inference.experiment.inputs import resolve_device
-from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
-from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.experiment.runs import (
+    EVALUATION,
+    Run,
+    atomic_write,
+    check_writable,
+    load_run,
+)
 from pyrovae.model.likelihoods import bits_per_dim
 from pyrovae.model.vae import split_labels
 
 __all__ = [
-    "EVALUATION",
     "METHODS",
     "SETTINGS",
     "Evaluation",
@@ -58,9 +62,6 @@ __all__ = [
 
 METHODS = ("is", "ais")
 """Estimators of log p(x): importance sampling from the guide, annealed importance sampling."""
-
-EVALUATION = "evaluation.json"
-"""Where :func:`evaluate_run` writes its results in the run directory by default."""
 
 BLOCK = 100
 """Points per block of an evaluation: each block's draws are seeded by its index, so the result
@@ -288,10 +289,10 @@ def evaluate_run(
     if limit is not None and limit < 1:
         raise PyrovaeError(f"limit must be at least 1, got {limit}")
     run = run if isinstance(run, Run) else load_run(run)
-    target = Path(output) if output is not None else run.path / EVALUATION
+    target = Path(output) if output is not None else run.output(EVALUATION)
     if write:
         check_evaluation_target(target, settings, force)
-    x, labels = load_run_data(run).split(split)
+    x, labels = run.data().split(split)
     likelihood = getattr(run.model, "likelihood", None)
     check_data(x, f"the {split} split", getattr(likelihood, "support", None))
     x = x[:limit]

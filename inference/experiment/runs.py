@@ -1,4 +1,19 @@
-"""Run directories (``spec.toml``, ``checkpoint.pt``, ``metrics.csv``) and the checkpoint.
+"""Run directories and the checkpoint: every file of a run is named, and written, here.
+
+A run directory ``RUN/`` holds:
+
+- ``.pyrovae-run`` (:data:`MARKER`): says pyrovae made it, so only it is ever replaced;
+- ``spec.toml`` (:data:`SPEC`): the resolved spec, written when the run is staged;
+- ``checkpoint.pt``, ``previous.pt``, ``best.pt`` (:data:`CHECKPOINT`, :data:`PREVIOUS`,
+  :data:`BEST`): written by :class:`Checkpoint`; ``metrics.csv`` (:data:`METRICS`) beside
+  each latest checkpoint;
+- ``tensorboard/`` (:data:`TENSORBOARD`) with ``train.log = "tensorboard"``;
+- the outputs of the commands run on it: ``evaluation.json`` (:data:`EVALUATION`),
+  ``report.html`` (:data:`REPORT`), ``samples.png`` (:data:`SAMPLES`).
+
+A run is staged in ``.RUN.partial-*`` beside its path (:func:`stage_run`,
+:class:`RunDirectory`) and promoted once its first checkpoint is written; a run being written
+is locked (:func:`run_lock`); every file is replaced atomically (:func:`atomic_write`).
 
 :class:`Checkpoint` is the only code that knows the checkpoint file's layout: it holds state
 dicts and plain values, is written with ``torch.save`` to a temporary file that is then
@@ -28,21 +43,28 @@ from torch import nn
 
 from pyrovae.inference.errors import DiskFull, PyrovaeError
 from pyrovae.inference.experiment.build import build
+from pyrovae.inference.experiment.data import Splits, load_data
 from pyrovae.inference.experiment.spec import Spec, load_spec
 
 __all__ = [
     "BEST",
     "CHECKPOINT",
+    "EVALUATION",
     "MARKER",
     "METRICS",
+    "REPORT",
+    "SAMPLES",
     "SPEC",
+    "TENSORBOARD",
     "Checkpoint",
     "Run",
     "RunDirectory",
     "atomic_write",
     "check_replaceable",
+    "check_fingerprint",
     "check_writable",
     "load_run",
+    "load_run_data",
     "promote_run",
     "restore_spec",
     "run_lock",
@@ -68,6 +90,14 @@ PREVIOUS = "previous.pt"
 """The checkpoint before the latest one, kept so that a damaged ``checkpoint.pt`` has an
 intact one to fall back to."""
 METRICS = "metrics.csv"
+TENSORBOARD = "tensorboard"
+"""The TensorBoard event folder of a run trained with ``train.log = "tensorboard"``."""
+EVALUATION = "evaluation.json"
+"""Where ``evaluate`` writes its settings, summary and per-point figures by default."""
+REPORT = "report.html"
+"""Where ``report`` writes its page by default."""
+SAMPLES = "samples.png"
+"""Where ``sample`` writes its image grid by default."""
 FORMAT = 2
 """Version of the checkpoint layout, stored in every file: 2 wraps the state with its SHA-256
 (checked on every load); 1, without it, is still read."""
@@ -236,6 +266,16 @@ class Run:
     @property
     def image_shape(self) -> tuple[int, ...]:
         return self.checkpoint.image_shape
+
+    def data(self) -> Splits:
+        """The run's data, split and binarized as training saw them, checked against the
+        fingerprint its checkpoint recorded (:func:`load_run_data`)."""
+        return load_run_data(self)
+
+    def output(self, name: str) -> Path:
+        """The path of one of the run's outputs (:data:`EVALUATION`, :data:`REPORT`,
+        :data:`SAMPLES`)."""
+        return self.path / name
 
 
 def check_writable(path: Path, what: str, create: bool = False) -> None:
@@ -432,7 +472,7 @@ class RunDirectory:
     @property
     def tensorboard(self) -> Path:
         """The TensorBoard event folder, ``RUN/tensorboard``."""
-        return self.path / "tensorboard"
+        return self.path / TENSORBOARD
 
     def promote(self) -> None:
         """Moves a staged run to its final path (replacing the run there); once only."""
@@ -611,3 +651,41 @@ def _full(error: OSError, file: Path, size: int) -> OSError | DiskFull:
         f"no space left on the device to write {file} ({size / 2**20:,.1f} MiB{free}); "
         f"{file.name} {state}; free some space and run the command again"
     )
+
+
+def load_run_data(run: Run | Spec) -> Splits:
+    """The data set a spec names, split and binarized as training saw it. Given a
+    :class:`Run` whose checkpoint recorded the data's fingerprint, the data found now must
+    match it.
+
+    Raises:
+        PyrovaeError: the data cannot be read, or are not the data the run was trained on
+            (naming where they were found and where the run's came from).
+    """
+    spec = run.spec if isinstance(run, Run) else run
+    d = spec.data
+    data = load_data(
+        d.name, d.binarize, d.path, d.validation_size, d.limit, d.image_size, d.channels
+    )
+    if spec.model.labels == "context":
+        data = data.with_label_context(spec.model.classes)
+    elif spec.model.labels == "latent":
+        data = data.with_partial_labels(spec.model.classes, d.labels_per_class, d.labelled_share)
+    expected = run.checkpoint.data_sha256 if isinstance(run, Run) else None
+    if expected is not None:
+        check_fingerprint(data, expected, run.path, d.path or d.name)
+    return data
+
+
+def check_fingerprint(
+    data: Splits, expected: str, path: Path, recorded: str | None, found: str | None = None
+) -> None:
+    """Refuses data whose fingerprint (``found``, computed if not given) is not the one run
+    ``path`` recorded; ``recorded`` is where the run's data came from."""
+    found = found or data.fingerprint()
+    if found != expected:
+        raise PyrovaeError(
+            f"the data found at {data.source or 'the bundled data set'} are not the data "
+            f"{path} was trained on (fingerprint {found[:12]} against {expected[:12]}; it was "
+            f"trained on {recorded}); restore that file, or point data.path or PYROVAE_DATA at it"
+        )

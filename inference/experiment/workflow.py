@@ -36,7 +36,7 @@ from pyrovae.inference.experiment.callbacks import (
     ProgressBar,
     TensorBoard,
 )
-from pyrovae.inference.experiment.data import Splits, check_data, load_data
+from pyrovae.inference.experiment.data import Splits, check_data
 from pyrovae.inference.experiment.distributed import process_group, rank_and_world
 from pyrovae.inference.experiment.inputs import check_inputs, resolve_device
 from pyrovae.inference.experiment.runs import (
@@ -46,9 +46,11 @@ from pyrovae.inference.experiment.runs import (
     Run,
     RunDirectory,
     atomic_write,
+    check_fingerprint,
     check_replaceable,
     check_writable,
     load_run,
+    load_run_data,
     remove_stale_stages,
     run_lock,
     stage_run,
@@ -57,7 +59,7 @@ from pyrovae.inference.experiment.spec import Spec, load_spec, with_overrides
 from pyrovae.inference.experiment.training import TrainingDiverged, fit
 from pyrovae.inference.experiment.warmup import GuideWarmup, check_warmup
 
-__all__ = ["load_run_data", "train_run"]
+__all__ = ["train_run"]
 
 LOGS = ("none", "tensorboard")
 """Values of ``train.log``: where training is logged besides ``metrics.csv``."""
@@ -313,41 +315,3 @@ def _stopped(
     if isinstance(error, DiskFull):
         return DiskFull(f"{what}; {kept}; free some space and continue with --resume {out}")
     return TrainingDiverged(f"{what}; {kept}; lower train.lr or set train.grad_clip")
-
-
-def load_run_data(run: Run | Spec) -> Splits:
-    """The data set a spec names, split and binarized as training saw it. Given a
-    :class:`Run` whose checkpoint recorded the data's fingerprint, the data found now must
-    match it.
-
-    Raises:
-        PyrovaeError: the data cannot be read, or are not the data the run was trained on
-            (naming where they were found and where the run's came from).
-    """
-    spec = run.spec if isinstance(run, Run) else run
-    d = spec.data
-    data = load_data(
-        d.name, d.binarize, d.path, d.validation_size, d.limit, d.image_size, d.channels
-    )
-    if spec.model.labels == "context":
-        data = data.with_label_context(spec.model.classes)
-    elif spec.model.labels == "latent":
-        data = data.with_partial_labels(spec.model.classes, d.labels_per_class, d.labelled_share)
-    expected = run.checkpoint.data_sha256 if isinstance(run, Run) else None
-    if expected is not None:
-        check_fingerprint(data, expected, run.path, d.path or d.name)
-    return data
-
-
-def check_fingerprint(
-    data: Splits, expected: str, path: Path, recorded: str | None, found: str | None = None
-) -> None:
-    """Refuses data whose fingerprint (``found``, computed if not given) is not the one run
-    ``path`` recorded; ``recorded`` is where the run's data came from."""
-    found = found or data.fingerprint()
-    if found != expected:
-        raise PyrovaeError(
-            f"the data found at {data.source or 'the bundled data set'} are not the data "
-            f"{path} was trained on (fingerprint {found[:12]} against {expected[:12]}; it was "
-            f"trained on {recorded}); restore that file, or point data.path or PYROVAE_DATA at it"
-        )

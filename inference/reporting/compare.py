@@ -21,7 +21,6 @@ from torch import Tensor
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.evaluation import estimate_log_px
 from pyrovae.inference.experiment.runs import Run, load_run
-from pyrovae.inference.experiment.workflow import load_run_data
 from pyrovae.inference.reporting.diagnostics import diagnose
 
 __all__ = ["Comparison", "compare_runs", "format_comparison"]
@@ -118,7 +117,7 @@ def compare_runs(
             "the runs were trained on different data (their data fingerprints differ) though "
             "their specs name the same; compare runs trained on the same data"
         )
-    x, _ = load_run_data(first).split(split)
+    x, _ = first.data().split(split)
     x = x[:limit]
     if len(x) < 2:
         raise PyrovaeError(f"the {split} split has {len(x)} points; a comparison needs two")

@@ -22,9 +22,15 @@ from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.callbacks import collapse_message
 from pyrovae.inference.experiment.data import Splits
-from pyrovae.inference.experiment.evaluation import EVALUATION, estimate_log_px
-from pyrovae.inference.experiment.runs import Run, atomic_write, check_writable, load_run
-from pyrovae.inference.experiment.workflow import load_run_data
+from pyrovae.inference.experiment.evaluation import estimate_log_px
+from pyrovae.inference.experiment.runs import (
+    EVALUATION,
+    REPORT,
+    Run,
+    atomic_write,
+    check_writable,
+    load_run,
+)
 from pyrovae.inference.reporting import plots
 from pyrovae.inference.reporting.aggregate import AggregateKL, aggregate_kl
 from pyrovae.inference.reporting.diagnostics import Diagnostics, diagnose
@@ -40,9 +46,7 @@ from pyrovae.inference.reporting.sections import (
     units_section,
 )
 
-__all__ = ["REPORT", "write_report"]
-
-REPORT = "report.html"
+__all__ = ["write_report"]
 
 
 def write_report(
@@ -86,12 +90,12 @@ def write_report(
             A split too small for the critic leaves the lower bound out, with a note.
     """
     run = run if isinstance(run, Run) else load_run(run)
-    out = Path(path) if path is not None else run.path / REPORT
+    out = Path(path) if path is not None else run.output(REPORT)
     check_writable(out, "report")
     if out.is_dir():
         raise PyrovaeError(f"cannot write the report to {out}: it is a directory")
     if data is None:
-        data = load_run_data(run)
+        data = run.data()
     x, labels = data.split(data_split)
     if x.shape[1] != run.checkpoint.features:
         raise PyrovaeError(
@@ -239,7 +243,7 @@ def _verdict(
 
 def _own_evaluation(run: Run, diag: Diagnostics) -> str:
     """The run's saved ``evaluation.json``, beside the report's own estimate, when it has one."""
-    path = run.path / EVALUATION
+    path = run.output(EVALUATION)
     try:
         saved = json.loads(path.read_text())
         log_px = float(saved["log_px"])
