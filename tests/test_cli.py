@@ -228,8 +228,8 @@ def test_evaluate_round_trip(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["-k", "0"], "--num-samples must be at least 1"),
-        (["--limit", "0"], "--limit must be at least 1"),
+        (["-k", "0"], "--num-samples must be an integer >= 1, got 0"),
+        (["--limit", "0"], "--limit must be an integer >= 1, got 0"),
     ],
 )
 def test_evaluate_bad_input(tmp_path, capsys, args, fragment):
@@ -291,7 +291,9 @@ def test_report_and_compare_commands(tmp_path, capsys):
     assert run in table and other in table
     one_line_error(capsys, main(["compare", run]), "at least two runs")
     one_line_error(
-        capsys, main(["compare", run, other, "-k", "0"]), "--num-samples must be at least 1"
+        capsys,
+        main(["compare", run, other, "-k", "0"]),
+        "--num-samples must be an integer >= 1, got 0",
     )
 
 

@@ -14,7 +14,7 @@ import pyro
 import torch
 
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.distributed import is_main_process
 from pyrovae.inference.experiment.evaluation import (
     Evaluation,
@@ -82,8 +82,7 @@ SAMPLE_CHUNK = 1000
 def cmd_sample(args: argparse.Namespace) -> None:
     from pyrovae.inference.reporting.plots import check_image_path, save_image_grid
 
-    if args.num_samples < 1:
-        raise PyrovaeError(f"-n must be at least 1, got {args.num_samples}")
+    check_int(args.num_samples, "-n", error=PyrovaeError)
     if args.num_samples > MAX_GRID:
         raise PyrovaeError(
             f"-n {args.num_samples} is more than one image grid holds ({MAX_GRID}, a "
@@ -219,8 +218,7 @@ def cmd_bdmc(args: argparse.Namespace) -> None:
         ("--steps", args.steps),
         ("--chains", args.chains),
     ):
-        if value < 1:
-            raise PyrovaeError(f"{flag} must be at least 1, got {value}")
+        check_int(value, flag, error=PyrovaeError)
     _check_seed(args)
     run = load_run(args.run)
     device = resolve_device(args.device or run.spec.train.device)
@@ -326,9 +324,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def _check_diagnostic_options(args: argparse.Namespace) -> None:
     for name in ("num_samples", "limit", "chains", "steps"):
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            flag = "--" + name.replace("_", "-")
-            raise PyrovaeError(f"{flag} must be at least 1, got {value}")
+        if value is not None:
+            check_int(value, "--" + name.replace("_", "-"), error=PyrovaeError)
     _check_seed(args)
 
 

@@ -283,11 +283,10 @@ def evaluate_run(
         ("num_samples", num_samples),
         ("num_chains", num_chains),
         ("num_steps", num_steps),
+        ("limit", 1 if limit is None else limit),
     ):
         check_int(value, name, error=PyrovaeError)
     settings = evaluation_settings(method, split, num_samples, num_chains, num_steps, limit, seed)
-    if limit is not None and limit < 1:
-        raise PyrovaeError(f"limit must be at least 1, got {limit}")
     run = run if isinstance(run, Run) else load_run(run)
     target = Path(output) if output is not None else run.output(EVALUATION)
     if write:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.data import check_data
 
 __all__ = ["check_inputs", "resolve_device"]
@@ -46,8 +46,7 @@ def check_inputs(model: Any, train: Tensor, validation: Tensor | None = None) ->
 
 def check_settings(epochs: int, batch_size: int) -> None:
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise PyrovaeError(f"{name} must be an integer of at least 1, got {value!r}")
+        check_int(value, name, error=PyrovaeError)
 
 
 def floating_dtype(*parts: Any) -> torch.dtype:

@@ -18,7 +18,7 @@ import pyro
 import torch
 from torch import Tensor
 
-from pyrovae.inference.errors import PyrovaeError
+from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.evaluation import estimate_log_px
 from pyrovae.inference.experiment.runs import Run, load_run
 from pyrovae.inference.reporting.diagnostics import diagnose
@@ -94,8 +94,7 @@ def compare_runs(
     """
     if not run_dirs:
         raise PyrovaeError("no runs to compare; give at least one run directory")
-    if num_samples < 1:
-        raise PyrovaeError(f"num_samples must be at least 1, got {num_samples}")
+    check_int(num_samples, "num_samples", error=PyrovaeError)
     runs = [load_run(path) for path in run_dirs]
     first = runs[0]
     for run in runs[1:]:
