@@ -3,6 +3,7 @@
 from pyrovae.guides.amortized import (
     AmortizedGuide,
     Classifier,
+    ConditionalGuide,
     SemiSupervisedGuide,
     TopDownGuide,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "ENCODERS",
     "AmortizedGuide",
     "Classifier",
+    "ConditionalGuide",
     "DiagonalNormal",
     "DiagonalNormalHead",
     "Encoder",

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from pyrovae.model.distributions import as_pyro
+from pyrovae.model.labelled import Labelled
 from pyrovae.model.networks import network
 from pyrovae.model.sites import DATA_PLATE, latent_sites
-from pyrovae.model.vae import split_labels
 
 
 class AmortizedGuide(nn.Module):
@@ -44,6 +44,31 @@ class AmortizedGuide(nn.Module):
             for name, layer in zip(above, self.layers, strict=True):
                 z = pyro.sample(name, as_pyro(layer(z)))
             return bottom
+
+
+class ConditionalGuide(AmortizedGuide):
+    """The guide q(z | x, y) of a conditional VAE: the encoder reads ``[x, one_hot(y)]``.
+
+    Args:
+        encoder: ``encoder(rows) -> Distribution`` over z for rows ``[x, one_hot(y)]`` of
+            ``F + classes`` numbers.
+        classes: the number of classes.
+        layers: as for :class:`AmortizedGuide`.
+
+    Example:
+        >>> from pyrovae.guides import ConditionalGuide, DiagonalNormal
+        >>> from pyrovae.model.labelled import Labelled
+        >>> guide = ConditionalGuide(DiagonalNormal(in_features=5 + 3, latent_dim=2), 3)
+        >>> guide(Labelled(torch.zeros(4, 5), torch.tensor([0, 1, 2, 0]))).shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(self, encoder: nn.Module, classes: int, layers: Sequence[nn.Module] = ()) -> None:
+        super().__init__(encoder, layers)
+        self.classes = int(classes)
+
+    def forward(self, data: Labelled) -> Tensor:  # type: ignore[override]
+        return super().forward(torch.cat([data.x, data.one_hot(self.classes)], -1))
 
 
 class TopDownGuide(nn.Module):
@@ -115,15 +140,16 @@ class Classifier(nn.Module):
 class SemiSupervisedGuide(nn.Module):
     """The M2 guide: q(y|x) q(z|x, y), with y enumerated in parallel on unlabelled rows.
 
-    On labelled rows (``[x, one_hot(y)]``) it draws ``z_labelled ~ encoder([x, y])``; on the
-    others (``[x, 0]``) ``y ~ classifier(x)``, marked for parallel enumeration (summed out
+    It reads a :class:`~pyrovae.model.labelled.Labelled` batch (or a tensor ``x``, all rows
+    unlabelled). On labelled rows it draws ``z_labelled ~ encoder([x, one_hot(y)])``; on the
+    others ``y ~ classifier(x)``, marked for parallel enumeration (summed out
     exactly by ``TraceEnum_ELBO``, drawn when scored by importance sampling), then
     ``z ~ encoder([x, y])``.
 
     Args:
         encoder: ``encoder(rows) -> Distribution`` over z, reading ``[x, one_hot(y)]``.
         classifier: ``classifier(x) -> OneHotCategorical``, q(y|x).
-        classes: the number of classes (the width of the one-hot part of a row).
+        classes: the number of classes.
     """
 
     def __init__(self, encoder: nn.Module, classifier: nn.Module, classes: int) -> None:
@@ -133,12 +159,13 @@ class SemiSupervisedGuide(nn.Module):
         self.classes = int(classes)
         self.latent_sites = latent_sites(1)
 
-    def forward(self, rows: Tensor) -> Tensor | None:
-        x, code = split_labels(rows, self.classes)
-        known = code.sum(-1) > 0
+    def forward(self, data: Labelled | Tensor) -> Tensor | None:
+        data = data if isinstance(data, Labelled) else Labelled.unlabelled(data)
+        x, known = data.x, data.known
         if known.any():
+            rows = torch.cat([x[known], data[known].one_hot(self.classes)], -1)
             with pyro.plate("labelled", int(known.sum())):
-                pyro.sample("z_labelled", as_pyro(self.encoder(rows[known])))
+                pyro.sample("z_labelled", as_pyro(self.encoder(rows)))
         if known.all():
             return None
         xu = x[~known]

@@ -6,6 +6,7 @@ from pyrovae.model.distributions import (
     DiscretizedLogisticMixture,
     FullRankNormal,
 )
+from pyrovae.model.labelled import Labelled
 from pyrovae.model.layers import ConditionalNormal
 from pyrovae.model.likelihoods import (
     LIKELIHOODS,
@@ -49,6 +50,7 @@ __all__ = [
     "FlowPrior",
     "Gaussian",
     "HeteroscedasticGaussian",
+    "Labelled",
     "Laplace",
     "LearnedNormal",
     "Decoder",

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from pyrovae.model.distributions import as_pyro
+from pyrovae.model.labelled import Labelled
 from pyrovae.model.sites import DATA_PLATE, OBSERVED, latent_sites
 
 
@@ -115,20 +116,13 @@ class VAE(nn.Module):
         return px.mean if mean else px.sample()
 
 
-def split_labels(rows: Tensor, classes: int) -> tuple[Tensor, Tensor]:
-    """``(x, one_hot(y))`` of rows laid out ``[x, one_hot(y)]``, as labelled models read
-    them; an unlabelled row's label columns are zero."""
-    return rows[..., :-classes], rows[..., -classes:]
-
-
 class ConditionalVAE(VAE):
     """A conditional VAE (Sohn et al., 2015): a label y is observed context of both networks.
 
-    Each row of the data is ``[x, one_hot(y)]``: the first ``F`` columns are the data, the
-    last ``classes`` the label, so that training, scoring and sharding handle one tensor as
-    for any model. The model draws z from the prior (which ignores y) and observes
-    ``x ~ likelihood(decoder([z, one_hot(y)]))``; its guide reads the whole row, q(z | x, y).
-    ``log p(x)`` estimated for this model is log p(x | y).
+    The data are a :class:`~pyrovae.model.labelled.Labelled` batch: ``x`` and every row's
+    label ``y``. The model draws z from the prior (which reads y only if it ``reads_labels``)
+    and observes ``x ~ likelihood(decoder([z, one_hot(y)]))``; its guide reads both,
+    q(z | x, y). ``log p(x)`` estimated for this model is log p(x | y).
 
     Args:
         prior, decoder, likelihood, layers: as for :class:`VAE`; the decoder takes
@@ -153,17 +147,13 @@ class ConditionalVAE(VAE):
             raise ValueError(f"classes must be an integer of at least 2, got {classes}")
         self.classes = int(classes)
 
-    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, one_hot(y))``: a row's data columns and its label columns."""
-        return split_labels(rows, self.classes)
-
     def _like(self) -> Tensor:
         """An empty tensor of the model's dtype and device."""
         return next(iter(self.parameters()), torch.empty(0))[:0]
 
-    def context_of(self, rows: Tensor) -> Tensor:
+    def context_of(self, data: Labelled) -> Tensor:
         """The one-hot label of each row, what the decoder is given for it."""
-        return self.split(rows)[1]
+        return data.one_hot(self.classes)
 
     def one_hot(self, labels: Tensor | int, num: int | None = None) -> Tensor:
         """The context of ``labels`` (an int is repeated ``num`` times), in the model's dtype."""
@@ -183,9 +173,9 @@ class ConditionalVAE(VAE):
         context = context.to(z).expand(*z.shape[:-1], self.classes)
         return super().decode(torch.cat([z, context], -1))
 
-    def forward(self, rows: Tensor) -> Tensor:
-        x, context = self.split(rows)
-        with pyro.plate(DATA_PLATE, rows.shape[0]):
+    def forward(self, data: Labelled) -> Tensor:  # type: ignore[override]
+        x, context = data.x, data.one_hot(self.classes)
+        with pyro.plate(DATA_PLATE, x.shape[0]):
             z = self._latents(context)
             pyro.sample(OBSERVED, self.decode(z, context), obs=x)
         return z
@@ -210,8 +200,8 @@ class ConditionalVAE(VAE):
 class SemiSupervisedVAE(ConditionalVAE):
     """M2 (Kingma et al., 2014): the label y is a latent discrete site, observed where known.
 
-    Rows are ``[x, one_hot(y)]`` for labelled points and ``[x, 0]`` for the others. Labelled
-    rows go to the plate ``"labelled"`` (sites ``z_labelled``, ``y_labelled`` observed,
+    The data are a :class:`~pyrovae.model.labelled.Labelled` batch (or a tensor ``x``, all
+    rows unlabelled, as evaluation data are). Labelled rows go to the plate ``"labelled"`` (sites ``z_labelled``, ``y_labelled`` observed,
     ``x_labelled``) together with the classification term ``alpha * log q(y|x)`` as a factor;
     unlabelled rows to the data plate (sites ``y``, ``z``, ``x``), where the guide's y is
     enumerated by ``TraceEnum_ELBO`` (or sampled, when scored by importance sampling: log p(x)
@@ -222,8 +212,8 @@ class SemiSupervisedVAE(ConditionalVAE):
         prior, decoder, likelihood: as for :class:`ConditionalVAE` (prior over z).
         classes: the number of classes.
         classifier: ``classifier(x) -> Distribution``, the guide's q(y|x) (a
-            ``OneHotCategorical``); referenced for the classification term, not owned: its
-            parameters are the guide's.
+            ``OneHotCategorical``), for the classification term: one module shared with
+            the guide, a submodule of both.
         alpha: weight of log q(y|x) per labelled row (Kingma et al.: 0.1 N over all labelled
             points, about 50 per labelled point for 100 labels among 50,000).
 
@@ -244,7 +234,7 @@ class SemiSupervisedVAE(ConditionalVAE):
         super().__init__(prior, decoder, likelihood, classes)
         if not alpha >= 0:
             raise ValueError(f"alpha must be non-negative, got {alpha}")
-        object.__setattr__(self, "_classifier", classifier)  # the guide's module, unregistered
+        self.classifier = classifier
         self.alpha = float(alpha)
 
     def label_prior(self) -> dist.Distribution:
@@ -253,16 +243,16 @@ class SemiSupervisedVAE(ConditionalVAE):
         probs = torch.full((self.classes,), 1 / self.classes, dtype=like.dtype, device=like.device)
         return dist.OneHotCategorical(probs=probs)
 
-    def forward(self, rows: Tensor) -> Tensor | None:
-        x, code = self.split(rows)
-        known = code.sum(-1) > 0
+    def forward(self, data: Labelled | Tensor) -> Tensor | None:  # type: ignore[override]
+        data = data if isinstance(data, Labelled) else Labelled.unlabelled(data)
+        x, code, known = data.x, data.one_hot(self.classes), data.known
         if known.any():
             xl, yl = x[known], code[known]
             with pyro.plate("labelled", len(xl)):
                 z = pyro.sample("z_labelled", as_pyro(self.prior()))
                 pyro.sample("y_labelled", self.label_prior(), obs=yl)
                 pyro.sample("x_labelled", self.decode(z, yl), obs=xl)
-                pyro.factor("classification", self.alpha * self._classifier(xl).log_prob(yl))
+                pyro.factor("classification", self.alpha * self.classifier(xl).log_prob(yl))
         if known.all():
             return None
         xu = x[~known]
@@ -272,8 +262,8 @@ class SemiSupervisedVAE(ConditionalVAE):
             pyro.sample(OBSERVED, self.decode(z, y), obs=xu)
         return z
 
-    def context_of(self, rows: Tensor) -> Tensor:
+    def context_of(self, data: Labelled | Tensor) -> Tensor:
         """The one-hot label of each row: its own where labelled, else q(y|x)'s most probable."""
-        x, code = self.split(rows)
-        guess = self._classifier(x).probs.argmax(-1)
-        return torch.where(code.sum(-1, keepdim=True) > 0, code, self.one_hot(guess))
+        data = data if isinstance(data, Labelled) else Labelled.unlabelled(data)
+        guess = self.one_hot(self.classifier(data.x).probs.argmax(-1))
+        return torch.where(data.known.unsqueeze(-1), data.one_hot(self.classes), guess)

@@ -32,21 +32,19 @@ from pyrovae.inference.algorithms.schedules import (
 )
 from pyrovae.inference.experiment.build import build as build_spec
 from pyrovae.inference.experiment.spec import load_spec
-from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
+from pyrovae.model import VAE, Bernoulli, Decoder, Labelled, StandardNormal
 
 TOL = 1e-9
 
 
-def _batches(features: int, labels: int = 0, partial: bool = False) -> list[torch.Tensor]:
+def _batches(features: int, labels: int = 0, partial: bool = False) -> list:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(3):
         x = torch.bernoulli(torch.full((6, features), 0.4), generator=g).double()
         if labels:
-            code = torch.eye(labels, dtype=torch.float64)[torch.randint(labels, (6,), generator=g)]
-            if partial:
-                code[:3] = 0  # unlabelled rows
-            x = torch.cat([x, code], 1)
+            y = torch.randint(labels, (6,), generator=g)
+            x = Labelled(x, y, torch.arange(6) >= 3 if partial else None)  # M2: 3 unlabelled
         out.append(x)
     return out
 
@@ -139,7 +137,7 @@ def test_stacked_conditional_and_m2_models_replay_pyros_step(name):
     overrides, classes, partial, objective = SPECS[name]
     spec = load_spec(None, [*overrides, "model.latent_dim=2", "guide.encoder.hidden=[8]"])
     torch.manual_seed(0)
-    model, guide = build_spec(spec, FEATURES + classes, (8, 8))
+    model, guide = build_spec(spec, FEATURES, (8, 8))
     batches = _batches(FEATURES, classes, partial)
     assert_replay_matches_pyro(model, guide, objective, batches)
 

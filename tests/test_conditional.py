@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyro
 import pytest
 import torch
@@ -18,26 +20,31 @@ from pyrovae.inference import (
     write_report,
 )
 from pyrovae.inference.cli import main
-from pyrovae.model import ConditionalVAE
+from pyrovae.model import ConditionalVAE, Labelled
 
 CONDITIONAL = "model.labels=context"
+SPLITS = ("train", "validation", "test")
 
 
-def test_label_context_appends_each_rows_one_hot_label():
+def test_label_context_gives_each_row_its_label_beside_the_data():
     data = load_data("digits", limit=100)
     rows = data.with_label_context(10)
-    assert rows.train.shape == (len(data.train), 64 + 10)
-    assert torch.equal(rows.train[:, :64], data.train)
-    assert torch.equal(rows.train[:, 64:].argmax(1), data.train_labels)
-    assert torch.equal(rows.train[:, 64:].sum(1), torch.ones(len(data.train)))
+    assert isinstance(rows.train, Labelled) and rows.features == 64
+    assert torch.equal(rows.train.x, data.train) and torch.equal(rows.train.y, data.train_labels)
+    assert rows.train.known.all() and rows.test.known.all()
+    code = rows.train.one_hot(10)
+    # Runs trained when labels were columns of x recorded the fingerprint of [x, one_hot(y)].
+    packed = {n: torch.cat([getattr(data, n), getattr(rows, n).one_hot(10)], 1) for n in SPLITS}
+    assert rows.fingerprint() == dataclasses.replace(data, **packed).fingerprint()
+    assert torch.equal(code.argmax(1), data.train_labels) and torch.equal(
+        code.sum(1), torch.ones(100)
+    )
     with pytest.raises(PyrovaeError, match=r"outside \[0, model.classes = 5\)"):
         data.with_label_context(5)
 
 
 def test_unlabelled_data_are_refused_for_a_conditional_model():
     data = load_data("digits", limit=100)
-    import dataclasses
-
     unlabelled = dataclasses.replace(data, test_labels=None)
     with pytest.raises(PyrovaeError, match="needs labelled data.*test split"):
         unlabelled.with_label_context(10)
@@ -45,19 +52,21 @@ def test_unlabelled_data_are_refused_for_a_conditional_model():
 
 def test_a_conditional_spec_builds_a_cvae_whose_likelihood_sees_only_x():
     spec = load_spec(None, [CONDITIONAL, "model.latent_dim=3"])
-    model, guide = build(spec, 64 + 10, (8, 8))
+    model, guide = build(spec, 64, (8, 8))
     assert isinstance(model, ConditionalVAE) and model.classes == 10
-    rows = torch.cat([torch.rand(5, 64), torch.eye(10)[:5]], 1)
+    rows = Labelled(torch.rand(5, 64), torch.arange(5))
     trace = pyro.poutine.trace(model).get_trace(rows)
-    assert torch.equal(trace.nodes["x"]["value"], rows[:, :64])
-    assert guide.encoder.net[0].in_features == 74  # q(z | x, y) reads the whole row
+    assert torch.equal(trace.nodes["x"]["value"], rows.x)
+    assert guide.encoder.net[0].in_features == 74  # q(z | x, y) reads [x, one_hot(y)]
+    guide_trace = pyro.poutine.trace(guide).get_trace(rows)
+    assert guide_trace.nodes["z"]["value"].shape == (5, 3)
     with pytest.raises(PyrovaeError, match="model.labels must be one of none, context, latent"):
         load_spec(None, ["model.labels=observed"])
 
 
 def test_conditional_samples_follow_their_label():
     spec = load_spec(None, [CONDITIONAL, "model.latent_dim=3"])
-    model, _ = build(spec, 74, (8, 8))
+    model, _ = build(spec, 64, (8, 8))
     pyro.set_rng_seed(0)
     threes = model.sample(6, labels=3)
     pyro.set_rng_seed(0)
@@ -78,8 +87,7 @@ def test_a_trained_cvae_uses_its_labels(cvae_run):
     rows, labels = load_data("digits").with_label_context(10).split("test")
     rows = rows[:200]
     model, guide = data.model, data.guide
-    wrong = rows.clone()
-    wrong[:, 64:] = wrong[:, 64:].roll(1, dims=1)  # every label shifted to the next class
+    wrong = Labelled(rows.x, (rows.y + 1) % 10)  # every label shifted to the next class
     pyro.set_rng_seed(0)
     right = log_marginal_likelihood(model, guide, rows, num_samples=200).log_px
     shifted = log_marginal_likelihood(model, guide, wrong, num_samples=200).log_px
@@ -106,10 +114,10 @@ def test_a_cvae_run_evaluates_reports_and_samples_by_class(cvae_run, tmp_path, c
 
 def test_a_label_prior_is_p_z_given_y_and_only_for_conditional_models():
     spec = load_spec(None, [CONDITIONAL, "model.latent_dim=2", 'model.prior={kind="label_normal"}'])
-    model, guide = build(spec, 74, (8, 8))
+    model, guide = build(spec, 64, (8, 8))
     with torch.no_grad():
         model.prior.loc[3] = torch.tensor([5.0, -5.0])  # class 3 lives far from the others
-    rows = torch.cat([torch.rand(4, 64), torch.eye(10)[[3, 3, 0, 1]]], 1)
+    rows = Labelled(torch.rand(4, 64), torch.tensor([3, 3, 0, 1]))
     trace = pyro.poutine.trace(model).get_trace(rows)
     prior = trace.nodes["z"]["fn"]
     assert torch.allclose(prior.mean[:2], torch.tensor([[5.0, -5.0]] * 2))

@@ -12,6 +12,7 @@ import torch
 
 from pyrovae.inference import build, load_spec
 from pyrovae.inference.experiment.build import build_objective
+from pyrovae.model import Labelled
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 
@@ -31,14 +32,13 @@ def test_a_shipped_config_builds_and_steps(path, device):
     pyro.set_rng_seed(0)
     shape = (3, 32, 32) if spec.data.name == "sklearn-photos" else (28, 28)
     features = math.prod(shape)
-    model, guide = build(spec, features + classes, shape)
+    model, guide = build(spec, features, shape)
     x = torch.bernoulli(torch.full((6, features), 0.3))
     if len(shape) == 3:
         x = torch.randint(0, 256, (6, features)).float() / 255
     if classes:
-        code = torch.eye(classes)[torch.arange(6) % classes]
-        code[::2] = 0 if spec.model.labels == "latent" else code[::2]  # M2: half unlabelled
-        x = torch.cat([x, code], 1)
+        known = torch.arange(6) % 2 == 1 if spec.model.labels == "latent" else None  # M2: half
+        x = Labelled(x, torch.arange(6) % classes, known)
     loss_fn = build_objective(spec)(model, guide).to(device)
     loss = loss_fn(x.to(device))
     loss.backward()

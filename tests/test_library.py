@@ -249,7 +249,7 @@ def test_checkpoint_state_round_trip_and_refusal():
         spec="x = 1\n",
     )
     state = checkpoint.to_state()
-    assert state["format"] == 2 and state["image_shape"] == [2, 2]
+    assert state["format"] == 3 and state["image_shape"] == [2, 2]
     again = Checkpoint.from_state(state)
     assert again.epoch == 3 and again.image_shape == (2, 2) and again.spec_hash
     torch.testing.assert_close(again.model["w"], torch.ones(2))

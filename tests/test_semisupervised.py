@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 
 import pyro
 import pytest
@@ -23,7 +25,16 @@ from pyrovae.inference import (
     write_report,
 )
 from pyrovae.inference.cli import main
-from pyrovae.model import Bernoulli, ConditionalNormal, SemiSupervisedVAE, StandardNormal
+from pyrovae.inference.experiment import runs
+from pyrovae.inference.experiment.build import build_optimizer
+from pyrovae.inference.experiment.runs import Checkpoint
+from pyrovae.model import (
+    Bernoulli,
+    ConditionalNormal,
+    Labelled,
+    SemiSupervisedVAE,
+    StandardNormal,
+)
 
 M2 = ["model.labels=latent", 'train.objective={kind="enumerated_elbo"}']
 
@@ -31,14 +42,13 @@ M2 = ["model.labels=latent", 'train.objective={kind="enumerated_elbo"}']
 def test_partial_labels_keep_a_fixed_number_per_class_in_training_only():
     data = load_data("digits")
     rows = data.with_partial_labels(10, 5)
-    code = rows.train[:, -10:]
-    kept = code.sum(1) > 0
-    assert kept.sum() == 50
+    kept = rows.train.known
+    assert kept.sum() == 50 and torch.equal(rows.train.x, data.train)  # x stays as it was
     assert torch.equal(torch.bincount(data.train_labels[kept], minlength=10), torch.full((10,), 5))
-    assert torch.equal(code[kept].argmax(1), data.train_labels[kept])  # the true labels
-    assert rows.validation[:, -10:].abs().sum() == 0 and rows.test[:, -10:].abs().sum() == 0
+    assert torch.equal(rows.train.y[kept], data.train_labels[kept])  # the true labels
+    assert not rows.validation.known.any() and not rows.test.known.any()
     again = data.with_partial_labels(10, 5)
-    assert torch.equal(again.train, rows.train)  # a fixed seed picks them
+    assert torch.equal(again.train.known, kept)  # a fixed seed picks them
     with pytest.raises(PyrovaeError, match="fewer than data.labels_per_class = 1000"):
         data.with_partial_labels(10, 1000)
 
@@ -46,11 +56,11 @@ def test_partial_labels_keep_a_fixed_number_per_class_in_training_only():
 def test_a_labelled_share_repeats_the_labelled_rows_with_their_labels():
     data = load_data("digits")
     rows = data.with_partial_labels(10, 5, share=0.2)
-    known = rows.train[:, -10:].sum(1) > 0
+    known = rows.train.known
     copies = round(0.2 * (len(data.train) - 50) / (0.8 * 50))
     assert known.sum() == 50 * copies and (~known).sum() == len(data.train) - 50
     assert abs(known.float().mean().item() - 0.2) < 0.02  # whole copies: about the share
-    assert torch.equal(rows.train[known, -10:].argmax(1), rows.train_labels[known])
+    assert torch.equal(rows.train.y, rows.train_labels)
     assert len(rows.train_labels) == len(rows.train)
 
 
@@ -79,9 +89,8 @@ def test_enumerated_elbo_equals_the_explicit_sum_over_the_labels():
     model, guide, decoder, classifier = _tiny_m2(alpha=2.0)
     x = torch.bernoulli(torch.full((8, 4), 0.5), generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([2, 0, 1])
-    code = torch.zeros(8, 3)
-    code[5:] = torch.eye(3)[labels]  # the last 3 rows are labelled
-    rows = torch.cat([x, code], 1)
+    known = torch.arange(8) >= 5  # the last 3 rows are labelled
+    rows = Labelled(x, torch.cat([torch.zeros(5, dtype=torch.long), labels]), known)
     loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, rows)
 
     def log_px_given_y(xs: torch.Tensor, y: int) -> torch.Tensor:
@@ -107,12 +116,14 @@ def test_enumerated_elbo_equals_the_explicit_sum_over_the_labels():
 
 def test_a_spec_with_latent_labels_builds_m2():
     spec = load_spec(None, [*M2, "model.latent_dim=3"])
-    model, guide = build(spec, 74, (8, 8))
+    model, guide = build(spec, 64, (8, 8))
     assert isinstance(model, SemiSupervisedVAE) and isinstance(guide, SemiSupervisedGuide)
-    assert model._classifier is guide.classifier  # the guide's q(y|x), not a copy
-    assert not any(k.startswith("_classifier") for k in model.state_dict())
+    assert model.classifier is guide.classifier  # one q(y|x), a submodule of both
+    assert guide.encoder.net[0].in_features == 64 + 10  # q(z | x, y) reads [x, one_hot(y)]
+    shared = nn.ModuleList([model, guide]).parameters()
+    assert len(list(shared)) == len({id(p) for p in [*model.parameters(), *guide.parameters()]})
     with pytest.raises(PyrovaeError, match="takes no model.layers"):
-        build(load_spec(None, [*M2, "model.layers=[{latent_dim=2}]"]), 74, (8, 8))
+        build(load_spec(None, [*M2, "model.layers=[{latent_dim=2}]"]), 64, (8, 8))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +176,7 @@ def test_an_m2_run_round_trips_reports_and_samples(m2_run, tmp_path, capsys):
 def test_importance_sampling_of_m2_converges_to_the_exact_sum_over_labels():
     model, guide, decoder, classifier = _tiny_m2()
     x = torch.bernoulli(torch.full((6, 4), 0.5), generator=torch.Generator().manual_seed(2))
-    rows = torch.cat([x, torch.zeros(6, 3)], 1)  # unlabelled, as test data are
+    rows = Labelled.unlabelled(x)  # as test data are
     with torch.no_grad():
         per_label = torch.stack(
             [
@@ -184,3 +195,52 @@ def test_importance_sampling_of_m2_converges_to_the_exact_sum_over_labels():
     # estimator's own Monte Carlo errors of every point (and 0.05 nats).
     error = (estimate.log_px.float() - exact).abs()
     assert (error < 4 * estimate.stderr.float()).all() and (error < 0.05).all()
+
+
+def test_a_run_from_when_labels_were_columns_of_x_loads_and_resumes(m2_run, tmp_path, monkeypatch):
+    """Checkpoints of format 2 counted the label columns among the features, and M2's
+    classifier was the guide's alone (its parameters after the model's in the optimizer's
+    order). Such a run evaluates as it did and resumes with its optimizer state in place."""
+    old = tmp_path / "old"
+    shutil.copytree(m2_run.path, old)
+    checkpoint = Checkpoint.load(old)
+    spec = load_spec(old / "spec.toml")
+
+    def fresh():
+        model, guide = build(spec, 64, (8, 8))
+        return model, guide, build_optimizer(spec, nn.ModuleList([model, guide]).parameters())
+
+    model, guide, optimizer = fresh()
+    shared = {id(p) for p in guide.parameters()}
+    now = [p for group in optimizer.param_groups for p in group["params"]]
+    then = [p for p in model.parameters() if id(p) not in shared] + list(guide.parameters())
+    assert [id(p) for p in then] != [id(p) for p in now]  # the order did change
+    index = {id(p): i for i, p in enumerate(now)}
+    saved = checkpoint.optimizer
+    moved = {j: saved["state"][index[id(p)]] for j, p in enumerate(then)}
+    group = {**saved["param_groups"][0], "params": list(range(len(then)))}
+    legacy = dataclasses.replace(
+        checkpoint,
+        features=64 + 10,
+        model={k: v for k, v in checkpoint.model.items() if not k.startswith("classifier.")},
+        optimizer={"state": moved, "param_groups": [group]},
+    )
+    monkeypatch.setattr(runs, "FORMAT", 2)
+    legacy.save(old)
+    monkeypatch.undo()
+
+    loaded = load_run(old)
+    assert loaded.checkpoint.features == 64
+    first = evaluate_run(m2_run, num_samples=10, limit=40, write=False)
+    again = evaluate_run(loaded, num_samples=10, limit=40, write=False)
+    assert torch.equal(first.result.log_px, again.result.log_px)
+    checkpoint.restore(model, guide, optimizer)
+    other_model, other_guide, other_optimizer = fresh()
+    Checkpoint.load(old).restore(other_model, other_guide, other_optimizer)
+    for mine, theirs in zip(
+        optimizer.state_dict()["state"].values(),
+        other_optimizer.state_dict()["state"].values(),
+        strict=True,
+    ):
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key])

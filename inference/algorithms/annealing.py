@@ -47,6 +47,7 @@ from pyrovae.inference.algorithms.scoring import (
     score,
 )
 from pyrovae.inference.errors import check_int
+from pyrovae.model.labelled import Labelled
 
 __all__ = [
     "SCHEDULES",
@@ -369,5 +370,5 @@ def check_annealing(
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
     if init not in ("guide", "prior"):
         raise ValueError(f"init must be 'guide' or 'prior', got {init!r}")
-    if not isinstance(x, Tensor) or x.dim() < 2 or len(x) == 0:
+    if not isinstance(x, Tensor | Labelled) or x.dim() < 2 or len(x) == 0:
         raise ValueError(f"x must be a non-empty (num_points, *features) tensor, got {x!r:.80}")

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyrovae.inference.algorithms.schedules import KLWeight
@@ -178,21 +179,26 @@ class TracedProgram:
 
     @staticmethod
     def _tensors(inputs: tuple) -> list[Tensor]:
-        return [i for i in inputs if isinstance(i, Tensor)]
+        """The tensors of the inputs, those inside containers and dataclasses registered as
+        pytrees (a labelled batch) included: the graph's data inputs."""
+        return [i for i in pytree.tree_leaves(inputs) if isinstance(i, Tensor)]
 
     def _trace(self, key: tuple, inputs: tuple) -> Any:
         """Traces on these inputs, then replays from the same random state: the result, and
         the graph for the next calls with this signature."""
         device = self._tensors(inputs)[0].device
         before = _rng_state(device)
-        statics = [None if isinstance(i, Tensor) else i for i in inputs]
+        leaves, structure = pytree.tree_flatten(inputs)
+        statics = [None if isinstance(i, Tensor) else i for i in leaves]
         names = self._param_names + self._other_names + list(self._buffers)
         bound = _Bound(self.module, self._run)
 
         def joint(params: list[Tensor], rest: list[Tensor], tensors: list[Tensor]) -> Any:
             state = {f"module.{n}": t for n, t in zip(names, [*params, *rest], strict=True)}
             feed = iter(tensors)
-            args = [next(feed) if s is None else s for s in statics]
+            args = pytree.tree_unflatten(
+                [next(feed) if s is None else s for s in statics], structure
+            )
             with _ConcreteScalars():
                 return functional_call(bound, state, (params, *args))
 
@@ -238,7 +244,8 @@ class TracedProgram:
         tensors = self._tensors(inputs)
         shapes = tuple(tuple(t.shape) for t in tensors)
         kinds = tuple((t.dtype, t.device) for t in tensors)
-        statics = tuple(i for i in inputs if not isinstance(i, Tensor))
+        leaves, structure = pytree.tree_flatten(inputs)
+        statics = (tuple(i for i in leaves if not isinstance(i, Tensor)), structure)
         modes = tuple((m.training, getattr(m, "base_only", None)) for m in self.module.modules())
         return (shapes, kinds, statics, modes)
 
@@ -278,13 +285,13 @@ class CompiledStep(TracedProgram):
         self.loss_fn = loss_fn
         self._weight, self._handler = _schedule_parts(kl_schedule)
 
-    def __call__(self, x: Tensor, step: int) -> tuple[Tensor, list[Tensor | None]]:
+    def __call__(self, x: Any, step: int) -> tuple[Tensor, list[Tensor | None]]:
         """The detached loss (summed over the batch) and the per-parameter gradients of the
         batch mean, for optimizer step ``step`` (the KL weight's step)."""
         loss, grads = self.run(x, self._weight(step, x))
         return loss, list(grads)
 
-    def _run(self, params: list[Tensor], x: Tensor, weight: Tensor) -> Any:
+    def _run(self, params: list[Tensor], x: Any, weight: Tensor) -> Any:
         with self._handler(weight):
             loss = self.loss_fn(x)
         grads = torch.autograd.grad(loss / x.shape[0], params, allow_unused=True)

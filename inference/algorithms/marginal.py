@@ -37,6 +37,7 @@ from pyrovae.inference.algorithms.scoring import (
     score,
 )
 from pyrovae.inference.errors import check_int
+from pyrovae.model.labelled import Labelled, data_of
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -250,8 +251,9 @@ def _check_arguments(
             check_int(value, name)
     if not (isinstance(max_plate_nesting, int) and max_plate_nesting >= 0):
         raise ValueError(f"max_plate_nesting must be >= 0, got {max_plate_nesting!r}")
-    if not isinstance(x, Tensor):
+    if not isinstance(x, Tensor | Labelled):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    x = data_of(x)
     if x.dim() < 2:
         raise ValueError(
             f"x must have shape (num_points, *features), got {tuple(x.shape)}; "

@@ -221,6 +221,11 @@ def cmd_bdmc(args: argparse.Namespace) -> None:
         check_int(value, flag, error=PyrovaeError)
     _check_seed(args)
     run = load_run(args.run)
+    if run.spec.model.labels != "none":
+        raise PyrovaeError(
+            f"bdmc simulates data from the model, and {run.path} is a labelled model "
+            f"(model.labels = {run.spec.model.labels!r}); bound its log p(x) with evaluate"
+        )
     device = resolve_device(args.device or run.spec.train.device)
     run.model.to(device)
     run.guide.to(device)

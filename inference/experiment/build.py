@@ -20,6 +20,7 @@ from pyrovae.guides import (
     ENCODERS,
     AmortizedGuide,
     Classifier,
+    ConditionalGuide,
     SemiSupervisedGuide,
     TopDownGuide,
 )
@@ -83,7 +84,7 @@ def build(
                 "model.labels = 'context' reads [x, one_hot(y)] rows, which needs an mlp "
                 "encoder and a prior other than vamp"
             )
-        context["features"] = features - classes
+        context["in_features"] = features + classes  # q(z | x, y) reads [x, one_hot(y)]
     likelihood = component(LIKELIHOODS, m.likelihood, "model.likelihood", context)
     dims = [m.latent_dim] + [layer.latent_dim for layer in m.layers]
     skip = m.hierarchy == "skip"
@@ -107,7 +108,7 @@ def build(
             "model.labels = 'context'"
         )
     prior = component(PRIORS, m.prior, "model.prior", top)
-    out_features = (features - classes) * getattr(likelihood, "num_params", 1)
+    out_features = features * getattr(likelihood, "num_params", 1)
     decoder_in = sum(dims) if skip else dims[0]
     decoder_context = {**context, "latent_dim": decoder_in + classes, "out_features": out_features}
     decoder = component(DECODERS, m.decoder, "model.decoder", decoder_context)
@@ -127,7 +128,7 @@ def build(
     if m.labels == "latent":
         trunk = spec.guide.encoder
         classifier = Classifier(
-            features - classes,
+            features,
             classes,
             trunk.get("hidden") or [500],
             trunk.get("activation", "relu"),
@@ -146,6 +147,8 @@ def build(
         model = VAE(prior, decoder, likelihood, model_layers, skip=skip)
     if skip:
         return model, TopDownGuide(encoder, guide_layers)
+    if classes:
+        return model, ConditionalGuide(encoder, classes, guide_layers)
     return model, AmortizedGuide(encoder, guide_layers)
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.distributed import rank_and_world
 from pyrovae.inference.experiment.runs import BEST, Checkpoint, RunDirectory
+from pyrovae.model.labelled import Labelled
 from pyrovae.model.networks import image_layout
 from pyrovae.model.sites import OBSERVED
 
@@ -295,8 +296,8 @@ class BatchTransform(Callback):
             raise PyrovaeError(f"BatchTransform needs a function of the batch, got {fn!r}")
         self.fn = fn
 
-    def transform_batch(self, state: FitState, x: Tensor) -> Tensor:
-        return self.fn(x)
+    def transform_batch(self, state: FitState, x: Tensor | Labelled) -> Tensor | Labelled:
+        return x.map(self.fn) if isinstance(x, Labelled) else self.fn(x)
 
 
 COLLAPSE_KL = 0.1
@@ -538,7 +539,9 @@ class TensorBoard(Callback):
             samples = model.sample(64).clamp(0, 1).reshape(shape)
             self.writer.add_images("samples", samples, state.epoch)
         encoder = getattr(guide, "encoder", None)
-        if self.examples is not None and encoder is not None and hasattr(model, "decode"):
+        # Reconstructions of plain data (a labelled model's decoder also reads the labels).
+        plain = isinstance(self.examples, Tensor)
+        if plain and encoder is not None and hasattr(model, "decode"):
             x = self.examples.to(device_of(state.loss_fn))
             if len(getattr(model, "decoder_sites", ())) > 1:
                 # The decoder reads several latents (a skip stack): one draw of each from

@@ -35,6 +35,7 @@ from pyrovae.inference.experiment.sources import (
     read_mnist_like,
     read_user_file,
 )
+from pyrovae.model.labelled import Labelled, data_of
 
 BINARIZE = ("none", "dynamic", "static")
 NAMED = ("digits", "mnist", "fashion-mnist", "cifar-10", "sklearn-photos")
@@ -54,7 +55,9 @@ class Splits:
 
     Attributes:
         train, validation, test: the splits; ``train`` holds grey levels when
-            ``dynamic`` is set (binarize each batch with ``torch.bernoulli``).
+            ``dynamic`` is set (binarize each batch with ``torch.bernoulli``). For a labelled
+            model (:meth:`with_label_context`, :meth:`with_partial_labels`) each is a
+            :class:`~pyrovae.model.labelled.Labelled` batch: x, y and which rows are labelled.
         train_labels, validation_labels, test_labels: integer labels, or None.
         image_shape: ``(H, W)`` or ``(C, H, W)`` for images, None for plain feature vectors.
         dynamic: whether training batches are binarized afresh each time.
@@ -71,9 +74,12 @@ class Splits:
     image_shape: tuple[int, ...] | None
     dynamic: bool = False
     source: Path | None = None
+    classes: int | None = None
+    """The number of classes of labelled splits, None for plain ones."""
 
     @property
     def features(self) -> int:
+        """F, the number of data features (pixels for flattened images)."""
         return self.train.shape[1]
 
     def fingerprint(self) -> str:
@@ -81,7 +87,10 @@ class Splits:
         and file give the same fingerprint, any other data another one."""
         digest = hashlib.sha256()
         for name in ("train", "validation", "test"):
-            for tensor in (getattr(self, name), getattr(self, f"{name}_labels")):
+            rows = getattr(self, name)
+            if isinstance(rows, Labelled):  # as x beside its one-hot labels, [x, one_hot(y)]
+                rows = torch.cat([rows.x, rows.one_hot(self.classes)], 1)
+            for tensor in (rows, getattr(self, f"{name}_labels")):
                 if tensor is None:
                     digest.update(b"none")
                     continue
@@ -91,8 +100,8 @@ class Splits:
         return digest.hexdigest()
 
     def with_label_context(self, classes: int) -> Splits:
-        """The splits with each row followed by its label's one-hot code, ``[x, one_hot(y)]``:
-        the rows a conditional VAE (``model.labels = "context"``) reads. Labels stay as well.
+        """The splits as labelled batches (x and every row's label): the data a conditional
+        VAE (``model.labels = "context"``) reads. ``*_labels`` stay as well.
 
         Raises:
             PyrovaeError: a split without labels, or a label outside ``[0, classes)``.
@@ -110,18 +119,16 @@ class Splits:
                     f"the {name} labels run from {int(labels.min())} to {int(labels.max())}, "
                     f"outside [0, model.classes = {classes}); set model.classes"
                 )
-            x = getattr(self, name)
-            code = torch.nn.functional.one_hot(labels.long(), classes).to(x.dtype)
-            rows[name] = torch.cat([x, code], 1)
-        return dataclasses.replace(self, **rows)
+            rows[name] = Labelled(getattr(self, name), labels)
+        return dataclasses.replace(self, classes=classes, **rows)
 
     def with_partial_labels(
         self, classes: int, per_class: int | None, share: float | None = None
     ) -> Splits:
-        """The rows a semi-supervised model (M2) reads: ``[x, one_hot(y)]`` for ``per_class``
-        training points of each class (picked with a fixed seed; all with None) and
-        ``[x, 0]`` for every other point, validation and test included (their labels stay
-        in ``*_labels``, for accuracy).
+        """The data a semi-supervised model (M2) reads: labelled batches in which ``per_class``
+        training points of each class (picked with a fixed seed; all with None) are labelled
+        and every other point is not, validation and test included (their labels stay in
+        ``*_labels``, for accuracy).
 
         With ``share``, the labelled rows are repeated until they make up about that share of
         the training rows, so that every batch holds some (Kingma et al. draw labelled
@@ -144,21 +151,18 @@ class Splits:
                 )
             pick = members[torch.randperm(len(members), generator=generator)][:per_class]
             keep[pick] = True
-        train = rows.train.clone()
-        train[~keep, -classes:] = 0
+        train = Labelled(self.train, self.train_labels, keep)
         labelled, unlabelled = int(keep.sum()), int((~keep).sum())
         copies = 1
         if share is not None and labelled and unlabelled:
             copies = max(1, round(share * unlabelled / ((1 - share) * labelled)))
         if copies > 1:  # else the rows stay in their order
-            train = torch.cat([train[~keep], train[keep].repeat(copies, 1)])
-            labels = self.train_labels
-            rows = dataclasses.replace(
-                rows, train_labels=torch.cat([labels[~keep], labels[keep].repeat(copies)])
+            order = torch.cat(
+                [(~keep).nonzero().flatten(), keep.nonzero().flatten().repeat(copies)]
             )
-        blank = {n: getattr(rows, n).clone() for n in ("validation", "test")}
-        for x in blank.values():
-            x[:, -classes:] = 0
+            train = train[order]
+            rows = dataclasses.replace(rows, train_labels=self.train_labels[order])
+        blank = {n: Labelled.unlabelled(getattr(self, n)) for n in ("validation", "test")}
         return dataclasses.replace(rows, train=train, **blank)
 
     def split(self, name: str) -> tuple[Tensor, Tensor | None]:
@@ -171,7 +175,9 @@ class Splits:
             raise PyrovaeError(f"unknown split {name!r}; valid: train, validation, test")
         x = getattr(self, name)
         if name == "train" and self.dynamic:
-            x = torch.bernoulli(x, generator=torch.Generator().manual_seed(BINARIZE_SEED))
+            generator = torch.Generator().manual_seed(BINARIZE_SEED)
+            binarize = lambda t: torch.bernoulli(t, generator=generator)  # noqa: E731
+            x = x.map(binarize) if isinstance(x, Labelled) else binarize(x)
         return x, getattr(self, f"{name}_labels")
 
 
@@ -260,7 +266,7 @@ def load_data(
     return _binarize(splits, binarize)
 
 
-def check_data(x: Tensor, what: str, support: Constraint | None = None) -> None:
+def check_data(x: Tensor | Labelled, what: str, support: Constraint | None = None) -> None:
     """Checks data once up front: a non-empty ``(N, F)`` tensor of finite values in ``support``.
 
     Args:
@@ -272,6 +278,7 @@ def check_data(x: Tensor, what: str, support: Constraint | None = None) -> None:
     Raises:
         PyrovaeError: with one line naming the problem.
     """
+    x = data_of(x)
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise PyrovaeError(
             f"{what} must be a non-empty 2-D array (points, features), got shape {tuple(x.shape)}"

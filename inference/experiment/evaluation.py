@@ -47,8 +47,8 @@ from pyrovae.inference.experiment.runs import (
     check_writable,
     load_run,
 )
+from pyrovae.model.labelled import Labelled, data_of
 from pyrovae.model.likelihoods import bits_per_dim
-from pyrovae.model.vae import split_labels
 
 __all__ = [
     "METHODS",
@@ -223,12 +223,12 @@ def evaluation_settings(
     }
 
 
-def _accuracy(run: Run, rows: Tensor, labels: Tensor | None) -> float | None:
+def _accuracy(run: Run, rows: Tensor | Labelled, labels: Tensor | None) -> float | None:
     """The classifier's accuracy on the points, for a guide with a ``classifier`` (M2)."""
     classifier = getattr(run.guide, "classifier", None)
     if classifier is None or labels is None or not len(labels):
         return None
-    x, _ = split_labels(rows, run.guide.classes)
+    x = data_of(rows)
     with torch.no_grad():
         guess = torch.cat([classifier(part).probs.argmax(-1) for part in x.split(1000)])
     return (guess == labels).double().mean().item()
@@ -324,7 +324,7 @@ def evaluate_run(
         limit=limit,
         seed=seed,
         seconds=time.perf_counter() - start,
-        features=x[0].numel() - getattr(run.model, "classes", 0),  # not the label columns
+        features=data_of(x)[0].numel(),
         # A density on [0, 1] data is reported on the scale of 256 grey levels; a pmf, or a
         # model without a likelihood module, as it is.
         levels=256

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.data import check_data
+from pyrovae.model.labelled import Labelled
 
 __all__ = ["check_inputs", "resolve_device"]
 
@@ -59,8 +60,11 @@ def floating_dtype(*parts: Any) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def as_data(x: Tensor | np.ndarray, what: str, dtype: torch.dtype) -> Tensor:
-    """Data as a floating tensor of the model's dtype; integer data are refused."""
+def as_data(x: Tensor | np.ndarray | Labelled, what: str, dtype: torch.dtype) -> Tensor | Labelled:
+    """Data as a floating tensor of the model's dtype (or a labelled batch of one); integer
+    data are refused."""
+    if isinstance(x, Labelled):
+        return x.map(lambda data: as_data(data, what, dtype))
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, Tensor):
@@ -72,10 +76,12 @@ def as_data(x: Tensor | np.ndarray, what: str, dtype: torch.dtype) -> Tensor:
     return x.to(dtype)
 
 
-def place(x: Tensor, device: torch.device) -> Tensor:
+def place(x: Tensor | Labelled, device: torch.device) -> Tensor | Labelled:
     """The data on ``device`` when it fits in half the free memory there, else pinned on the host."""
     if device.type != "cuda":
         return x.to(device)
+    if isinstance(x, Labelled):
+        return Labelled(place(x.x, device), place(x.y, device), place(x.known, device))
     free, _ = torch.cuda.mem_get_info(device)
     if x.numel() * x.element_size() < free // 2:
         return x.to(device)

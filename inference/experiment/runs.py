@@ -98,9 +98,10 @@ REPORT = "report.html"
 """Where ``report`` writes its page by default."""
 SAMPLES = "samples.png"
 """Where ``sample`` writes its image grid by default."""
-FORMAT = 2
+FORMAT = 3
 """Version of the checkpoint layout, stored in every file: 2 wraps the state with its SHA-256
-(checked on every load); 1, without it, is still read."""
+(checked on every load); 3 counts ``features`` without a labelled model's label columns (which
+2 and 1, still read, counted: labels were then columns of the data)."""
 
 
 @dataclass
@@ -160,6 +161,10 @@ class Checkpoint:
             raise PyrovaeError(f"not a pyrovae checkpoint (missing {', '.join(missing)})")
         values = {k: v for k, v in state.items() if k in names}
         values["image_shape"] = tuple(values.get("image_shape") or ())
+        if state.get("format", 1) < 3 and values.get("features") and values.get("spec"):
+            model = tomllib.loads(values["spec"]).get("model", {})
+            if model.get("labels", "none") != "none":
+                values["features"] -= int(model.get("classes", 10))
         return cls(**values)
 
     def save(self, run_dir: str | Path, name: str = CHECKPOINT) -> None:
@@ -226,16 +231,53 @@ class Checkpoint:
             PyrovaeError: the state dicts do not fit the modules (e.g. an edited spec).
         """
         try:
-            model.load_state_dict(self.model)
             guide.load_state_dict(self.guide)
+            legacy = _shared_missing(model, guide, self.model)
+            model.load_state_dict({**self.model, **legacy})
             if optimizer is not None and self.optimizer:
-                optimizer.load_state_dict(self.optimizer)
+                saved = self.optimizer
+                if legacy:
+                    saved = _reordered(saved, model, guide, optimizer)
+                optimizer.load_state_dict(saved)
         except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
             raise PyrovaeError(
                 f"{where} does not match the model it is loaded into ({first}); "
                 "was the spec edited after training?"
             ) from None
+
+
+def _shared_missing(model: nn.Module, guide: nn.Module, state: Mapping[str, Any]) -> dict:
+    """The entries missing from a model ``state`` written before the model registered the
+    modules it shares with the guide (M2's classifier): their values, already loaded into the
+    guide. Empty for any other state (which ``load_state_dict`` then checks strictly)."""
+    shared = {id(t) for t in guide.state_dict(keep_vars=True).values()}
+    current = model.state_dict(keep_vars=True)
+    missing = {k: v for k, v in current.items() if k not in state}
+    if not missing or any(id(v) not in shared for v in missing.values()):
+        return {}
+    return {k: v.detach() for k, v in missing.items()}
+
+
+def _reordered(
+    saved: Mapping[str, Any], model: nn.Module, guide: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict:
+    """An optimizer state saved when the shared modules' parameters came with the guide
+    (after the model's own), in the order of ``optimizer``'s parameters now."""
+    shared = {id(p) for p in guide.parameters()}
+    then = [p for p in model.parameters() if id(p) not in shared] + list(guide.parameters())
+    now = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(saved["param_groups"]) != 1 or len(then) != len(now):
+        raise ValueError("the optimizer state does not fit the parameters")
+    position = {id(p): i for i, p in enumerate(then)}
+    old = saved["param_groups"][0]["params"]
+    state = {}
+    for j, p in enumerate(now):
+        key = old[position[id(p)]]
+        if key in saved["state"]:
+            state[j] = saved["state"][key]
+    group = {**saved["param_groups"][0], "params": list(range(len(now)))}
+    return {"state": state, "param_groups": [group]}
 
 
 @dataclass

@@ -46,6 +46,7 @@ from pyrovae.inference.experiment.inputs import (
 from pyrovae.inference.experiment.recipes import adam, step_schedule
 from pyrovae.inference.experiment.validation import validate
 from pyrovae.inference.experiment.warmup import GuideWarmup
+from pyrovae.model.labelled import Labelled, data_of
 
 __all__ = ["TrainingDiverged", "fit"]
 
@@ -57,9 +58,9 @@ class TrainingDiverged(PyrovaeError):
 def fit(
     model: Callable[..., Any],
     guide: Callable[..., Any],
-    train: Tensor | np.ndarray,
+    train: Tensor | np.ndarray | Labelled,
     *,
-    validation: Tensor | np.ndarray | None = None,
+    validation: Tensor | np.ndarray | Labelled | None = None,
     objective: Any = None,
     kl_schedule: KLSchedule | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -88,7 +89,9 @@ def fit(
         model: the Pyro model: an ``nn.Module`` whose ``forward(x)`` observes ``x``, or a
             plain function whose parameters are ``pyro.param`` / ``pyro.module`` sites.
         guide: the Pyro guide, taking the same ``x``; a module or a function likewise.
-        train: training data ``(N, F)``, a tensor or a NumPy array.
+        train: training data ``(N, F)``, a tensor or a NumPy array, or a
+            :class:`~pyrovae.model.labelled.Labelled` batch (x, y and which rows are
+            labelled) for a labelled model.
         validation: validation data, scored after every epoch.
         objective: a Pyro ELBO (``objective(model, guide)`` is the loss module);
             default ``pyrovae.inference.elbo()``.
@@ -256,13 +259,12 @@ def _compiled_step(
         return None
 
 
-def _initialize_from_data(model: Any, guide: Any, x: Tensor) -> None:
+def _initialize_from_data(model: Any, guide: Any, x: Tensor | Labelled) -> None:
     """Lets every submodule with an ``initialize_from_data(x)`` method start from the
     training data (a VampPrior's pseudo-inputs, a learned likelihood scale). A restored run
     then overwrites these values with its checkpoint's."""
     seen: set[int] = set()
-    split = getattr(model, "split", None)  # a conditional model's rows carry their labels
-    x = split(x)[0] if split is not None else x
+    x = data_of(x)  # a labelled batch's data
     for part in (model, guide):
         if not isinstance(part, nn.Module):
             continue

@@ -45,6 +45,7 @@ from pyrovae.inference.reporting.sections import (
     note,
     units_section,
 )
+from pyrovae.model.labelled import Labelled
 
 __all__ = ["write_report"]
 
@@ -153,15 +154,14 @@ def write_report(
 
 
 def _aggregate(
-    run: Run, data: Splits, split: str, x: Tensor, seed: int
+    run: Run, data: Splits, split: str, x: Tensor | Labelled, seed: int
 ) -> tuple[AggregateKL | None, str | None]:
     """The critic's bound on the report's points, trained on another split's posteriors; or
     None and why, where that split is too small to train it (the report goes on without)."""
     pool_split = "validation" if split == "train" else "train"
     pool, _ = data.split(pool_split)
     if run.spec.model.labels == "latent":  # M2: q(z) of unlabelled points, as the report's
-        pool = pool.clone()
-        pool[:, -run.spec.model.classes :] = 0
+        pool = Labelled.unlabelled(pool.x)
     try:
         return aggregate_kl(run.model, run.guide, pool, x, upper=False, seed=seed), None
     except ValueError as error:

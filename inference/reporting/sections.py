@@ -16,6 +16,7 @@ from pyrovae.inference.experiment.runs import Run
 from pyrovae.inference.reporting import plots
 from pyrovae.inference.reporting.diagnostics import Diagnostics, univariate_factors
 from pyrovae.inference.reporting.sites import SiteDiagnostics
+from pyrovae.model.labelled import Labelled
 
 __all__ = [
     "GRID_STEPS",
@@ -90,11 +91,11 @@ def units_section(diag: Diagnostics) -> str:
 
 
 def image_sections(
-    run: Run, diag: Diagnostics, x: Tensor, shape: tuple[int, ...], top: int, seed: int
+    run: Run, diag: Diagnostics, x: Tensor | Labelled, shape: tuple[int, ...], top: int, seed: int
 ) -> list[Section]:
     model, n = run.model, min(32, len(x))
-    # A conditional model's rows are [x, one_hot(y)]: images from x, decoding with y.
-    x, context = (model.split(x)[0], model.context_of(x)) if hasattr(model, "split") else (x, None)
+    # A labelled model's batch: images from x, decoded with each row's label.
+    x, context = (x.x, model.context_of(x)) if isinstance(x, Labelled) else (x, None)
 
     def rows(index: Tensor | slice) -> Tensor | None:
         return None if context is None else context[index]
@@ -191,7 +192,7 @@ def latent_space(run: Run, diag: Diagnostics, labels: Tensor | None, shape: tupl
         lo = torch.minimum(diag.prior_mean - 3 * sd, means.min(0).values)
         hi = torch.maximum(diag.prior_mean + 3 * sd, means.max(0).values)
         extent = (lo[0].item(), hi[0].item(), lo[1].item(), hi[1].item())
-        conditional = hasattr(run.model, "split")
+        conditional = hasattr(run.model, "classes")  # its decoder reads a label too
         reads_more = len(getattr(run.model, "decoder_sites", ())) > 1
         if plots.drawable(shape) and not conditional and not reads_more:
             steps = GRID_STEPS
