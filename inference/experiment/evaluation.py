@@ -32,7 +32,6 @@ from pyrovae.inference.algorithms.marginal import (
 )
 from pyrovae.inference.algorithms.psis import KHAT_THRESHOLD
 from pyrovae.inference.errors import PyrovaeError, check_int
-from pyrovae.inference.experiment.data import check_data
 from pyrovae.inference.experiment.distributed import (
     derived_seed,
     gather_blocks,
@@ -291,11 +290,9 @@ def evaluate_run(
     target = Path(output) if output is not None else run.output(EVALUATION)
     if write:
         check_evaluation_target(target, settings, force)
-    x, labels = run.data().split(split)
+    x, labels = run.points(split, limit)
     likelihood = getattr(run.model, "likelihood", None)
-    check_data(x, f"the {split} split", getattr(likelihood, "support", None))
-    x = x[:limit]
-    accuracy = _accuracy(run, x, None if labels is None else labels[:limit])
+    accuracy = _accuracy(run, x, labels)
 
     start = time.perf_counter()
     with process_group(resolve_device(device or run.spec.train.device)) as device_:

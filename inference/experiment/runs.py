@@ -39,12 +39,13 @@ from typing import Any
 
 import tomllib
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pyrovae.inference.errors import DiskFull, PyrovaeError
 from pyrovae.inference.experiment.build import build
-from pyrovae.inference.experiment.data import Splits, load_data
+from pyrovae.inference.experiment.data import Splits, check_data, load_data
 from pyrovae.inference.experiment.spec import Spec, load_spec
+from pyrovae.model.labelled import Labelled
 
 __all__ = [
     "BEST",
@@ -313,6 +314,41 @@ class Run:
         """The run's data, split and binarized as training saw them, checked against the
         fingerprint its checkpoint recorded (:func:`load_run_data`)."""
         return load_run_data(self)
+
+    def points(
+        self,
+        split: str = "test",
+        limit: int | None = None,
+        data: Splits | None = None,
+        purpose: tuple[str, int] = ("an evaluation", 1),
+    ) -> tuple[Tensor | Labelled, Tensor | None]:
+        """The first ``limit`` points of a split of the run's data (every point without a
+        limit) and their labels: what ``evaluate``, ``compare`` and ``report`` score.
+
+        Args:
+            split: ``train``, ``validation`` or ``test``.
+            limit: how many points, from the first.
+            data: the splits to take them from; default the run's own (:meth:`data`).
+            purpose: what the points are for and how many it needs at least, for the
+                message when there are fewer.
+
+        Raises:
+            PyrovaeError: an unknown split, data of another width than the model's, values
+                outside its likelihood's support, or too few points.
+        """
+        x, labels = (data or self.data()).split(split)
+        if x.shape[1] != self.checkpoint.features:
+            raise PyrovaeError(
+                f"{self.path} was trained on {self.checkpoint.features} features but the data "
+                f"have {x.shape[1]}"
+            )
+        support = getattr(getattr(self.model, "likelihood", None), "support", None)
+        check_data(x, f"the {split} split", support)
+        x, labels = x[:limit], None if labels is None else labels[:limit]
+        what, least = purpose
+        if len(x) < least:
+            raise PyrovaeError(f"the {split} split has {len(x)} points; {what} needs {least}")
+        return x, labels
 
     def output(self, name: str) -> Path:
         """The path of one of the run's outputs (:data:`EVALUATION`, :data:`REPORT`,

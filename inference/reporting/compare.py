@@ -116,10 +116,7 @@ def compare_runs(
             "the runs were trained on different data (their data fingerprints differ) though "
             "their specs name the same; compare runs trained on the same data"
         )
-    x, _ = first.data().split(split)
-    x = x[:limit]
-    if len(x) < 2:
-        raise PyrovaeError(f"the {split} split has {len(x)} points; a comparison needs two")
+    x, _ = first.points(split, limit, purpose=("a comparison", 2))
     rows, log_px = [], []
     for run in runs:
         # The estimate `evaluate` prints for the same run, K, seed and points.

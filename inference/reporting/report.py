@@ -95,17 +95,8 @@ def write_report(
     check_writable(out, "report")
     if out.is_dir():
         raise PyrovaeError(f"cannot write the report to {out}: it is a directory")
-    if data is None:
-        data = run.data()
-    x, labels = data.split(data_split)
-    if x.shape[1] != run.checkpoint.features:
-        raise PyrovaeError(
-            f"{run.path} was trained on {run.checkpoint.features} features but the data "
-            f"have {x.shape[1]}"
-        )
-    x, labels = x[:limit], None if labels is None else labels[:limit]
-    if len(x) < 2:
-        raise PyrovaeError(f"the {data_split} split has {len(x)} points; a report needs two")
+    data = data or run.data()
+    x, labels = run.points(data_split, limit, data, purpose=("a report", 2))
     # log p(x) is the estimate `evaluate` and `compare` print for the same K, seed and points.
     marginal = (
         estimate_log_px(
