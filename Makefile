@@ -37,7 +37,7 @@ $(VENV)/.docs: pyproject.toml $(BIN)/pyrovae
 
 docs: $(VENV)/.docs
 	rm -rf docs/_build docs/api/generated docs/jupyter_execute
-	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MPLBACKEND=Agg \
+	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} env -u MPLBACKEND \
 		$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 	@echo "docs/_build/html/index.html"
 
