@@ -179,8 +179,16 @@ def annealed_log_marginal_likelihood(
         ValueError: bad settings, or a pair whose sites cannot be scored per point.
 
     Example:
-        >>> ais = annealed_log_marginal_likelihood(vae, guide, x_test[:100], num_steps=1000)
-        >>> ais.log_px.mean(), ais.acceptance.mean()
+        >>> import torch
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.model import VAE, Gaussian, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> ais = annealed_log_marginal_likelihood(vae, guide, torch.randn(3, 5), 4, num_steps=10)
+        >>> ais.log_px.shape, ais.log_weights.shape  # per point, and per point and chain
+        (torch.Size([3]), torch.Size([3, 4]))
+        >>> bool(((ais.acceptance > 0) & (ais.acceptance <= 1)).all())
+        True
     """
     check_annealing(x, num_chains, num_steps, leapfrog_steps, target_accept, init, batch_size)
     betas = annealing_schedule(schedule, num_steps)

@@ -92,9 +92,10 @@ def bdmc(
         guide: its guide.
         num_points: how many points to simulate.
         example: a data tensor ``(n, *features)`` giving the shape, dtype and device of x.
-        num_chains, num_steps, schedule, leapfrog_steps, step_size, target_accept,
-        batch_size, max_plate_nesting, progress: as in
-            :func:`annealed_log_marginal_likelihood`; the same for both directions.
+        num_chains: as in :func:`annealed_log_marginal_likelihood`, and so are
+            ``num_steps``, ``schedule``, ``leapfrog_steps``, ``step_size``,
+            ``target_accept``, ``batch_size``, ``max_plate_nesting`` and ``progress``; the
+            same for both directions.
 
     Returns:
         The :class:`BDMC` result.

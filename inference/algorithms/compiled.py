@@ -267,8 +267,19 @@ class CompiledStep(TracedProgram):
             KL schedule that is neither kind.
 
     Example:
-        >>> step = CompiledStep(loss_fn, list(loss_fn.parameters()))  # doctest: +SKIP
-        >>> loss, grads = step(x, step=0)  # doctest: +SKIP
+        >>> import torch
+        >>> from pyrovae.inference import elbo
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.model import VAE, Gaussian, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> loss_fn = elbo()(vae, guide)
+        >>> step = CompiledStep(loss_fn, list(loss_fn.parameters()), inductor=False)
+        >>> x = torch.randn(8, 5)
+        >>> loss, grads = step(x, step=0)  # traced
+        >>> loss, grads = step(x, step=1)  # checked against the eager step, then replayed
+        >>> loss.shape, len(grads) == len(list(loss_fn.parameters())), step.reasons
+        (torch.Size([]), True, [])
     """
 
     def __init__(

@@ -197,8 +197,16 @@ def log_marginal_likelihood(
         Pareto Smoothed Importance Sampling (Vehtari et al., 2024).
 
     Example:
-        >>> result = log_marginal_likelihood(vae, guide, x_test, num_samples=5000)
-        >>> result.log_px.mean(), (result.khat > 0.7).sum()
+        >>> import torch
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.model import VAE, Gaussian, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> result = log_marginal_likelihood(vae, guide, torch.randn(3, 5), num_samples=100)
+        >>> result.log_px.shape, sorted(result.iwae)
+        (torch.Size([3]), [1, 10, 100])
+        >>> bool((result.log_px >= result.elbo).all())  # log-mean-exp >= mean of the same draws
+        True
     """
     _check_arguments(x, num_samples, chunk_size, batch_size, max_memory, max_plate_nesting)
     x = like_parameters(x, model, guide)

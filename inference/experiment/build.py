@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from pyrovae.inference.experiment.spec import Spec
 
 __all__ = [
+    "CONTEXT_NAMES",
     "build",
     "build_lr_schedule",
     "build_objective",
@@ -50,6 +51,7 @@ __all__ = [
     "build_schedule",
     "component",
     "constructor_of",
+    "options_of",
     "schema",
 ]
 
@@ -205,9 +207,19 @@ def constructor_of(
     if kind not in registry:
         raise PyrovaeError(f"unknown {where}.kind {kind!r}; valid: {', '.join(registry)}")
     constructor = registry[kind]
-    parameters = parameters_of(constructor)
-    # Context names are filled in by build; in a spec they would be ignored or conflict.
-    context_names = {
+    valid = options_of(constructor)
+    options = {k: v for k, v in table.items() if k != "kind"}
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise PyrovaeError(
+            f"unknown option {where}.{unknown[0]} for kind {kind!r}; "
+            f"valid: {', '.join(valid) if valid else '(none)'}"
+        )
+    return constructor, options
+
+
+CONTEXT_NAMES = frozenset(
+    {
         "latent_dim",
         "features",
         "in_features",
@@ -220,15 +232,15 @@ def constructor_of(
         "epochs",
         "classes",
     }
-    valid = [p for p in parameters if p not in context_names]
-    options = {k: v for k, v in table.items() if k != "kind"}
-    unknown = [k for k in options if k not in valid]
-    if unknown:
-        raise PyrovaeError(
-            f"unknown option {where}.{unknown[0]} for kind {kind!r}; "
-            f"valid: {', '.join(valid) if valid else '(none)'}"
-        )
-    return constructor, options
+)
+"""Constructor parameters that :func:`build` fills in from the rest of the spec and the data;
+in a component table they would be ignored or conflict, so they are not spec options."""
+
+
+def options_of(constructor: Callable[..., Any]) -> list[str]:
+    """The options a component table may set for ``constructor``: its schema less the
+    context names that :func:`build` fills in."""
+    return [p for p in parameters_of(constructor) if p not in CONTEXT_NAMES]
 
 
 def schema(constructor: Callable[..., Any]) -> dict[str, inspect.Parameter]:

@@ -238,7 +238,16 @@ class EarlyStopping(Callback):
             it runs, a guide warm-up trains another guide).
 
     Example:
-        >>> history = fit(vae, guide, x, validation=x_val, callbacks=[EarlyStopping(5)])
+        >>> import torch
+        >>> from pyrovae.inference import fit
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.model import VAE, Gaussian, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> x, x_val = torch.randn(64, 5), torch.randn(16, 5)
+        >>> history = fit(vae, guide, x, validation=x_val, epochs=3, callbacks=[EarlyStopping(5)])
+        >>> [h["epoch"] for h in history]  # five epochs without improvement: not yet
+        [1, 2, 3]
     """
 
     def __init__(
@@ -288,7 +297,18 @@ class BatchTransform(Callback):
     dynamic binarization (a fresh binary image from the grey levels at every step).
 
     Example:
-        >>> fit(vae, guide, grey_images, callbacks=[BatchTransform(torch.bernoulli)])
+        >>> import torch
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.inference import fit
+        >>> from pyrovae.model import VAE, Bernoulli, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Bernoulli())
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> grey_images = torch.rand(64, 5)
+        >>> batches = []
+        >>> binarize = BatchTransform(lambda x: batches.append(torch.bernoulli(x)) or batches[-1])
+        >>> history = fit(vae, guide, grey_images, epochs=2, callbacks=[binarize])
+        >>> len(batches) > 0 and all(set(b.unique().tolist()) <= {0.0, 1.0} for b in batches)
+        True
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:

@@ -131,8 +131,15 @@ def fit(
         PyrovaeError: bad data or settings, found before any training.
 
     Example:
-        >>> history = fit(vae, guide, x_train, validation=x_val, epochs=20,
-        ...               callbacks=[EarlyStopping(5), ProgressBar()])
+        >>> import torch
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.model import VAE, Gaussian, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> x_train, x_val = torch.randn(64, 5), torch.randn(16, 5)
+        >>> history = fit(vae, guide, x_train, validation=x_val, epochs=2, batch_size=16)
+        >>> len(history), "validation_elbo" in history[-1]
+        (2, True)
     """
     check_settings(epochs, batch_size)
     device = _device(model, guide)

@@ -104,8 +104,13 @@ def train_run(
         PyrovaeError: bad spec, data, settings or directory, before anything is written.
 
     Example:
-        >>> run = train_run("configs/mnist-standard-diagonal.toml", "runs/m",
-        ...                 overrides=["train.epochs=2"])  # doctest: +SKIP
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> overrides = ["train.epochs=1", "data.limit=100"]  # the default spec: digits
+        >>> run = train_run(None, f"{tmp.name}/run", overrides=overrides, progress=False)
+        >>> run.checkpoint.epoch, (run.path / "checkpoint.pt").is_file()
+        (1, True)
+        >>> tmp.cleanup()
     """
     overrides = list(overrides)
     if resume:

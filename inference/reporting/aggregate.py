@@ -141,8 +141,17 @@ def aggregate_kl(
         variational inference (Rosca, Lakshminarayanan and Mohamed, 2018)
 
     Example:
-        >>> kl = aggregate_kl(run.model, run.guide, data.train, data.test)
-        >>> f"{kl.lower:.2f} <= KL(q(z) || p(z)) <= {kl.upper:.2f}"
+        >>> import torch
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.model import VAE, Gaussian, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> x_train, x_test = torch.randn(200, 5), torch.randn(50, 5)
+        >>> kl = aggregate_kl(vae, guide, x_train, x_test, num_prior_draws=1000, epochs=2)
+        >>> kl.site, kl.num_points
+        ('z', 50)
+        >>> bool(kl.mean_kl >= kl.upper)  # the N-point marginal KL is the mean KL less I(x; z)
+        True
     """
     num_validation = check_held_out(
         x,

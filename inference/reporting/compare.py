@@ -90,7 +90,17 @@ def compare_runs(
             binarization, split sizes or number of features).
 
     Example:
-        >>> print(format_comparison(compare_runs(["runs/a", "runs/b"])))
+        >>> import tempfile
+        >>> from pyrovae.inference import train_run
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> overrides = ["train.epochs=1", "data.limit=100"]  # the default spec: digits
+        >>> run = train_run(None, f"{tmp.name}/a", overrides=overrides, progress=False)
+        >>> comparison = compare_runs([run.path, run.path], limit=20, num_samples=10)
+        >>> [row["delta_log_px"] for row in comparison.rows]  # a run against itself: exactly 0
+        [0.0, 0.0]
+        >>> print(format_comparison(comparison))  # doctest: +ELLIPSIS
+        run ...
+        >>> tmp.cleanup()
     """
     if not run_dirs:
         raise PyrovaeError("no runs to compare; give at least one run directory")

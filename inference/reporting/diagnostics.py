@@ -251,8 +251,16 @@ def diagnose(
         (Hoffman and Johnson, 2016)
 
     Example:
-        >>> d = diagnose(run.model, run.guide, data.test[:500], num_samples=500)
-        >>> d.summary()["active_units"], d.summary()["mutual_information"]
+        >>> import torch
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.model import VAE, Gaussian, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> d = diagnose(vae, guide, torch.randn(20, 5), num_samples=50)
+        >>> list(d.sites), d.summary()["latent_dim"]
+        (['z'], 2.0)
+        >>> d.summary()["mutual_information"] <= d.summary()["mutual_information_bound"]  # log N
+        True
     """
     if x.dim() < 2 or len(x) < 2:
         raise ValueError(f"x must be (N, *features) with N >= 2, got shape {tuple(x.shape)}")

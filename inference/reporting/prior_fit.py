@@ -119,8 +119,15 @@ def fit_prior(
         Johnson, 2016)
 
     Example:
-        >>> fit = fit_prior(run.model, run.guide, FlowPrior(50), data.train, data.test)
-        >>> fit.gain, fit.gain_se  # nats of KL(q(z) || N(0, I)) the flow prior closes
+        >>> import torch
+        >>> from pyrovae.guides import AmortizedGuide, DiagonalNormal
+        >>> from pyrovae.model import VAE, Gaussian, LearnedNormal, StandardNormal
+        >>> vae = VAE(StandardNormal(2), torch.nn.Linear(2, 5), Gaussian(scale=0.5))
+        >>> guide = AmortizedGuide(DiagonalNormal(5, 2))
+        >>> x_train, x_test = torch.randn(200, 5), torch.randn(50, 5)
+        >>> fitted = fit_prior(vae, guide, LearnedNormal(2), x_train, x_test, epochs=2)
+        >>> fitted.site, fitted.per_point.shape  # the gain's per-point terms
+        ('z', torch.Size([50]))
     """
     if not callable(getattr(model, "prior", None)) or not getattr(model, "latent_sites", None):
         raise ValueError(
