@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ early stopping is **partial**: its figure is the latest point of its learning cu
 log p(x) of the weights of that epoch on the first test images, with the K and the number of
 points in the protocol column), a cheaper protocol that says only where the run is heading. Δ is this project's
 figure minus the paper's (positive: better). Every figure here was measured; none is copied
-from a log by hand.
+from a log by hand. In the commands, `DATA_DIR` is the folder holding `mnist.npz` and
+`RUNS_DIR` the folder the runs are written to.
 """
 
 
@@ -86,8 +88,22 @@ def row(record: dict[str, Any]) -> list[str]:
         epochs,
         _hours(record.get("train_seconds")),
         record.get("device", "—"),
-        f"`{record['command']}`" if record.get("command") else "—",
+        f"`{_portable(record['command'])}`" if record.get("command") else "—",
     ]
+
+
+PLACEHOLDERS = {"--data": "DATA_DIR", "--runs": "RUNS_DIR"}
+"""Options whose values are folders of the machine that ran the command, shown by name."""
+
+
+def _portable(command: str) -> str:
+    """The recorded command with this machine's folders (``--data``, ``--runs``) shown as
+    placeholders, so that the table reads the same wherever it is rendered."""
+    words = shlex.split(command)
+    for i, word in enumerate(words[:-1]):
+        if word in PLACEHOLDERS:
+            words[i + 1] = PLACEHOLDERS[word]
+    return shlex.join(words)
 
 
 COLUMNS = [

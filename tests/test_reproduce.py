@@ -151,7 +151,7 @@ def test_the_table_renders_from_json_alone(tmp_path):
         "epochs_run": 10,
         "train_seconds": 7200.0,
         "device": "CPU",
-        "command": "python benchmarks/reproduce.py m2-100",
+        "command": "python benchmarks/reproduce.py m2-100 --data '/home/a b/data' --runs /r",
         "curve": [{"epoch": 10, "log_px": -100.0, "log_px_se": 1.0, "accuracy": 0.85,
                    "num_samples": 500, "points": 500, "validation_elbo": -101.0}],
     }  # fmt: skip
@@ -160,6 +160,8 @@ def test_the_table_renders_from_json_alone(tmp_path):
     page = (tmp_path / "README.md").read_text()
     assert "**85.0%** (partial, epoch 10)" in page
     assert "-3.0 points" in page and "88.0%" in page and "2.0 h" in page
+    # This machine's folders are shown as placeholders, the rest as it ran.
+    assert "`python benchmarks/reproduce.py m2-100 --data DATA_DIR --runs RUNS_DIR`" in page
     (tmp_path / "y.json").write_text("{")
     assert reproduce_table.main(["--results", str(tmp_path)]) == 2
     assert reproduce_table.main(["--results", str(tmp_path / "missing")]) == 2
