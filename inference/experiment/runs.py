@@ -337,7 +337,8 @@ class Run:
                 outside its likelihood's support, or too few points.
         """
         x, labels = (data or self.data()).split(split)
-        if x.shape[1] != self.checkpoint.features:
+        features = self.checkpoint.features  # None in a run made by fit alone
+        if features is not None and x.shape[1] != features:
             raise PyrovaeError(
                 f"{self.path} was trained on {self.checkpoint.features} features but the data "
                 f"have {x.shape[1]}"
