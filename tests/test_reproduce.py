@@ -78,7 +78,7 @@ def setting(tmp_path):
             "--curve-points",
             "10",
             "--final-samples",
-            "7",
+            "30",
             "--ais-points",
             "0",
         ]
@@ -126,9 +126,12 @@ def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol
     counted = [h for h in history if h["epoch"] >= 3]
     best = max(counted, key=lambda h: (h["validation_elbo"], -h["epoch"]))["epoch"]
     assert final["checkpoint"] == "best" and final["epoch"] == best
-    assert final["num_samples"] == 7 and final["points"] == 30
-    evaluation = json.loads((run_dir / "evaluation-k7.json").read_text())
+    assert final["num_samples"] == 30 and final["points"] == 30
+    evaluation = json.loads((run_dir / "evaluation-k30.json").read_text())
     assert evaluation["epoch"] == best
+    # The share of points with k-hat > 0.7 is kept: it decides whether AIS checks the figure.
+    assert final["khat_share"] is not None
+    assert final["khat_share"] == evaluation["khat_bad_fraction"]
     table = (tmp / "results" / "README.md").read_text()
     assert "(final)" in table and "4 / 4" in table
     assert f"{final['log_px']:.2f}" in table
