@@ -142,7 +142,8 @@ def fit(
         (2, True)
     """
     check_settings(epochs, batch_size)
-    device = _device(model, guide)
+    # Where the modules' parameters are (the model's first); the CPU for plain functions.
+    device = device_of(nn.ModuleList([p for p in (model, guide) if isinstance(p, nn.Module)]))
     dtype = floating_dtype(model, guide)
     x_train = as_data(train, "training data", dtype)
     x_val = as_data(validation, "validation data", dtype) if validation is not None else None
@@ -232,16 +233,6 @@ def fit(
             for callback in callbacks:
                 callback.on_fit_end(state)
     return state.history
-
-
-def _device(model: Any, guide: Any) -> torch.device:
-    """Where the modules' parameters are (the model's first, then the guide's); the CPU for
-    programs without module parameters."""
-    for part in (model, guide):
-        if isinstance(part, nn.Module):
-            for p in part.parameters():
-                return p.device
-    return torch.device("cpu")
 
 
 def _compiled_step(
