@@ -170,6 +170,21 @@ def test_the_table_renders_from_json_alone(tmp_path):
     assert reproduce_table.main(["--results", str(tmp_path / "missing")]) == 2
 
 
+def test_the_table_shows_the_ais_check_beside_importance_sampling_on_the_same_points(tmp_path):
+    final = {"log_px": -82.5, "log_px_se": 0.2, "num_samples": 5000, "points": 10000,
+             "epoch": 9, "checkpoint": "best", "khat_share": 0.71}
+    ais = {"log_px": -80.0, "log_px_se": 1.5, "points": 100, "num_chains": 16,
+           "num_steps": 500, "seconds": 1800.0, "is_same_points": -80.4}
+    record = {"name": "v", "model": "M", "paper": -85.57, "source": "T (2018)", "data": "MNIST",
+              "paper_epochs": 2000, "epochs_run": 9, "final": final, "ais": ais}  # fmt: skip
+    page = reproduce_table.render([record])
+    line = next(line for line in page.splitlines() if line.startswith("| M | 100 |"))
+    assert "71%" in line and "-80.40 (K = 5,000)" in line and "-80.00 ± 1.50 (16 × 500)" in line
+    assert "+0.40" in line and "0.5 h" in line
+    # Without an AIS check there is no such section.
+    assert "How tight" not in reproduce_table.render([{**record, "ais": None}])
+
+
 def test_configs_are_valid_toml_with_a_comment_naming_the_paper():
     for entry in reproduce.REPRODUCTIONS.values():
         text = (reproduce.ROOT / entry.config).read_text()
