@@ -171,10 +171,24 @@ def test_the_table_renders_from_json_alone(tmp_path):
 
 
 def test_the_table_shows_the_ais_check_beside_importance_sampling_on_the_same_points(tmp_path):
-    final = {"log_px": -82.5, "log_px_se": 0.2, "num_samples": 5000, "points": 10000,
-             "epoch": 9, "checkpoint": "best", "khat_share": 0.71}
-    ais = {"log_px": -80.0, "log_px_se": 1.5, "points": 100, "num_chains": 16,
-           "num_steps": 500, "seconds": 1800.0, "is_same_points": -80.4}
+    final = {
+        "log_px": -82.5,
+        "log_px_se": 0.2,
+        "num_samples": 5000,
+        "points": 10000,
+        "epoch": 9,
+        "checkpoint": "best",
+        "khat_share": 0.71,
+    }
+    ais = {
+        "log_px": -80.0,
+        "log_px_se": 1.5,
+        "points": 100,
+        "num_chains": 16,
+        "num_steps": 500,
+        "seconds": 1800.0,
+        "is_same_points": -80.4,
+    }
     record = {"name": "v", "model": "M", "paper": -85.57, "source": "T (2018)", "data": "MNIST",
               "paper_epochs": 2000, "epochs_run": 9, "final": final, "ais": ais}  # fmt: skip
     page = reproduce_table.render([record])
