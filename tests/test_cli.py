@@ -199,6 +199,21 @@ def test_console_script_exit_code(tmp_path):
     assert result.stderr.count("\n") == 1 and "unknown spec key" in result.stderr
 
 
+def test_bernoulli_on_grey_levels_has_no_bits_per_dim(tmp_path, capsys):
+    import json
+
+    assert train(tmp_path, "--set", 'data.binarize="none"') == 0
+    run = str(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["evaluate", run, "-k", "30", "--limit", "10"]) == 0
+    shown = capsys.readouterr().out
+    line = next(line for line in shown.splitlines() if line.strip().startswith("bits/dim"))
+    assert "n/a" in line and "binarize" in line
+    saved = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert saved["bits_per_dim"] is None and "cross-entropy" in saved["bits_per_dim_undefined"]
+    assert saved["log_px"] is not None
+
+
 def test_evaluate_round_trip(tmp_path, capsys):
     import json
 
@@ -213,6 +228,7 @@ def test_evaluate_round_trip(tmp_path, capsys):
     # The importance-sampling estimate sits above the ELBO, and the bounds climb with k.
     assert saved["elbo"] <= saved["iwae_10"] <= saved["iwae_100"] <= saved["log_px"] + 1e-9
     assert saved["bits_per_dim"] == pytest.approx(-saved["log_px"] / (64 * np.log(2)))
+    assert saved["bits_per_dim_undefined"] is None
     # Other settings do not silently replace that evaluation: --force, or --output.
     other = ["evaluate", run, "-k", "50", "--split", "train", "--limit", "5"]
     one_line_error(capsys, main(other), "other settings", "num_samples 200 -> 50", "--force")

@@ -174,7 +174,12 @@ def _print_evaluation(evaluation: Evaluation, target: Path) -> None:
             f"{summary['log_px']:.3f} ± {_shown(summary['log_px_se'], 3)} "
             f"(Monte Carlo error of the mean {_shown(summary['log_px_mc_error'], 4)})",
         ),
-        ("bits/dim", f"{summary['bits_per_dim']:.4f}"),
+        (
+            "bits/dim",
+            f"n/a: {evaluation.bits_undefined}"
+            if evaluation.bits_undefined
+            else f"{summary['bits_per_dim']:.4f}",
+        ),
     ]
     if evaluation.method == "is":
         share = summary["khat_bad_fraction"]

@@ -47,7 +47,7 @@ from pyrovae.inference.experiment.runs import (
     load_run,
 )
 from pyrovae.model.labelled import Labelled, data_of
-from pyrovae.model.likelihoods import bits_per_dim
+from pyrovae.model.likelihoods import Bernoulli, bits_per_dim
 
 __all__ = [
     "METHODS",
@@ -89,6 +89,9 @@ class Evaluation:
         features: data features per point, for bits/dim.
         levels: grey levels for the bits/dim of a density (None for a pmf), see
             :func:`pyrovae.model.bits_per_dim`.
+        bits_undefined: why bits/dim has no meaning for these data and this likelihood
+            (Bernoulli pixels on grey levels score a cross-entropy, not a probability);
+            None where it has one.
         result: the per-point :class:`MarginalLikelihood` (``log_px``, ``stderr``,
             ``khat``, ``elbo``, ... each ``(N,)``) or
             :class:`~pyrovae.inference.algorithms.annealing.AnnealedLikelihood`
@@ -111,6 +114,7 @@ class Evaluation:
     levels: int | None
     result: MarginalLikelihood | AnnealedLikelihood
     accuracy: float | None = None
+    bits_undefined: str | None = None
 
     @property
     def num_points(self) -> int:
@@ -120,7 +124,11 @@ class Evaluation:
         """Means over the points, the Monte Carlo error of the mean log p(x), bits/dim and the
         k̂ share (NaN when k̂ was not computed)."""
         summary = self.result.summary()
-        summary["bits_per_dim"] = float(bits_per_dim(summary["log_px"], self.features, self.levels))
+        summary["bits_per_dim"] = (
+            math.nan
+            if self.bits_undefined
+            else float(bits_per_dim(summary["log_px"], self.features, self.levels))
+        )
         if self.accuracy is not None:
             summary["accuracy"] = self.accuracy
         return summary
@@ -154,6 +162,7 @@ class Evaluation:
             "seconds": self.seconds,
             "features": self.features,
             "bits_per_dim_levels": self.levels,
+            "bits_per_dim_undefined": self.bits_undefined,
             "khat_threshold": KHAT_THRESHOLD,
             **{k: _finite(v) for k, v in self.summary().items()},
             "per_point": per_point,
@@ -329,10 +338,26 @@ def evaluate_run(
         else None,
         result=result,
         accuracy=accuracy,
+        bits_undefined=_bits_undefined(likelihood, x),
     )
     if write and writes:
         evaluation.write(target)
     return evaluation
+
+
+def _bits_undefined(likelihood: Any, x: Tensor | Labelled) -> str | None:
+    """Why bits/dim means nothing here, or None: Bernoulli pixels on values other than 0 and
+    1 give the binary cross-entropy, which is not the log of a probability."""
+    if not isinstance(likelihood, Bernoulli):
+        return None
+    data = data_of(x)[0]
+    if bool(((data == 0) | (data == 1)).all()):
+        return None
+    return (
+        "Bernoulli pixels on grey levels score a cross-entropy, not a probability; "
+        'binarize the data (data.binarize = "dynamic" or "static") or use a likelihood '
+        "for grey levels"
+    )
 
 
 def estimate_log_px(
