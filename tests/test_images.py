@@ -281,19 +281,49 @@ def test_a_colour_folder_trains_evaluates_samples_and_reports(classes, tmp_path,
         rgb = np.asarray(png.convert("RGB"), dtype=np.int64)
         coloured += int((np.abs(rgb[..., 0] - rgb[..., 2]) > 30).mean() > 0.01)
     assert coloured >= 4  # reconstructions, samples, traversals, latent grid in colour
-    # The data are fingerprinted: an image added to the folder is not the run's data.
-    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)).save(classes / "cat" / "z.png")
-    one_line_error(capsys, main(["evaluate", str(run), "-k", "5", "--force"]), "not the data")
+    # The run keeps the images it was trained on, in split order: images added to the folder
+    # later leave its splits as they were, so it evaluates the same test images.
+    listing = json.loads((run / "images.json").read_text())
+    assert len(listing["files"]) == 20 and listing["classes"] == ["cat", "dog"]
+    data = load_run_data(loaded)
+    labels = torch.cat([data.train_labels, data.validation_labels, data.test_labels])
+    assert [f.split("/")[0] for f in listing["files"]] == [["cat", "dog"][y] for y in labels]
+    for name in ("z.png", "zz.png"):
+        Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(classes / "cat" / name)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-k", "20", "--json", "-o", str(tmp_path / "e.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["per_point"] == saved["per_point"]
+    # ... and training resumes on them.
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    assert load_run(run).epoch == 3
+    # An image of the run that is gone is one line naming it; nothing is written.
+    gone = classes / listing["files"][-1]
+    gone.unlink()
+    before = (run / "evaluation.json").read_bytes()
+    one_line_error(capsys, main(["evaluate", str(run), "-k", "5", "--force"]), str(gone), "gone")
+    assert (run / "evaluation.json").read_bytes() == before
+    # A damaged listing is one line too.
+    (run / "images.json").write_text("{")
+    one_line_error(capsys, main(["evaluate", str(run), "-k", "5", "--force"]), "images.json")
 
 
-def test_a_grey_folder_trains_and_its_data_reload(tmp_path):
-    write_images(tmp_path / "grey", 20, mode="L")
+def test_a_grey_folder_trains_and_its_data_reload(tmp_path, capsys):
+    write_images(tmp_path / "grey" / "a", 10, mode="L", high=128, seed=3)
+    write_images(tmp_path / "grey" / "b", 10, mode="L", low=128, seed=4)
     run = tmp_path / "grey-run"
     args = ["train", "--out", str(run), "--epochs", "1", "--set", f"data.name='{tmp_path}/grey'"]
-    assert main([*args, "--set", 'model.likelihood={ kind = "bernoulli" }', *CONV]) == 0
+    likelihood = 'model.likelihood={ kind = "discretized_logistic" }'
+    assert main([*args, "--set", likelihood, *CONV]) == 0
     loaded = load_run(run)
     assert loaded.image_shape == (1, HEIGHT, WIDTH)
-    assert torch.equal(load_run_data(loaded).test, load_data(str(tmp_path / "grey")).test)
+    data = load_data(str(tmp_path / "grey"))
+    assert torch.equal(load_run_data(loaded).test, data.test)
+    assert set(data.train_labels.tolist()) == {0, 1}
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-k", "20", "--json"]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["points"] == 2 and saved["features"] == HEIGHT * WIDTH
+    assert saved["bits_per_dim"] == pytest.approx(-saved["log_px"] / (HEIGHT * WIDTH * math.log(2)))
     assert main(["sample", str(run), "-n", "4", "-o", str(tmp_path / "s.png")]) == 0
     assert main(["report", str(run), "-k", "10", "--limit", "2"]) == 0
     assert "<h2>Latent traversals</h2>" in (run / "report.html").read_text()

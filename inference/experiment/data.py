@@ -76,6 +76,10 @@ class Splits:
     source: Path | None = None
     classes: int | None = None
     """The number of classes of labelled splits, None for plain ones."""
+    listing: dict[str, list[str]] | None = None
+    """For a folder of images, what was read: ``{"files": [...], "classes": [...]}``, paths
+    relative to the folder in split order (training, then validation, then test images)
+    and the class names; a run keeps it (``images.json``) to read the same images again."""
 
     @property
     def features(self) -> int:
@@ -189,6 +193,7 @@ def load_data(
     limit: int | None = None,
     image_size: int | list[int] | None = None,
     channels: int | None = None,
+    listing: dict[str, list[str]] | None = None,
 ) -> Splits:
     """Loads a data set by name or path and prepares its splits.
 
@@ -214,6 +219,8 @@ def load_data(
             centre-cropped to (a side, or ``[height, width]``); see
             :func:`~.images.read_image_folder`.
         channels: for a folder or the photos, 1 (greyscale) or 3 (RGB); default as found.
+        listing: for a folder, the images to read and their order (:attr:`Splits.listing`
+            of an earlier load) instead of every image the folder holds now.
 
     Returns:
         The checked splits.
@@ -245,7 +252,8 @@ def load_data(
         arrays = read_user_file(given)
         source = given.resolve()
     elif images:
-        arrays = read_image_folder(given, image_size, channels)
+        arrays = read_image_folder(given, image_size, channels, listing)
+        listing = {name: arrays.pop(name).tolist() for name in ("files", "classes")}
         source = given.resolve()
     else:
         raise PyrovaeError(
@@ -255,7 +263,9 @@ def load_data(
         )
     if validation_size is None:
         validation_size = 10_000 if name in NPZ_NAMES else 5_000 if name == "cifar-10" else 0.1
-    splits = replace(_split(arrays, validation_size), source=source)
+    splits = replace(
+        _split(arrays, validation_size), source=source, listing=listing if images else None
+    )
     if limit is not None:
         labels = splits.train_labels
         splits = replace(

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -140,8 +140,10 @@ def read_image_folder(
     folder: Path,
     image_size: int | Sequence[int] | None = None,
     channels: int | None = None,
+    listing: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every image of a folder as uint8 ``(N, C, H, W)``, shuffled with :data:`SPLIT_SEED`.
+    """Every image of a folder as uint8 ``(N, C, H, W)``, shuffled with :data:`SPLIT_SEED`;
+    or, given a ``listing``, the images it names in its order.
 
     Args:
         folder: the folder (see :func:`list_images` for the layout and the labels).
@@ -150,19 +152,30 @@ def read_image_folder(
             size, which must then be the same for all.
         channels: 1 (greyscale) or 3 (RGB); None keeps what the images are, RGB when some
             are colour and some grey. Alpha is dropped.
+        listing: ``{"files": [...], "classes": [...]}`` as this function returned them for
+            a run (paths relative to the folder, in the shuffled order; class names): the
+            same images in the same order, labelled as then, so that a run's splits stay
+            its own when images are added to the folder later.
 
     Returns:
         ``x_train`` and, for class folders, ``y_train``; :func:`~.data.load_data` holds out
-        validation and test images from the end of the shuffled order.
+        validation and test images from the end of the shuffled order. ``files`` and
+        ``classes`` are the listing of what was read (string arrays).
 
     Raises:
         PyrovaeError: a bad folder (see :func:`list_images`), a file that is not an image or
-            is damaged, or sizes that differ without ``image_size``.
+            is damaged, sizes that differ without ``image_size``, or an image of the listing
+            that is gone.
     """
     check_image_options(image_size, channels)
     from PIL import Image
 
-    files, labels, _ = list_images(folder)
+    if listing is None:
+        files, labels, classes = list_images(folder)
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(files))
+    else:
+        files, labels, classes = _listed(folder, listing)
+        order = np.arange(len(files))
     size = None if image_size is None else _size(image_size)
     modes, shapes = [], {}
     for file in files:  # headers only: sizes and modes are checked before decoding
@@ -187,11 +200,37 @@ def read_image_folder(
     x = np.empty((len(files), channels, height, width), dtype=np.uint8)
     for i, file in enumerate(files):
         x[i] = _decode(file, channels, size)
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(files))
-    arrays = {"x_train": x[order]}
+    arrays = {
+        "x_train": x[order],
+        "files": np.array([f.relative_to(folder).as_posix() for f in files])[order],
+        "classes": np.array(classes, dtype=str),
+    }
     if labels is not None:
         arrays["y_train"] = np.asarray(labels, dtype=np.int64)[order]
     return arrays
+
+
+def _listed(
+    folder: Path, listing: Mapping[str, Sequence[str]]
+) -> tuple[list[Path], list[int] | None, list[str]]:
+    """The files and labels of a listing (see :func:`read_image_folder`)."""
+    if not folder.is_dir():
+        raise PyrovaeError(f"image folder {folder} does not exist; check data.name")
+    classes = list(listing.get("classes") or [])
+    index = {name: i for i, name in enumerate(classes)}
+    files, labels = [], []
+    for name in listing["files"]:
+        relative = PurePosixPath(name)
+        file = folder.joinpath(*relative.parts)
+        if relative.is_absolute() or ".." in relative.parts or not file.is_file():
+            raise PyrovaeError(
+                f"{file} is one of the images this run was trained on (its images.json lists "
+                "them) and is gone; put it back, or train a new run on the folder as it is now"
+            )
+        files.append(file)
+        if classes:
+            labels.append(index[relative.parts[0]])
+    return files, labels if classes else None, classes
 
 
 def _decode(file: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:

@@ -4,6 +4,9 @@ A run directory ``RUN/`` holds:
 
 - ``.pyrovae-run`` (:data:`MARKER`): says pyrovae made it, so only it is ever replaced;
 - ``spec.toml`` (:data:`SPEC`): the resolved spec, written when the run is staged;
+- ``images.json`` (:data:`IMAGES`), for data read from a folder of images: the images it
+  was trained on, in split order, so that the run's test images stay its own when the
+  folder changes;
 - ``checkpoint.pt``, ``previous.pt``, ``best.pt`` (:data:`CHECKPOINT`, :data:`PREVIOUS`,
   :data:`BEST`): written by :class:`Checkpoint`; ``metrics.csv`` (:data:`METRICS`) beside
   each latest checkpoint;
@@ -29,6 +32,7 @@ import csv
 import errno
 import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -51,6 +55,7 @@ __all__ = [
     "BEST",
     "CHECKPOINT",
     "EVALUATION",
+    "IMAGES",
     "MARKER",
     "METRICS",
     "REPORT",
@@ -81,6 +86,9 @@ MARKER = ".pyrovae-run"
 """The file pyrovae writes into every run directory it creates: only such a directory is ever
 replaced (``--force``)."""
 SPEC = "spec.toml"
+IMAGES = "images.json"
+"""The listing of a run's image folder (:attr:`~.data.Splits.listing`): the files, relative to
+the folder, in the order the splits take them, and the class names."""
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 """The checkpoint of the epoch with the best validation ELBO, in a run with early stopping
@@ -498,14 +506,17 @@ def run_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def stage_run(path: Path, spec: Spec) -> Path:
-    """Makes a hidden staging directory beside ``path`` holding the marker and ``spec.toml``;
-    :func:`promote_run` moves it to ``path`` once it holds a checkpoint."""
+def stage_run(path: Path, spec: Spec, listing: dict[str, list[str]] | None = None) -> Path:
+    """Makes a hidden staging directory beside ``path`` holding the marker, ``spec.toml`` and,
+    for a folder of images, its ``listing`` (``images.json``); :func:`promote_run` moves it
+    to ``path`` once it holds a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
     os.chmod(staging, 0o777 & ~_umask())
     (staging / MARKER).write_text("a pyrovae run directory\n")
     atomic_write(staging / SPEC, spec.to_toml().encode())
+    if listing is not None:
+        atomic_write(staging / IMAGES, json.dumps(listing, indent=0).encode())
     return staging
 
 
@@ -732,19 +743,32 @@ def _full(error: OSError, file: Path, size: int) -> OSError | DiskFull:
     )
 
 
-def load_run_data(run: Run | Spec) -> Splits:
+def load_run_data(run: Run | Spec, directory: Path | None = None) -> Splits:
     """The data set a spec names, split and binarized as training saw it. Given a
     :class:`Run` whose checkpoint recorded the data's fingerprint, the data found now must
-    match it.
+    match it. A run of a folder of images reads the images its ``images.json`` lists, in
+    that order, not whatever the folder holds now.
+
+    Args:
+        run: the run, or a spec.
+        directory: with a spec, the run directory whose ``images.json`` to follow.
 
     Raises:
         PyrovaeError: the data cannot be read, or are not the data the run was trained on
             (naming where they were found and where the run's came from).
     """
     spec = run.spec if isinstance(run, Run) else run
+    directory = run.path if isinstance(run, Run) else directory
     d = spec.data
     data = load_data(
-        d.name, d.binarize, d.path, d.validation_size, d.limit, d.image_size, d.channels
+        d.name,
+        d.binarize,
+        d.path,
+        d.validation_size,
+        d.limit,
+        d.image_size,
+        d.channels,
+        listing=None if directory is None else read_listing(directory),
     )
     if spec.model.labels == "context":
         data = data.with_label_context(spec.model.classes)
@@ -754,6 +778,32 @@ def load_run_data(run: Run | Spec) -> Splits:
     if expected is not None:
         check_fingerprint(data, expected, run.path, d.path or d.name)
     return data
+
+
+def read_listing(directory: Path) -> dict[str, list[str]] | None:
+    """The run's ``images.json`` (see :data:`IMAGES`), None where it has none.
+
+    Raises:
+        PyrovaeError: the file is there but is not a listing.
+    """
+    file = Path(directory) / IMAGES
+    if not file.is_file():
+        return None
+    try:
+        listing = json.loads(file.read_text())
+        files, classes = listing["files"], listing["classes"]
+        if not all(isinstance(f, str) for f in files) or not all(
+            isinstance(c, str) for c in classes
+        ):
+            raise ValueError("entries must be strings")
+        if classes and not all(f.split("/")[0] in classes for f in files):
+            raise ValueError("a file is in no listed class folder")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PyrovaeError(
+            f"{file} is damaged ({e}); it lists the images {directory} was trained on, so "
+            "restore it from a backup, or train a new run"
+        ) from None
+    return {"files": list(files), "classes": list(classes)}
 
 
 def check_fingerprint(

@@ -146,7 +146,8 @@ def train_run(
     held = contextlib.ExitStack()
     with held, process_group(device_) as device_:
         # Everything is checked before anything on disk changes: data, model, one probe step.
-        data = load_run_data(resolved)
+        # A resumed run of an image folder reads the images it was trained on (images.json).
+        data = load_run_data(resolved, out if resume else None)
         recorded_path = resolved.data.path
         if data.source is not None:
             resolved = resolved.replace(data={"path": str(data.source)})
@@ -184,7 +185,7 @@ def train_run(
                         f"--resume {out} to continue it, or --out to choose another"
                     )
                 remove_stale_stages(out)
-            staging = stage_run(out, resolved) if writes else None
+            staging = stage_run(out, resolved, data.listing) if writes else None
 
         fingerprint = data.fingerprint()
         if resume:
