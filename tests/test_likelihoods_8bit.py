@@ -128,6 +128,20 @@ def test_mixture_pmf_sums_to_one_over_every_pixel_value(channels: int, levels: i
     torch.testing.assert_close(total, torch.zeros(6, dtype=torch.float64), atol=1e-10, rtol=0)
 
 
+def test_an_rgb_pixels_pmf_sums_to_one_over_all_256_cubed_colours():
+    """Three channels at 256 levels each: every one of the 16.7 million colours of a pixel,
+    scored in chunks of 65,536 (one red level each), sums to one (float64, 1e-10)."""
+    d = DiscretizedLogisticMixture(*mixture_parameters(1, 3, 1, 2, seed=3))
+    grid = torch.arange(256, dtype=torch.float64) / 255
+    rest = torch.cartesian_prod(grid, grid)  # (65536, 2): green and blue
+    chunks = []
+    for red in grid:
+        colours = torch.cat([red.expand(len(rest), 1), rest], 1)  # (65536, 3)
+        chunks.append(d.log_prob(colours[:, None, :]).logsumexp(0))
+    total = torch.stack(chunks).logsumexp(0)
+    torch.testing.assert_close(total, torch.zeros(1, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
 def test_mixture_matches_the_logistic_cdf_differences():
     """log P(x) of 3-channel pixels against sum_k pi_k prod_c [F(b+) - F(b-)] computed with
     torch's logistic CDF in float64 (levels 0 and 1 extend to -inf and +inf), wherever the
