@@ -100,6 +100,8 @@ def scale_spread(run, x: Tensor) -> dict[str, float]:
         loc, scale = gaussian(run.guide.encoder, x)
     active = loc.var(0) > 0.01
     s = scale[:, active]
+    if not s.numel():
+        return {"active_units": 0}
     return {
         "active_units": int(active.sum()),
         "median": s.median().item(),
