@@ -360,6 +360,10 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
         if (_khat_share(record, run_dir) or 0) > 0.2:
             check_with_ais(name, run_dir, record, args)
             write_results(results, name, record, run_dir)
+    if record.get("ais") and "difference_se" not in record["ais"]:
+        # An AIS check recorded before the paired difference was.
+        record["ais"].update(_paired_with_final(record, run_dir))
+        write_results(results, name, record, run_dir)
     write_table(results)
 
 
@@ -405,9 +409,30 @@ def check_with_ais(
         output=run_dir / "evaluation-ais.json",
         force=True,
     )
-    same = evaluate_run(run, num_samples=args.final_samples, limit=args.ais_points, write=False)
-    record["ais"] = {**summary_of(ais), "is_same_points": summary_of(same)["log_px"]}
+    record["ais"] = summary_of(ais)
+    record["ais"].update(_paired_with_final(record, run_dir))
     print(f"{name}: AIS on {ais.num_points} points {record['ais']['log_px']:.2f}", flush=True)
+
+
+def _paired_with_final(record: dict[str, Any], run_dir: Path) -> dict[str, float]:
+    """AIS against the final importance-sampling evaluation on the same first test points,
+    from the two evaluation files: the latter's mean over those points, and the paired
+    difference (AIS minus IS, point by point) with its standard error."""
+    final = record["final"]
+    files = (run_dir / "evaluation-ais.json", run_dir / f"evaluation-k{final['num_samples']}.json")
+    if not all(f.is_file() for f in files):
+        return {}
+    ais, importance = (
+        torch.tensor(json.loads(f.read_text())["per_point"]["log_px"], dtype=torch.float64)
+        for f in files
+    )
+    importance = importance[: len(ais)]
+    difference = ais - importance
+    return {
+        "is_same_points": importance.mean().item(),
+        "difference": difference.mean().item(),
+        "difference_se": (difference.std() / len(difference) ** 0.5).item(),
+    }
 
 
 def _device() -> str:

@@ -168,7 +168,12 @@ def ais_lines(records: list[dict[str, Any]]) -> list[str]:
         ais, final = r["ais"], r["final"]
         share = final.get("khat_share")
         same = ais.get("is_same_points")
-        gap = "—" if same is None or ais.get("log_px") is None else f"{ais['log_px'] - same:+.2f}"
+        if ais.get("difference") is not None:
+            gap = f"{ais['difference']:+.2f} ± {ais['difference_se']:.2f} (paired)"
+        elif same is not None and ais.get("log_px") is not None:
+            gap = f"{ais['log_px'] - same:+.2f}"
+        else:
+            gap = "—"
         cells = [
             r["model"],
             f"{ais['points']:,}",

@@ -141,6 +141,30 @@ def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol
     assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == before
     assert json.loads(results.read_text())["final"] == final
 
+    # Where k-hat says importance sampling is loose, AIS checks the first points, paired with
+    # the final evaluation's figures of the same points.
+    record = json.loads(results.read_text())
+    record["final"]["khat_share"] = 1.0
+    results.write_text(json.dumps(record))
+    args.ais_points, args.ais_chains, args.ais_steps = 3, 2, 3
+    reproduce.reproduce("tiny", args, entry)
+    ais = json.loads(results.read_text())["ais"]
+    per_point = json.loads((run_dir / "evaluation-ais.json").read_text())["per_point"]["log_px"]
+    final_points = torch.tensor(evaluation["per_point"]["log_px"][:3], dtype=torch.float64)
+    paired = torch.tensor(per_point, dtype=torch.float64) - final_points
+    assert ais["points"] == 3 and ais["num_chains"] == 2 and ais["num_steps"] == 3
+    assert ais["difference"] == pytest.approx(paired.mean().item(), abs=1e-9)
+    assert ais["is_same_points"] == pytest.approx(final_points.mean().item(), abs=1e-9)
+    # A check recorded before the paired difference was gets it from the two files.
+    record = json.loads(results.read_text())
+    del record["ais"]["difference"], record["ais"]["difference_se"]
+    results.write_text(json.dumps(record))
+    reproduce.reproduce("tiny", args, entry)
+    again = json.loads(results.read_text())["ais"]
+    assert again["difference"] == pytest.approx(ais["difference"], abs=1e-9)
+    assert again["difference_se"] == pytest.approx(ais["difference_se"], abs=1e-9)
+    assert "(paired)" in (tmp / "results" / "README.md").read_text()
+
 
 def test_the_table_renders_from_json_alone(tmp_path):
     record = {
