@@ -56,7 +56,7 @@ def log_prior(prior: torch.nn.Module, z: Tensor) -> Tensor:
     if isinstance(prior, StandardNormal):
         return (-0.5 * (z.square() + LOG_2PI)).sum(-1)
     if isinstance(prior, VampPrior):
-        loc, scale = gaussian(prior.encoder, prior.pseudo_inputs)  # (K, D)
+        loc, scale = gaussian(prior.encoder, prior.inputs())  # (K, D), clipped if it clips
         components = log_normal(z.unsqueeze(-2), loc, scale)  # (..., K)
         return torch.logsumexp(components, -1) - math.log(len(loc))
     raise PyrovaeError(f"no hand-written density for the prior {type(prior).__name__}")

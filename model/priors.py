@@ -10,6 +10,7 @@ import torch
 from pyro.contrib.zuko import ZukoToPyro
 from torch import Tensor, nn
 from torch.distributions import constraints
+from torch.nn.functional import hardtanh
 
 from pyrovae.model.flows import autoregressive_flow
 
@@ -240,6 +241,9 @@ class VampPrior(nn.Module):
         in_features: number of data features F.
         encoder: the guide's encoder, ``encoder(x) -> Distribution`` over z.
         components: number of pseudo-inputs K (at least one).
+        clip: pass the pseudo-inputs through ``hardtanh(u, 0, 1)`` before the encoder, as
+            Tomczak and Welling's code does, so that they stay where image data live (an
+            entry outside [0, 1] then gets no gradient); by default they are used as learned.
 
     References:
         VAE with a VampPrior (Tomczak and Welling, 2018)
@@ -251,19 +255,27 @@ class VampPrior(nn.Module):
         in_features: int,
         encoder: nn.Module | None = None,
         components: int = 50,
+        clip: bool = False,
     ) -> None:
         super().__init__()
         if encoder is None:
             raise ValueError("the VampPrior needs the guide's encoder (encoder is None)")
         _check_latent_dim(latent_dim)
         _check_components(components)
+        if not isinstance(clip, bool):
+            raise ValueError(f"clip must be true or false, got {clip!r}")
         self.encoder = encoder
+        self.clip = clip
         self.pseudo_inputs = nn.Parameter(torch.rand(components, in_features))
         with torch.no_grad():
             self._check_components(latent_dim)
 
+    def inputs(self) -> Tensor:
+        """The pseudo-inputs as the encoder sees them: clipped to [0, 1] with ``clip``."""
+        return hardtanh(self.pseudo_inputs, 0.0, 1.0) if self.clip else self.pseudo_inputs
+
     def forward(self) -> dist.Distribution:
-        return UniformMixture(self.encoder(self.pseudo_inputs))
+        return UniformMixture(self.encoder(self.inputs()))
 
     @torch.no_grad()
     def initialize_from_data(self, x: Tensor) -> None:
@@ -274,7 +286,7 @@ class VampPrior(nn.Module):
         self.pseudo_inputs.copy_(x[rows.to(x.device)].reshape(self.pseudo_inputs.shape))
 
     def _check_components(self, latent_dim: int) -> None:
-        components = self.encoder(self.pseudo_inputs)
+        components = self.encoder(self.inputs())
         shape = (tuple(components.batch_shape), tuple(components.event_shape))
         if shape != ((len(self.pseudo_inputs),), (latent_dim,)):
             raise ValueError(

@@ -38,6 +38,7 @@ VARIANTS = [
     ("encoder", "flow", {"flow": "nsf"}),
     ("prior", "flow", {"passes": 2}),
     ("encoder", "flow", {"passes": 2}),
+    ("prior", "vamp", {"clip": True}),
     ("encoder", "diagonal_normal", {"network": "conv"}),
     ("encoder", "flow", {"network": "conv", "hidden": (4, 8)}),
     ("decoder", "feedforward", {"network": "conv", "hidden": (8, 4)}),
@@ -468,6 +469,27 @@ def test_vamp_prior_is_the_equal_mixture_of_its_components(name: str, options: d
         torch.testing.assert_close(
             d.expand(torch.Size([P, B])).log_prob(z), expected, rtol=1e-9, atol=1e-9
         )
+
+
+def test_a_clipped_vamp_prior_is_the_prior_of_its_pseudo_inputs_clipped_to_the_unit_interval():
+    """``clip``: hardtanh(u, 0, 1) before the encoder, as Tomczak and Welling's code; entries
+    outside [0, 1] get no gradient, those inside do."""
+    context = {"in_features": FEATURES, "latent_dim": 2}
+    encoder = construct(ENCODERS["diagonal_normal"], {}, **context)
+    clipped = PRIORS["vamp"](**context, encoder=encoder, components=6, clip=True)
+    plain = PRIORS["vamp"](**context, encoder=encoder, components=6)
+    clipped.double(), plain.double()
+    with torch.no_grad():
+        clipped.pseudo_inputs.copy_(1.5 * torch.randn(6, FEATURES, dtype=torch.float64) + 0.5)
+        plain.pseudo_inputs.copy_(clipped.pseudo_inputs.clamp(0, 1))
+    z = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    log_p = clipped().log_prob(z)
+    torch.testing.assert_close(log_p, plain().log_prob(z), rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(log_p.sum(), clipped.pseudo_inputs)
+    outside = (clipped.pseudo_inputs < 0) | (clipped.pseudo_inputs > 1)
+    assert outside.any() and (grad[outside] == 0).all() and (grad[~outside] != 0).any()
+    with pytest.raises(ValueError, match="clip must be true or false"):
+        PRIORS["vamp"](**context, encoder=encoder, clip="yes")
 
 
 def test_vamp_prior_with_a_diagonal_encoder_matches_the_gaussian_formula():
