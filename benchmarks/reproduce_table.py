@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -30,7 +31,9 @@ log p(x) of the weights of that epoch on the first test images, with the K and t
 points in the protocol column), a cheaper protocol that says only where the run is heading. Δ is this project's
 figure minus the paper's (positive: better). Every figure here was measured; none is copied
 from a log by hand. In the commands, `DATA_DIR` is the folder holding `mnist.npz` and
-`RUNS_DIR` the folder the runs are written to.
+`RUNS_DIR` the folder the runs are written to. M2's figure is the test accuracy of its
+classifier q(y|x), on all 10,000 test images also in its partial rows, ± its binomial
+standard error.
 """
 
 
@@ -49,25 +52,26 @@ def row(record: dict[str, Any]) -> list[str]:
     final = record.get("final")
     curve = record.get("curve") or []
     accuracy = record.get("metric") == "accuracy"
-    if final is not None:
-        status = "final"
-        figure = final["accuracy"] if accuracy else final["log_px"]
-        se = None if accuracy else final.get("log_px_se")
-        protocol = (
-            f"K = {final['num_samples']}, {final['points']:,} points, epoch {final['epoch']} "
-            f"({final['checkpoint']})"
-        )
-    elif curve:
-        last = curve[-1]
-        status = f"partial, epoch {last['epoch']}"
-        figure = last["accuracy"] if accuracy else last["log_px"]
-        se = None if accuracy else last.get("log_px_se")
-        protocol = f"K = {last['num_samples']}, {last['points']:,} points"
-    else:
+    point = final if final is not None else (curve[-1] if curve else None)
+    if point is None:
         status, figure, se, protocol = "not run", None, None, "—"
+    elif accuracy:
+        status = "final" if final is not None else f"partial, epoch {point['epoch']}"
+        figure = point["accuracy"]
+        points = point.get("accuracy_points", point["points"])
+        se = math.sqrt(figure * (1 - figure) / points) if figure is not None else None
+        protocol = f"accuracy of q(y\\|x) on {points:,} test points"
+    else:
+        status = "final" if final is not None else f"partial, epoch {point['epoch']}"
+        figure, se = point["log_px"], point.get("log_px_se")
+        protocol = f"K = {point['num_samples']}, {point['points']:,} points"
+    if final is not None:
+        protocol += f", epoch {final['epoch']} ({final['checkpoint']})"
     paper = record["paper"]
     if accuracy:
         shown = "—" if figure is None else f"{100 * figure:.1f}%"
+        if se is not None:
+            shown += f" ± {100 * se:.1f}"
         paper_shown = f"{100 * paper:.1f}%"
         delta = "—" if figure is None else f"{100 * (figure - paper):+.1f} points"
         pythae = "—"

@@ -180,18 +180,72 @@ def test_the_table_renders_from_json_alone(tmp_path):
         "device": "CPU",
         "command": "python benchmarks/reproduce.py m2-100 --data '/home/a b/data' --runs /r",
         "curve": [{"epoch": 10, "log_px": -100.0, "log_px_se": 1.0, "accuracy": 0.85,
-                   "num_samples": 500, "points": 500, "validation_elbo": -101.0}],
+                   "accuracy_points": 10000, "num_samples": 500, "points": 500,
+                   "validation_elbo": -101.0}],
     }  # fmt: skip
     (tmp_path / "x.json").write_text(json.dumps(record))
     assert reproduce_table.main(["--results", str(tmp_path)]) == 0
     page = (tmp_path / "README.md").read_text()
-    assert "**85.0%** (partial, epoch 10)" in page
+    # The accuracy's binomial standard error: sqrt(0.85 * 0.15 / 10,000) = 0.36 points.
+    assert "**85.0% ± 0.4** (partial, epoch 10)" in page
+    assert "accuracy of q(y\\|x) on 10,000 test points" in page
     assert "-3.0 points" in page and "88.0%" in page and "2.0 h" in page
     # This machine's folders are shown as placeholders, the rest as it ran.
     assert "`python benchmarks/reproduce.py m2-100 --data DATA_DIR --runs RUNS_DIR`" in page
     (tmp_path / "y.json").write_text("{")
     assert reproduce_table.main(["--results", str(tmp_path)]) == 2
     assert reproduce_table.main(["--results", str(tmp_path / "missing")]) == 2
+
+
+TINY_M2 = """
+[data]
+name = "mnist"
+binarize = "dynamic"
+validation_size = 40
+labels_per_class = 2
+labelled_share = 0.1
+
+[model]
+latent_dim = 2
+decoder = { kind = "feedforward", network = "mlp", hidden = [8], activation = "softplus" }
+likelihood = { kind = "bernoulli" }
+labels = "latent"
+classes = 10
+classification_weight = 50.0
+
+[guide]
+encoder = { kind = "diagonal_normal", network = "mlp", hidden = [8], activation = "softplus" }
+
+[train]
+objective = { kind = "enumerated_elbo" }
+epochs = 2
+batch_size = 50
+lr = 1e-3
+"""
+
+
+def test_an_m2_row_scores_its_curve_by_accuracy_on_the_whole_test_set(setting):
+    _, args, tmp = setting
+    config = tmp / "paper-tiny-m2.toml"
+    config.write_text(TINY_M2)
+    entry = reproduce.Reproduction(
+        str(config), "tiny M2", "accuracy", 0.8803, "a paper, Table 1", "fake", 2
+    )
+    reproduce.reproduce("tiny-m2", args, entry)
+    record = json.loads((tmp / "results" / "tiny-m2.json").read_text())
+    run = load_run(tmp / "runs" / "tiny-m2")
+    last = record["curve"][-1]
+    # log p(x) on the curve's 10 points; the accuracy on all 30 test images, of the weights
+    # the final evaluation scores too (the last epoch's: no early stopping).
+    assert last["points"] == 10 and last["accuracy_points"] == 30
+    assert last["epoch"] == run.epoch == 2
+    x, labels = run.points("test")
+    with torch.no_grad():
+        guess = run.guide.classifier(x.x).probs.argmax(-1)
+    accuracy = (guess == labels).double().mean().item()
+    assert last["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert record["final"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert "accuracy of q(y\\|x) on 30 test points" in (tmp / "results" / "README.md").read_text()
 
 
 def test_the_table_shows_the_ais_check_beside_importance_sampling_on_the_same_points(tmp_path):

@@ -133,6 +133,22 @@ def m2_run(tmp_path_factory):
     return train_run(None, out, overrides=overrides, progress=False)
 
 
+def test_m2_trains_on_dynamically_binarized_digits(tmp_path):
+    # The paper config's data: partial labels and a fresh binarization of every batch
+    # (the probe step before training and the batch transform both see Labelled batches).
+    overrides = [
+        *M2,
+        "data.labels_per_class=10",
+        'data.binarize="dynamic"',
+        "train.epochs=1",
+        "model.latent_dim=4",
+    ]
+    run = train_run(None, tmp_path / "run", overrides=overrides, progress=False)
+    assert run.epoch == 1 and math.isfinite(run.history[-1]["train_elbo"])
+    x, _ = run.points("test", 10)
+    assert set(x.x.unique().tolist()) <= {0.0, 1.0}  # evaluated on binary images
+
+
 def test_m2_learns_to_classify_from_ten_labels_per_class(m2_run, tmp_path):
     evaluation = evaluate_run(m2_run, num_samples=20, output=tmp_path / "e.json")
     # 300 test digits, 100 labels in all, 3 epochs, seed 0: far above chance (10%).

@@ -54,6 +54,7 @@ __all__ = [
     "SETTINGS",
     "Evaluation",
     "check_evaluation_target",
+    "classification_accuracy",
     "estimate_log_px",
     "evaluate_run",
     "evaluation_settings",
@@ -229,6 +230,19 @@ def evaluation_settings(
         "limit": limit,
         "seed": seed,
     }
+
+
+def classification_accuracy(
+    run: Run, split: str = "test", limit: int | None = None
+) -> tuple[float, int] | None:
+    """The accuracy of q(y|x) on the first ``limit`` points of a split (every point without
+    a limit), and the number of points, for a run whose guide has a ``classifier`` (M2);
+    None for other runs or data without labels. Cheap beside ``evaluate_run``: one pass of
+    the classifier, no sampling.
+    """
+    x, labels = run.points(split, limit)
+    accuracy = _accuracy(run, x, labels)
+    return None if accuracy is None else (accuracy, len(x))
 
 
 def _accuracy(run: Run, rows: Tensor | Labelled, labels: Tensor | None) -> float | None:

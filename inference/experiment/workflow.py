@@ -58,6 +58,7 @@ from pyrovae.inference.experiment.runs import (
 from pyrovae.inference.experiment.spec import Spec, load_spec, with_overrides
 from pyrovae.inference.experiment.training import TrainingDiverged, fit
 from pyrovae.inference.experiment.warmup import GuideWarmup, check_warmup
+from pyrovae.model.labelled import Labelled
 
 __all__ = ["train_run"]
 
@@ -293,7 +294,7 @@ def _probe_step(
     that a model that cannot train on these data fails before any file is touched."""
     x = data.train[: min(batch_size, 8)]
     if data.dynamic:
-        x = torch.bernoulli(x)
+        x = x.map(torch.bernoulli) if isinstance(x, Labelled) else torch.bernoulli(x)
     try:
         with pyro.validation_enabled(False), schedule.handler(0):
             loss = objective(model, guide)(x)
