@@ -7,6 +7,7 @@ it on a third from the same random state as an eager Pyro step: float64, so the 
 
 from __future__ import annotations
 
+import pyro
 import pytest
 import torch
 from test_components import ALL, FEATURES, build
@@ -140,6 +141,72 @@ def test_stacked_conditional_and_m2_models_replay_pyros_step(name):
     model, guide = build_spec(spec, FEATURES, (8, 8))
     batches = _batches(FEATURES, classes, partial)
     assert_replay_matches_pyro(model, guide, objective, batches)
+
+
+def test_m2_batches_with_other_numbers_of_labelled_rows_replay_pyros_step(capsys):
+    # Each batch selects its labelled rows: a graph traced on 3 of 6 cannot replay 2 of 6.
+    spec = load_spec(None, [*SPECS["m2"][0], "model.latent_dim=2", "guide.encoder.hidden=[8]"])
+    torch.manual_seed(0)
+    model, guide = build_spec(spec, FEATURES, (8, 8))
+    model.double()
+    guide.double()
+    loss_fn = enumerated_elbo()(model, guide)
+    params = list(loss_fn.parameters())
+    step = CompiledStep(loss_fn, params, inductor=False)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(labelled: int) -> Labelled:
+        x = torch.bernoulli(torch.full((6, FEATURES), 0.4), generator=g).double()
+        known = torch.randperm(6, generator=g) < labelled  # labelled rows at new positions
+        return Labelled(x, torch.randint(3, (6,), generator=g), known)
+
+    for i, labelled in enumerate([3, 2, 3, 2, 3, 2]):  # traced, verified, replayed
+        x = batch(labelled)
+        torch.manual_seed(i)
+        loss, grads = step(x, i)
+        torch.manual_seed(i)
+        eager_loss, eager_grads = _eager(loss_fn, params, x, KLWeight(1.0))
+        torch.testing.assert_close(loss, eager_loss, atol=TOL * abs(eager_loss.item()), rtol=0)
+        for a, b in zip(grads, eager_grads, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=TOL, rtol=1e-7)
+    assert step.reasons == [] and step.compiled_signatures == 2
+    assert capsys.readouterr().err == ""
+
+
+class _FrozenShape(torch.nn.Module):
+    """A model whose Python sizes a tensor by the data's values: its trace freezes the size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vae = VAE(StandardNormal(2), Decoder(2, 8, [8]), Bernoulli())
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> None:
+        self.vae(x)
+        rows = x[x[:, 0] > 0.5]  # as many rows as have a first pixel on
+        pyro.factor("on", self.weight * rows.reshape(len(rows), 8).sum())
+
+
+def test_a_graph_that_cannot_replay_the_next_batch_trains_eagerly_with_one_line(capsys):
+    torch.manual_seed(0)
+    guide = AmortizedGuide(DiagonalNormal(8, 2, hidden=[8]))
+    loss_fn = elbo()(_FrozenShape(), guide)
+    params = list(loss_fn.parameters())
+    step = CompiledStep(loss_fn, params, inductor=False)
+    x = torch.zeros(16, 8)
+    x[:5, 0] = 1
+    step(x, 0)  # traced with 5 selected rows
+    x[:9, 0] = 1
+    torch.manual_seed(1)
+    loss, _ = step(x, 1)  # 9 rows: the replay fails, the eager result stands
+    torch.manual_seed(1)
+    eager_loss, _ = _eager(loss_fn, params, x, KLWeight(1.0))
+    assert torch.equal(loss, eager_loss)
+    assert step.compiled_signatures == 0 and len(step.reasons) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs eagerly: its replay failed" in err[0]
 
 
 class _BranchesOnData(torch.nn.Module):

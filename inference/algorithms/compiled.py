@@ -11,8 +11,10 @@ operations, so every step draws afresh.
 
 A trace is only right for a step with the same structure, so each is checked before use:
 
-- one graph per signature (batch shape, dtype, device, and every submodule's train/eval mode
-  and ``base_only`` switch), so a last smaller batch or the end of a guide warm-up traces anew;
+- one graph per signature (batch shape, dtype, device, the number of True entries of each
+  boolean input, and every submodule's train/eval mode and ``base_only`` switch), so a last
+  smaller batch, a batch with another number of labelled rows (whose selection sets the
+  shapes inside the step) or the end of a guide warm-up traces anew;
 - Python that reads a tensor's value (``.item()``, ``if tensor:``) runs at trace time and
   its result is frozen into the graph, so the next step with that signature runs eagerly and
   the replayed graph, from the same random state, must give the same loss, the same gradients
@@ -222,8 +224,13 @@ class TracedProgram:
         eager = self._run(self.params, *inputs)
         after = _rng_state(device)
         _set_rng_state(device, before)
-        with torch.no_grad():
-            replayed = graph.replay(*self._state(), self._tensors(inputs))
+        try:
+            with torch.no_grad():
+                replayed = graph.replay(*self._state(), self._tensors(inputs))
+        except Exception as err:  # a shape frozen into the graph, e.g.; no common type
+            _set_rng_state(device, after)
+            self._give_up(key, f"its replay failed ({_first_line(err)})")
+            return eager
         consumed_same = _rng_equal(_rng_state(device), after)
         _set_rng_state(device, after)
         problem = _difference(_leaves(eager), _leaves(replayed), consumed_same)
@@ -244,10 +251,13 @@ class TracedProgram:
         tensors = self._tensors(inputs)
         shapes = tuple(tuple(t.shape) for t in tensors)
         kinds = tuple((t.dtype, t.device) for t in tensors)
+        # A boolean input selects rows (a labelled batch's ``known``): the shapes of what it
+        # selects are traced as constants, so its count is part of the signature.
+        counts = tuple(int(t.sum()) for t in tensors if t.dtype == torch.bool)
         leaves, structure = pytree.tree_flatten(inputs)
         statics = (tuple(i for i in leaves if not isinstance(i, Tensor)), structure)
         modes = tuple((m.training, getattr(m, "base_only", None)) for m in self.module.modules())
-        return (shapes, kinds, statics, modes)
+        return (shapes, kinds, statics, modes, counts)
 
 
 class CompiledStep(TracedProgram):
