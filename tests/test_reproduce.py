@@ -109,6 +109,9 @@ def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol
     assert all(p["num_samples"] == 5 and p["points"] == 10 for p in record["curve"])
     table = (tmp / "results" / "README.md").read_text()
     assert "(partial, epoch 2)" in table and "2 / 4" in table
+    # A partial row's Δ is in parentheses: its protocol is not the paper's.
+    partial_delta = f"({record['curve'][-1]['log_px'] - entry.paper:+.2f})"
+    assert partial_delta in table
 
     # A fresh checkout has lost the results file; the run directory's copy keeps the curve.
     results.unlink()
@@ -134,6 +137,7 @@ def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol
     assert final["khat_share"] == evaluation["khat_bad_fraction"]
     table = (tmp / "results" / "README.md").read_text()
     assert "(final)" in table and "4 / 4" in table
+    assert f"| {final['log_px'] - entry.paper:+.2f} |" in table
     assert f"{final['log_px']:.2f}" in table
     # Nothing is trained or evaluated again once the row is final.
     before = (run_dir / "checkpoint.pt").stat().st_mtime_ns
