@@ -1,0 +1,47 @@
+"""The M2 recipe comparison (benchmarks/m2_recipe.py) on a small MNIST-shaped file: each arm's
+per-epoch test accuracy is the classifier's, and the table renders from the results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyrovae.inference import load_run
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import m2_recipe  # noqa: E402
+
+
+def test_an_arm_records_the_classifiers_test_accuracy_after_every_epoch(tmp_path):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "mnist.npz"
+    np.savez(
+        npz,
+        x_train=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+        y_train=np.arange(300, dtype=np.uint8) % 10,
+        x_test=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+        y_test=np.arange(40, dtype=np.uint8) % 10,
+    )
+    small = ["data.validation_size=40", "model.latent_dim=2", "data.labels_per_class=2"]
+    argv = ["their-batches", "--epochs", "2", "--data", str(npz)]
+    argv += ["--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "out")]
+    for override in small:
+        argv += ["--set", override]
+    assert m2_recipe.main(argv) == 0
+    (row,) = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [p["epoch"] for p in row["curve"]] == [1, 2]
+    assert all(p["points"] == 40 for p in row["curve"])
+    run = load_run(tmp_path / "runs" / "their-batches-e2-s0")
+    x, labels = run.points("test")
+    with torch.no_grad():
+        guess = run.guide.classifier(x.x).probs.argmax(-1)
+    assert row["curve"][-1]["accuracy"] == (guess == labels).double().mean().item()
+    assert run.spec.train.batch_size == 500  # the arm's override
+    page = (tmp_path / "out.md").read_text()
+    assert f"{100 * row['curve'][-1]['accuracy']:.1f}%" in page and "epoch 2" in page
