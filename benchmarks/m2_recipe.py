@@ -51,6 +51,7 @@ ARMS: dict[str, tuple[list[str], str]] = {
         ],
         "ReLU networks (the classifier too) and lr 1e-3, as configs/mnist-m2-100.toml",
     ),
+    "lr1e-3": (["train.lr=1e-3"], "lr 1e-3 (the paper's softplus networks)"),
 }
 """Arm name -> (overrides of the paper config, what it changes)."""
 
