@@ -1,10 +1,14 @@
-"""What the benchmarks share: where MNIST is found, and the command line they record."""
+"""What the benchmarks share: where MNIST is found, the command line they record, and the
+loop of a controlled comparison (arms trained one after another, results kept)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shlex
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,3 +28,57 @@ def command_line() -> str:
     python = Path(sys.executable)
     shown = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else python.name
     return shlex.join([shown, *sys.argv])
+
+
+def arms_parser(
+    description: str, arms: Iterable[str], runs: str, output: Path
+) -> argparse.ArgumentParser:
+    """The options every comparison of arms takes: which arms, their epochs and seed, where
+    the runs and the results go, the data, the threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("arms", nargs="*", choices=[*arms, []], metavar="ARM")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default=runs)
+    parser.add_argument("--output", default=str(output))
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def run_arms(
+    prog: str,
+    args: argparse.Namespace,
+    arms: Iterable[str],
+    run_arm: Callable[[str, argparse.Namespace, Path], dict],
+    render: Callable[[list[dict]], str],
+) -> int:
+    """Trains the arms asked for (every arm without any), one after another; after each,
+    replaces the results (``--output`` as ``.json`` and ``.md``) atomically, keeping the rows
+    of the other arms, epochs and seeds. Returns the exit code."""
+    import torch
+
+    from pyrovae.inference.errors import PyrovaeError
+    from pyrovae.inference.experiment.runs import atomic_write
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = find_mnist(args.data)
+    if data is None:
+        print(f"{prog}: mnist.npz not found: pass --data or set PYROVAE_DATA", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    path = output.with_suffix(".json")
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    try:
+        for name in args.arms or list(arms):
+            key = (name, args.epochs, args.seed)
+            rows = [r for r in rows if (r["arm"], r["epochs"], r["seed"]) != key]
+            rows.append(run_arm(name, args, data))
+            output.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps({"rows": rows}, indent=1).encode())
+            atomic_write(output.with_suffix(".md"), render(rows).encode())
+    except PyrovaeError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    return 0

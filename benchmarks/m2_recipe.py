@@ -17,8 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from common import ROOT, command_line, find_mnist
+from common import ROOT, arms_parser, command_line, run_arms
 
 from pyrovae.inference import (
     Callback,
@@ -29,9 +28,7 @@ from pyrovae.inference import (
     load_spec,
     train_run,
 )
-from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.evaluation import classification_accuracy
-from pyrovae.inference.experiment.runs import atomic_write
 
 CONFIG = "configs/paper-m2-100.toml"
 
@@ -52,6 +49,14 @@ ARMS: dict[str, tuple[list[str], str]] = {
         "ReLU networks (the classifier too) and lr 1e-3, as configs/mnist-m2-100.toml",
     ),
     "lr1e-3": (["train.lr=1e-3"], "lr 1e-3 (the paper's softplus networks)"),
+    "relu": (
+        [
+            'model.decoder={kind="feedforward", network="mlp", hidden=[500], activation="relu"}',
+            'guide.encoder={kind="diagonal_normal", network="mlp", hidden=[500], '
+            'activation="relu"}',
+        ],
+        "ReLU networks (the classifier too; the paper's lr 3e-4)",
+    ),
 }
 """Arm name -> (overrides of the paper config, what it changes)."""
 
@@ -143,39 +148,11 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arms", nargs="*", choices=[*ARMS, []], metavar="ARM")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default="~/pyrovae-runs/m2_recipe")
-    parser.add_argument("--output", default=str(RESULTS))
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--threads", type=int, default=None)
+    parser = arms_parser(__doc__.splitlines()[0], ARMS, "~/pyrovae-runs/m2_recipe", RESULTS)
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="one more override"
     )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = find_mnist(args.data)
-    if data is None:
-        print("m2_recipe: mnist.npz not found: pass --data or set PYROVAE_DATA", file=sys.stderr)
-        return 2
-    output = Path(args.output)
-    path = output.with_suffix(".json")
-    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-    try:
-        for name in args.arms or list(ARMS):
-            key = (name, args.epochs, args.seed)
-            rows = [r for r in rows if (r["arm"], r["epochs"], r["seed"]) != key]
-            rows.append(run_arm(name, args, data))
-            output.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, json.dumps({"rows": rows}, indent=1).encode())
-            atomic_write(output.with_suffix(".md"), render(rows).encode())
-    except PyrovaeError as e:
-        print(f"m2_recipe: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_arms("m2_recipe", parser.parse_args(argv), ARMS, run_arm, render)
 
 
 if __name__ == "__main__":

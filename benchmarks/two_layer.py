@@ -20,11 +20,9 @@ import sys
 from pathlib import Path
 
 import torch
-from common import ROOT, find_mnist
+from common import ROOT, arms_parser, run_arms
 
 from pyrovae.inference import evaluate_run, load_run, train_run
-from pyrovae.inference.errors import PyrovaeError
-from pyrovae.inference.experiment.runs import atomic_write
 
 ONE = "configs/mnist-burda-tanh.toml"
 TWO = "configs/mnist-two-layer.toml"
@@ -136,49 +134,23 @@ def render(rows: list[dict], protocol: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arms", nargs="*", choices=[*ARMS, []], metavar="ARM")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = arms_parser(__doc__.splitlines()[0], ARMS, "~/pyrovae-runs/two_layer", RESULTS)
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--points", type=int, default=1000)
-    parser.add_argument("--runs", default="~/pyrovae-runs/two_layer")
-    parser.add_argument("--output", default=str(RESULTS))
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = find_mnist(args.data)
-    if data is None:
-        print("two_layer: mnist.npz not found: pass --data or set PYROVAE_DATA", file=sys.stderr)
-        return 2
-    output = Path(args.output)
-    path = output.with_suffix(".json")
-    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-    try:
-        for name in args.arms or list(ARMS):
-            rows = [
-                r
-                for r in rows
-                if (r["arm"], r["epochs"], r["seed"]) != (name, args.epochs, args.seed)
-            ]
-            rows.append(run_arm(name, args, data))
-            protocol = (
-                f"Log p(x) by importance sampling with K = {args.num_samples} on the first "
-                f"{args.points} test digits (binarized once); Δ is paired on the same points "
-                "with the one-layer arm of the same start, epochs and seed, ± its standard "
-                "error. Arms are trained and evaluated by `.venv/bin/python "
-                "benchmarks/two_layer.py [ARM ...] --epochs E --seed S` (1 thread each)."
-            )
-            output.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, json.dumps({"rows": rows}, indent=1).encode())
-            atomic_write(output.with_suffix(".md"), render(rows, protocol).encode())
-            print(f"{name}: log p(x) {rows[-1]['log_px']:.2f}", flush=True)
-    except PyrovaeError as e:
-        print(f"two_layer: {e}", file=sys.stderr)
-        return 2
-    return 0
+    protocol = (
+        f"Log p(x) by importance sampling with K = {args.num_samples} on the first "
+        f"{args.points} test digits (binarized once); Δ is paired on the same points "
+        "with the one-layer arm of the same start, epochs and seed, ± its standard "
+        "error. Arms are trained and evaluated by `.venv/bin/python "
+        "benchmarks/two_layer.py [ARM ...] --epochs E --seed S` (1 thread each)."
+    )
+
+    def announce(rows: list[dict]) -> str:
+        print(f"{rows[-1]['arm']}: log p(x) {rows[-1]['log_px']:.2f}", flush=True)
+        return render(rows, protocol)
+
+    return run_arms("two_layer", args, ARMS, run_arm, announce)
 
 
 if __name__ == "__main__":
