@@ -138,7 +138,15 @@ def render(rows: list[dict]) -> str:
         "| arm | seed | " + " | ".join(f"epoch {e}" for e in shown) + " | train s |",
         "|---|---:|" + "---:|" * len(shown) + "---:|",
     ]
-    for r in rows:
+    order = list(ARMS)
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            order.index(r["arm"]) if r["arm"] in order else len(order),
+            r["epochs"],
+            r["seed"],
+        ),
+    ):
         by_epoch = {p["epoch"]: p["accuracy"] for p in r["curve"]}
         cells = [f"{100 * by_epoch[e]:.1f}%" if e in by_epoch else "—" for e in shown]
         lines.append(
