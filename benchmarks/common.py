@@ -82,3 +82,11 @@ def run_arms(
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def live_run(spec, state):
+    """A ``Run`` of the model being trained (its modules as they are at ``state``'s epoch,
+    nothing on disk), for ``evaluate_run`` and the like from a training callback."""
+    from pyrovae.inference import Checkpoint, Run
+
+    return Run(Path("."), spec, state.model, state.guide, Checkpoint(state.epoch, {}, {}))

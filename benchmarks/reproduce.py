@@ -39,14 +39,13 @@ from typing import Any
 
 import pyro.util
 import torch
-from common import ROOT, command_line, find_mnist
+from common import ROOT, command_line, find_mnist, live_run
 from reproduce_table import write_table
 
 from pyrovae.inference import (
     Callback,
     Checkpoint,
     FitState,
-    Run,
     evaluate_run,
     load_run,
     load_spec,
@@ -255,13 +254,7 @@ class LearningCurve(Callback):
             state.model.eval()
             state.guide.eval()
             try:
-                live = Run(
-                    Path("."),
-                    self.spec,
-                    state.model,
-                    state.guide,
-                    Checkpoint(epoch=epoch, model={}, guide={}),
-                )
+                live = live_run(self.spec, state)
                 evaluation = evaluate_run(
                     live, num_samples=self.num_samples, limit=self.points, write=False
                 )
