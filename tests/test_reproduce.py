@@ -4,6 +4,7 @@ best epoch when training ends, and renders the table from the results alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -88,8 +89,10 @@ def setting(tmp_path):
 
 def test_every_row_names_a_shipped_paper_config_that_loads():
     for name, entry in reproduce.REPRODUCTIONS.items():
-        spec = load_spec(reproduce.ROOT / entry.config)
-        assert Path(entry.config).name == f"paper-{name}.toml"
+        spec = load_spec(reproduce.ROOT / entry.config, list(entry.overrides))
+        # A row is its config, or (a budget variant) that config with overrides.
+        stem = Path(entry.config).stem
+        assert stem == f"paper-{name}" or (entry.overrides and f"paper-{name}".startswith(stem))
         assert spec.data.name == "mnist"
         # The budget a row is compared with is the config's own.
         assert spec.train.epochs == entry.paper_epochs, name
@@ -308,3 +311,21 @@ def test_the_projects_table_lists_every_row_whether_run_or_not():
     page = reproduce_table.render(records)
     for entry in reproduce.REPRODUCTIONS.values():
         assert entry.model in page
+
+
+def test_a_budget_variant_row_trains_its_config_with_its_overrides_and_resumes_with_them(
+    setting,
+):
+    entry, args, tmp = setting
+    variant = dataclasses.replace(entry, overrides=("model.latent_dim=3",))
+    args.stop_at = 1
+    reproduce.reproduce("tiny-variant", args, variant)
+    run_dir = tmp / "runs" / "tiny-variant"
+    assert load_run(run_dir).spec.model.latent_dim == 3
+    args.stop_at = 2
+    reproduce.reproduce("tiny-variant", args, variant)
+    run = load_run(run_dir)
+    assert run.epoch == 2 and run.spec.model.latent_dim == 3
+    record = json.loads((tmp / "results" / "tiny-variant.json").read_text())
+    assert record["overrides"] == ["model.latent_dim=3"]
+    assert [p["epoch"] for p in record["curve"]] == [1, 2]
