@@ -68,24 +68,29 @@ class Reproduction:
         config: the spec, relative to the checkout.
         model: what the row is, in words.
         metric: ``"log_px"`` (nats, test) or ``"accuracy"`` (test, M2).
-        paper: the paper's figure (nats, or a share for accuracy).
-        source: where the figure is printed, as "Author (year), table".
+        paper: the paper's figure (nats, or a share for accuracy); ``None`` for a row beyond
+            the papers, which the table compares with the best paper figure on its data.
+        source: where the figure is printed, as "Author (year), table"; for a row beyond
+            the papers, what it adds to which paper config.
         data: the data protocol, in words.
         paper_epochs: the paper's training budget (its maximum, for early stopping).
         pythae: pythae's reproduction of the same figure, where it has one.
         overrides: ``--set``-style changes to the config that make this row (a budget
             variant of a paper config, say), applied when its run starts.
+        base: the row this one changes (for a row beyond the papers); once both are final,
+            the paired difference of their final figures on the same test points is kept.
     """
 
     config: str
     model: str
     metric: str
-    paper: float
+    paper: float | None
     source: str
     data: str
     paper_epochs: int
     pythae: float | None = None
     overrides: tuple[str, ...] = ()
+    base: str | None = None
 
 
 REPRODUCTIONS: dict[str, Reproduction] = {
@@ -163,6 +168,17 @@ REPRODUCTIONS: dict[str, Reproduction] = {
         "Tomczak and Welling (2018), Table 2",
         "dynamically binarized MNIST",
         2000,
+    ),
+    "vamp-1-iwae-k5": Reproduction(
+        "configs/paper-vamp-1.toml",
+        "VAE + VampPrior, 1 layer, trained on the IWAE bound (k = 5, DReG)",
+        "log_px",
+        None,
+        "beyond the papers: paper-vamp-1 with the IWAE bound for its ELBO",
+        "dynamically binarized MNIST",
+        2000,
+        overrides=('train.objective={ kind = "iwae", num_particles = 5, estimator = "dreg" }',),
+        base="vamp-1",
     ),
     "m2-100": Reproduction(
         "configs/paper-m2-100.toml",
@@ -327,6 +343,7 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
         pythae=entry.pythae,
         paper_epochs=entry.paper_epochs,
         overrides=list(entry.overrides),
+        base=entry.base,
         device=_device(),
         threads=torch.get_num_threads(),
         command=command_line(),
@@ -391,6 +408,11 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
         if (_khat_share(record, run_dir) or 0) > 0.2:
             check_with_ais(name, run_dir, record, args)
             write_results(results, name, record, run_dir)
+    if entry.base and record.get("final") and "against_base" not in record:
+        against = _paired_with_base(record, run_dir, Path(args.runs).expanduser() / entry.base)
+        if against:
+            record["against_base"] = {"base": entry.base, **against}
+            write_results(results, name, record, run_dir)
     if record.get("ais") and "difference_se" not in record["ais"]:
         # An AIS check recorded before the paired difference was.
         record["ais"].update(_paired_with_final(record, run_dir))
@@ -445,6 +467,36 @@ def check_with_ais(
     print(f"{name}: AIS on {ais.num_points} points {record['ais']['log_px']:.2f}", flush=True)
 
 
+def _paired(this: Path, other: Path) -> dict[str, float]:
+    """The paired difference of two evaluation files' per-point log p(x) (``this`` minus
+    ``other``) on the points both have (the first ones), with its standard error."""
+    a, b = (
+        torch.tensor(json.loads(f.read_text())["per_point"]["log_px"], dtype=torch.float64)
+        for f in (this, other)
+    )
+    n = min(len(a), len(b))
+    difference = a[:n] - b[:n]
+    return {
+        "other_same_points": b[:n].mean().item(),
+        "difference": difference.mean().item(),
+        "difference_se": (difference.std() / n**0.5).item(),
+        "points": n,
+    }
+
+
+def _paired_with_base(record: dict[str, Any], run_dir: Path, base_dir: Path) -> dict[str, Any]:
+    """This row's final evaluation against its base row's, point by point, where the base
+    row's run has a final evaluation of the same K on as many points; else nothing."""
+    final = record["final"]
+    file = f"evaluation-k{final['num_samples']}.json"
+    if not (run_dir / file).is_file() or not (base_dir / file).is_file():
+        return {}
+    paired = _paired(run_dir / file, base_dir / file)
+    if paired["points"] != final["points"]:
+        return {}
+    return paired
+
+
 def _paired_with_final(record: dict[str, Any], run_dir: Path) -> dict[str, float]:
     """AIS against the final importance-sampling evaluation on the same first test points,
     from the two evaluation files: the latter's mean over those points, and the paired
@@ -453,16 +505,11 @@ def _paired_with_final(record: dict[str, Any], run_dir: Path) -> dict[str, float
     files = (run_dir / "evaluation-ais.json", run_dir / f"evaluation-k{final['num_samples']}.json")
     if not all(f.is_file() for f in files):
         return {}
-    ais, importance = (
-        torch.tensor(json.loads(f.read_text())["per_point"]["log_px"], dtype=torch.float64)
-        for f in files
-    )
-    importance = importance[: len(ais)]
-    difference = ais - importance
+    paired = _paired(*files)
     return {
-        "is_same_points": importance.mean().item(),
-        "difference": difference.mean().item(),
-        "difference_se": (difference.std() / len(difference) ** 0.5).item(),
+        "is_same_points": paired["other_same_points"],
+        "difference": paired["difference"],
+        "difference_se": paired["difference_se"],
     }
 
 

@@ -49,8 +49,9 @@ def _hours(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds / 3600:.1f} h"
 
 
-def row(record: dict[str, Any]) -> list[str]:
-    """The table cells of one results file."""
+def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> list[str]:
+    """The table cells of one results file; a row beyond the papers (no paper figure) is
+    compared with ``best_paper``, the record with the best paper figure on its data."""
     final = record.get("final")
     curve = record.get("curve") or []
     accuracy = record.get("metric") == "accuracy"
@@ -70,25 +71,38 @@ def row(record: dict[str, Any]) -> list[str]:
     if final is not None:
         protocol += f", epoch {final['epoch']} ({final['checkpoint']})"
     paper = record["paper"]
+    beyond = paper is None
+    if beyond and best_paper is not None:
+        paper = best_paper["paper"]
     if accuracy:
         shown = "—" if figure is None else f"{100 * figure:.1f}%"
         if se is not None:
             shown += f" ± {100 * se:.1f}"
-        paper_shown = f"{100 * paper:.1f}%"
-        delta = "—" if figure is None else f"{100 * (figure - paper):+.1f} points"
+        paper_shown = "—" if paper is None else f"{100 * paper:.1f}%"
+        delta = "—" if figure is None or paper is None else f"{100 * (figure - paper):+.1f} points"
         pythae = "—"
     else:
         shown = _nats(figure, se)
-        paper_shown = f"{paper:.2f}"
-        delta = "—" if figure is None else f"{figure - paper:+.2f}"
+        paper_shown = "—" if paper is None else f"{paper:.2f}"
+        delta = "—" if figure is None or paper is None else f"{figure - paper:+.2f}"
         pythae = _nats(record.get("pythae"))
-        if final is None and figure is not None:
+        if final is None and figure is not None and paper is not None:
             delta = f"({delta})"  # the curve's protocol reads higher than the paper's
+    if beyond:
+        against = (
+            f"; Δ against the best paper figure here, {paper_shown}: {best_paper['model']}, "
+            f"{best_paper['source']}"
+            if best_paper is not None
+            else ""
+        )
+        paper_cell = f"— ({record['source']}{against})"
+    else:
+        paper_cell = f"{paper_shown} ({record['source']})"
     epochs = f"{record.get('epochs_run', 0)} / {record['paper_epochs']}"
     return [
         record["model"],
         record["data"],
-        f"{paper_shown} ({record['source']})",
+        paper_cell,
         pythae,
         f"**{shown}** ({status})",
         delta,
@@ -196,11 +210,59 @@ def ais_lines(records: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def best_paper_row(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """For a row beyond the papers, the row with the best paper figure on the same data and
+    metric (the highest log p(x) or accuracy); ``None`` for a paper row, or where none is."""
+    if record.get("paper") is not None:
+        return None
+    same = [
+        r
+        for r in records
+        if r.get("paper") is not None
+        and r.get("data") == record.get("data")
+        and r.get("metric") == record.get("metric")
+    ]
+    return max(same, key=lambda r: r["paper"], default=None)
+
+
+def beyond_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Each row beyond the papers against the paper row it changes, point by point on the
+    same test images (``reproduce._paired_with_base``), once both are final."""
+    names = {r.get("name"): r for r in records}
+    compared = [r for r in records if r.get("against_base")]
+    if not compared:
+        return []
+    lines = [
+        "### Beyond the papers, against the row each one changes",
+        "",
+        "Both final evaluations (the same K, the same test images): the difference is this "
+        "row's log p(x) minus its base row's, point by point, ± its standard error.",
+        "",
+        "| model | base row | points | base row's figure | this row's figure | difference |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in compared:
+        against = r["against_base"]
+        base = names.get(against["base"], {})
+        cells = [
+            r["model"],
+            base.get("model", against["base"]),
+            f"{against['points']:,}",
+            _nats(against["other_same_points"]),
+            _nats(r["final"]["log_px"]),
+            f"{against['difference']:+.2f} ± {against['difference_se']:.2f} (paired)",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def render(records: list[dict[str, Any]]) -> str:
-    """The page: the table, the AIS checks, then each run's learning curve."""
+    """The page: the table, the rows beyond the papers against their bases, the AIS checks,
+    then each run's learning curve."""
     lines = [HEADER, "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row(r)) + " |" for r in records]
+    lines += ["| " + " | ".join(row(r, best_paper_row(r, records))) + " |" for r in records]
     lines.append("")
+    lines += beyond_lines(records)
     lines += ais_lines(records)
     for record in records:
         lines += curve_lines(record)

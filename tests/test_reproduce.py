@@ -97,7 +97,11 @@ def test_every_row_names_a_shipped_paper_config_that_loads():
         # The budget a row is compared with is the config's own.
         assert spec.train.epochs == entry.paper_epochs, name
         build(spec, 784 + (10 if spec.model.labels != "none" else 0), (28, 28))
-        assert entry.source.split()[0] in (reproduce.ROOT / entry.config).read_text()[:300]
+        if entry.paper is None:
+            # A row beyond the papers says which paper config it changes.
+            assert entry.overrides and stem in entry.source
+        else:
+            assert entry.source.split()[0] in (reproduce.ROOT / entry.config).read_text()[:300]
 
 
 def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol(setting):
@@ -329,3 +333,83 @@ def test_a_budget_variant_row_trains_its_config_with_its_overrides_and_resumes_w
     record = json.loads((tmp / "results" / "tiny-variant.json").read_text())
     assert record["overrides"] == ["model.latent_dim=3"]
     assert [p["epoch"] for p in record["curve"]] == [1, 2]
+
+
+def test_a_row_beyond_the_papers_is_compared_with_the_best_paper_figure_on_its_data(tmp_path):
+    def record(name, paper, data, log_px=None, final=True):
+        r = {
+            "name": name,
+            "model": f"model {name}",
+            "metric": "log_px",
+            "paper": paper,
+            "source": f"source {name}",
+            "data": data,
+            "paper_epochs": 100,
+            "epochs_run": 100,
+        }
+        if log_px is not None:
+            point = {
+                "epoch": 90,
+                "log_px": log_px,
+                "log_px_se": 0.2,
+                "num_samples": 5000,
+                "points": 10000,
+                "checkpoint": "best",
+            }
+            r["final" if final else "curve"] = point if final else [point]
+        return r  # fmt: skip
+
+    records = [
+        record("a", -86.0, "dynamic", -85.0),
+        record("b", -83.0, "dynamic"),
+        record("c", -80.0, "static"),  # better, but on other data
+        record("beyond", None, "dynamic", -82.25),
+    ]
+    for r in records:
+        (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
+    assert reproduce_table.main(["--results", str(tmp_path)]) == 0
+    line = next(
+        line
+        for line in (tmp_path / "README.md").read_text().splitlines()
+        if line.startswith("| model beyond |")
+    )
+    cells = [cell.strip() for cell in line.split("|")[1:-1]]
+    assert cells[2].startswith("— (source beyond; Δ against the best paper figure here, -83.00")
+    assert "model b" in cells[2]
+    assert cells[4] == "**-82.25 ± 0.20** (final)" and cells[5] == "+0.75"
+    # Partial, its Δ is in parentheses like any partial log p(x).
+    (tmp_path / "beyond.json").write_text(
+        json.dumps(record("beyond", None, "dynamic", -82.25, final=False))
+    )
+    assert reproduce_table.main(["--results", str(tmp_path)]) == 0
+    assert "| (+0.75) |" in (tmp_path / "README.md").read_text()
+
+
+def test_a_row_beyond_the_papers_is_paired_with_its_base_rows_final_evaluation(setting):
+    entry, args, tmp = setting
+    beyond = dataclasses.replace(
+        entry, paper=None, overrides=("model.latent_dim=3",), base="tiny", source="tiny + z3"
+    )
+    # Final before its base is: nothing to pair with yet.
+    reproduce.reproduce("beyond", args, beyond)
+    results = tmp / "results"
+    assert "against_base" not in json.loads((results / "beyond.json").read_text())
+    reproduce.reproduce("tiny", args, entry)
+    reproduce.reproduce("beyond", args, beyond)
+    against = json.loads((results / "beyond.json").read_text())["against_base"]
+    runs = tmp / "runs"
+    a, b = (
+        torch.tensor(
+            json.loads((runs / name / "evaluation-k30.json").read_text())["per_point"]["log_px"],
+            dtype=torch.float64,
+        )
+        for name in ("beyond", "tiny")
+    )
+    assert against["base"] == "tiny" and against["points"] == 30
+    assert against["difference"] == pytest.approx((a - b).mean().item(), abs=1e-9)
+    assert against["difference_se"] == pytest.approx((a - b).std().item() / 30**0.5, abs=1e-9)
+    table = (results / "README.md").read_text()
+    assert "### Beyond the papers, against the row each one changes" in table
+    assert f"{against['difference']:+.2f} ± {against['difference_se']:.2f} (paired)" in table
+    # Its paper cell names the paper row it is measured against.
+    assert "— (tiny + z3; Δ against the best paper figure here, -85.57" in table
