@@ -23,7 +23,8 @@ HEADER = """# Reproducing the papers
 
 Each row is one config under `configs/paper-*.toml`, trained by `benchmarks/reproduce.py` with
 its paper's recipe (the config's comment says which table and section it follows, and where it
-departs). **Final** figures are test log p(x) in nats by importance sampling with K = 5,000 on
+departs); a budget variant, or a row beyond the papers, is such a config with the overrides
+its entry in `benchmarks/reproduce.py` names (also kept in its results file). **Final** figures are test log p(x) in nats by importance sampling with K = 5,000 on
 all 10,000 test images, from the epoch with the best validation ELBO (the papers' protocol);
 ± is the standard error over the test points. A run that has not finished its budget or its
 early stopping is **partial**: its figure is the latest point of its learning curve (test
