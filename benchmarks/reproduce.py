@@ -22,7 +22,10 @@ Long runs are meant for one background job on one thread, which leaves the other
         --threads 1 --runs ~/pyrovae-runs/reproduce > ~/pyrovae-runs/reproduce.log 2>&1 &
 
 ``--stop-at N`` ends this invocation after epoch N (the run resumes from there next time);
-``--table`` only re-renders the table.
+``--table`` only re-renders the table. ``--interim`` trains nothing: it evaluates the latest
+checkpoint of each named run that has not finished with the final protocol, beside a training
+that goes on, into ``--results/interim/NAME.json``, which the table shows for a partial row in
+place of its curve's cheaper protocol.
 """
 
 from __future__ import annotations
@@ -436,6 +439,39 @@ def evaluate_final(
     print(f"{name}: test log p(x) {final['log_px']:.2f} ± {final['log_px_se']:.2f}", flush=True)
 
 
+INTERIM = "interim"
+"""The folder of ``--results`` holding the interim evaluations of runs still training."""
+
+
+def interim_file(results: Path, name: str) -> Path:
+    return results / INTERIM / f"{name}.json"
+
+
+def evaluate_interim(name: str, args: argparse.Namespace) -> None:
+    """The final protocol (K = --final-samples on the whole test set) on the latest
+    checkpoint of a run that has not finished, written to its own file, not the results
+    file, which the training process rewrites every epoch."""
+    from pyrovae.inference.experiment.runs import atomic_write
+
+    results = Path(args.results)
+    run_dir = Path(args.runs).expanduser() / name
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise PyrovaeError(f"{run_dir} has no checkpoint to evaluate: train the row first")
+    if read_results(results, name, run_dir).get("final"):
+        raise PyrovaeError(f"{name} is final; its final evaluation is in its results file")
+    run = load_run(run_dir, checkpoint="latest")
+    evaluation = evaluate_run(run, num_samples=args.final_samples, write=False)
+    interim = {**summary_of(evaluation), "checkpoint": "latest", "epoch": run.epoch}
+    path = interim_file(results, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(interim, indent=2, allow_nan=False) + "\n").encode())
+    print(
+        f"{name} epoch {run.epoch}: test log p(x) {interim['log_px']:.2f} ± "
+        f"{interim['log_px_se']:.2f} (K = {args.final_samples}, {interim['points']} points)",
+        flush=True,
+    )
+
+
 def _khat_share(record: dict[str, Any], run_dir: Path) -> float | None:
     """The final evaluation's share of points with k̂ > 0.7; for a results file written
     before it was recorded, read from the evaluation file beside the run."""
@@ -539,6 +575,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--ais-steps", type=int, default=500)
     parser.add_argument("--no-final", action="store_true", help="skip the final evaluation")
     parser.add_argument("--table", action="store_true", help="only re-render the table")
+    parser.add_argument(
+        "--interim",
+        action="store_true",
+        help="train nothing: evaluate the latest checkpoint of each unfinished run with the "
+        "final protocol",
+    )
     return parser
 
 
@@ -554,8 +596,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.table:
             write_table(Path(args.results))
             return 0
-        for name in args.names or list(REPRODUCTIONS):
-            reproduce(name, args)
+        names = args.names or list(REPRODUCTIONS)
+        if args.interim and not args.names:
+            # Every run that is training or paused, and only those.
+            runs = Path(args.runs).expanduser()
+            names = [
+                n
+                for n in names
+                if (runs / n / "checkpoint.pt").is_file()
+                and not read_results(Path(args.results), n, runs / n).get("final")
+            ]
+        for name in names:
+            if args.interim:
+                evaluate_interim(name, args)
+            else:
+                reproduce(name, args)
+        if args.interim:
+            write_table(Path(args.results))
     except PyrovaeError as e:
         print(f"reproduce: {e}", file=sys.stderr)
         return 2

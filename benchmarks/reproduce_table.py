@@ -21,22 +21,25 @@ TABLE = "README.md"
 
 HEADER = """# Reproducing the papers
 
-Each row is one config under `configs/paper-*.toml`, trained by `benchmarks/reproduce.py` with
-its paper's recipe (the config's comment says which table and section it follows, and where it
-departs); a budget variant, or a row beyond the papers, is such a config with the overrides
-its entry in `benchmarks/reproduce.py` names (also kept in its results file). **Final** figures are test log p(x) in nats by importance sampling with K = 5,000 on
-all 10,000 test images, from the epoch with the best validation ELBO (the papers' protocol);
-± is the standard error over the test points. A run that has not finished its budget or its
-early stopping is **partial**: its figure is the latest point of its learning curve (test
-log p(x) of the weights of that epoch on the first test images, with the K and the number of
-points in the protocol column), a cheaper protocol that says only where the run is heading. Δ is this project's
-figure minus the paper's (positive: better); in parentheses for a partial log p(x), whose
-protocol reads higher than the paper's (the first 500 test images with K = 500 read 1.4 to
-1.7 nats above all 10,000 with K = 5,000 in the VampPrior row). Every figure here was measured; none is copied
-from a log by hand. In the commands, `DATA_DIR` is the folder holding `mnist.npz` and
-`RUNS_DIR` the folder the runs are written to. M2's figure is the test accuracy of its
-classifier q(y|x), on all 10,000 test images also in its partial rows, ± its binomial
-standard error.
+Each row is one config under `configs/paper-*.toml`, trained by `benchmarks/reproduce.py`
+with its paper's recipe (the config's comment says which table and section it follows, and
+where it departs); a budget variant, or a row beyond the papers, is such a config with the
+overrides its entry in `benchmarks/reproduce.py` names (also kept in its results file).
+**Final** figures are test log p(x) in nats by importance sampling with K = 5,000 on all
+10,000 test images, from the epoch with the best validation ELBO (the papers' protocol); ±
+is the standard error over the test points. A run that has not finished its budget or its
+early stopping is **partial**. Its figure is an interim evaluation of its latest checkpoint
+with the same protocol where it has one (`reproduce.py NAME --interim`; the protocol column
+names the epoch), else the latest point of its learning curve (the weights of that epoch on
+the first test images, with the K and the number of points in the protocol column), a
+cheaper protocol that says only where the run is heading. Δ is this project's figure minus
+the paper's (positive: better); in parentheses for a curve's point, whose protocol reads
+higher than the paper's (the first 500 test images with K = 500 read 1.4 to 1.8 nats above
+all 10,000 with K = 5,000 in the VampPrior and one-layer VAE rows). Every figure here was
+measured; none is copied from a log by hand. In the commands, `DATA_DIR` is the folder
+holding `mnist.npz` and `RUNS_DIR` the folder the runs are written to. M2's figure is the
+test accuracy of its classifier q(y|x), on all 10,000 test images also in its partial rows,
+± its binomial standard error.
 """
 
 
@@ -56,7 +59,9 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
     final = record.get("final")
     curve = record.get("curve") or []
     accuracy = record.get("metric") == "accuracy"
-    point = final if final is not None else (curve[-1] if curve else None)
+    # A partial row's interim evaluation has the final protocol; its curve a cheaper one.
+    measured = final if final is not None else record.get("interim")
+    point = measured if measured is not None else (curve[-1] if curve else None)
     if point is None:
         status, figure, se, protocol = "not run", None, None, "—"
     elif accuracy:
@@ -69,8 +74,8 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
         status = "final" if final is not None else f"partial, epoch {point['epoch']}"
         figure, se = point["log_px"], point.get("log_px_se")
         protocol = f"K = {point['num_samples']}, {point['points']:,} points"
-    if final is not None:
-        protocol += f", epoch {final['epoch']} ({final['checkpoint']})"
+    if measured is not None:
+        protocol += f", epoch {measured['epoch']} ({measured['checkpoint']})"
     paper = record["paper"]
     beyond = paper is None
     if beyond and best_paper is not None:
@@ -87,7 +92,7 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
         paper_shown = "—" if paper is None else f"{paper:.2f}"
         delta = "—" if figure is None or paper is None else f"{figure - paper:+.2f}"
         pythae = _nats(record.get("pythae"))
-        if final is None and figure is not None and paper is not None:
+        if measured is None and figure is not None and paper is not None:
             delta = f"({delta})"  # the curve's protocol reads higher than the paper's
     if beyond:
         against = (
@@ -281,6 +286,13 @@ def read_records(results: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path} is not a readable results file: {e}") from None
     from reproduce import REPRODUCTIONS
 
+    for record in records:
+        interim = results / "interim" / f"{record.get('name')}.json"
+        if record.get("final") is None and interim.is_file():
+            try:
+                record["interim"] = json.loads(interim.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{interim} is not a readable evaluation: {e}") from None
     order = {name: i for i, name in enumerate(REPRODUCTIONS)}
     if results.resolve() == RESULTS.resolve():
         # The project's own table lists every row, those not yet run too.

@@ -413,3 +413,46 @@ def test_a_row_beyond_the_papers_is_paired_with_its_base_rows_final_evaluation(s
     assert f"{against['difference']:+.2f} ± {against['difference_se']:.2f} (paired)" in table
     # Its paper cell names the paper row it is measured against.
     assert "— (tiny + z3; Δ against the best paper figure here, -85.57" in table
+
+
+def test_an_interim_evaluation_gives_a_partial_row_the_final_protocol(setting, capsys):
+    entry, args, tmp = setting
+    reproduce.REPRODUCTIONS["tiny"] = entry
+    try:
+        common = [
+            "--data", args.data, "--runs", args.runs, "--results", args.results,
+            "--final-samples", "30", "--curve-samples", "5", "--curve-points", "10",
+        ]  # fmt: skip
+        # Nothing to evaluate before the run has a checkpoint: one line, exit code 2.
+        assert reproduce.main(["tiny", "--interim", *common]) == 2
+        assert "has no checkpoint" in capsys.readouterr().err
+        assert reproduce.main(["tiny", "--stop-at", "2", "--ais-points", "0", *common]) == 0
+        results = tmp / "results"
+        record = json.loads((results / "tiny.json").read_text())
+        assert reproduce.main(["tiny", "--interim", *common]) == 0
+        interim = json.loads((results / "interim" / "tiny.json").read_text())
+        # The latest checkpoint, K = --final-samples on every test point; training untouched.
+        assert interim["epoch"] == 2 and interim["checkpoint"] == "latest"
+        assert interim["num_samples"] == 30 and interim["points"] == 30
+        assert json.loads((results / "tiny.json").read_text()) == record
+        run = load_run(tmp / "runs" / "tiny")
+        assert run.epoch == 2
+        expected = reproduce.evaluate_run(run, num_samples=30, write=False).summary()["log_px"]
+        assert interim["log_px"] == pytest.approx(expected, abs=1e-6)
+        table = (results / "README.md").read_text()
+        assert (
+            f"**{interim['log_px']:.2f} ± {interim['log_px_se']:.2f}** (partial, epoch 2)" in table
+        )
+        assert "K = 30, 30 points, epoch 2 (latest)" in table
+        # Same protocol as the paper's: its Δ is not in parentheses.
+        assert f"| {interim['log_px'] - entry.paper:+.2f} |" in table
+        # Once final, the final evaluation replaces it, and a final run has no interim.
+        assert reproduce.main(["tiny", "--ais-points", "0", *common]) == 0
+        final = json.loads((results / "tiny.json").read_text())["final"]
+        table = (results / "README.md").read_text()
+        assert "(final)" in table and f"{final['log_px']:.2f}" in table
+        assert "(latest)" not in table
+        assert reproduce.main(["tiny", "--interim", *common]) == 2
+        assert "is final" in capsys.readouterr().err
+    finally:
+        del reproduce.REPRODUCTIONS["tiny"]
