@@ -220,7 +220,8 @@ class Checkpointing(Callback):
         first of equal values wins, as in early stopping)."""
         history = state.history
         start = state.first_counted if self.best_from is None else self.best_from
-        scores = [h[self.best] for h in history if h["epoch"] >= start]
+        # An epoch recorded before this key was (a run resumed from an older one) never wins.
+        scores = [h.get(self.best, -math.inf) for h in history if h["epoch"] >= start]
         if not scores or history[-1]["epoch"] < start:
             return False
         last = scores[-1]
@@ -228,11 +229,13 @@ class Checkpointing(Callback):
 
 
 class EarlyStopping(Callback):
-    """Stops when the validation ELBO has not improved for ``patience`` epochs.
+    """Stops when the validation ELBO (or ``monitor``) has not improved for ``patience``
+    epochs.
 
     Args:
         patience: epochs without improvement to wait, at least 1.
-        monitor: the history key to maximise.
+        monitor: the history key to maximise; ``"validation_bound"`` follows the bound an
+            importance-weighted objective trains, as ``train_run`` does for one with k > 1.
         start_epoch: the first epoch that counts; None: the first after the run's warm-ups
             (:attr:`FitState.first_counted`: a KL warm-up lowers the ELBO by design while
             it runs, a guide warm-up trains another guide).
@@ -259,7 +262,7 @@ class EarlyStopping(Callback):
 
     def _epochs_since_best(self, state: FitState) -> int:
         start = state.first_counted if self.start_epoch is None else self.start_epoch
-        scores = [h[self.monitor] for h in state.history if h["epoch"] >= start]
+        scores = [h.get(self.monitor, -math.inf) for h in state.history if h["epoch"] >= start]
         if not scores:
             return 0
         best_at = max(range(len(scores)), key=lambda i: (scores[i], -i))

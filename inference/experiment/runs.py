@@ -200,7 +200,10 @@ class Checkpoint:
         atomic_write(file, outer.getvalue())
         if self.history and name == CHECKPOINT:
             text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=list(self.history[0]), lineterminator="\n")
+            # Every key any epoch has, in order of first appearance: a run resumed by a newer
+            # version may add one (an empty cell for the epochs before).
+            fields = list(dict.fromkeys(key for entry in self.history for key in entry))
+            writer = csv.DictWriter(text, fieldnames=fields, restval="", lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.history)
             atomic_write(run_dir / METRICS, text.getvalue().encode())

@@ -44,7 +44,7 @@ from pyrovae.inference.experiment.inputs import (
     place,
 )
 from pyrovae.inference.experiment.recipes import adam, step_schedule
-from pyrovae.inference.experiment.validation import validate
+from pyrovae.inference.experiment.validation import monitored, validate
 from pyrovae.inference.experiment.warmup import GuideWarmup
 from pyrovae.model.labelled import Labelled, data_of
 
@@ -226,7 +226,7 @@ def fit(
                         "images_per_s": len(x_train) / seconds,
                     }
                 )
-                step_schedule(lr_scheduler, validation["validation_elbo"])
+                step_schedule(lr_scheduler, validation[monitored(loss_fn)])
                 for callback in callbacks:
                     callback.on_epoch_end(state)
         finally:

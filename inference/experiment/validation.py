@@ -3,6 +3,7 @@ terms, and the active units, reduced over the ranks of a data-parallel run."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,7 +22,9 @@ ACTIVITY_THRESHOLD = 0.01
 def validate(
     loss_fn: nn.Module, x: Tensor | None, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    """Validation ELBO, its two terms and the active units, from one draw of z per point.
+    """Validation ELBO, its two terms and the active units, from one draw of z per point;
+    for an importance-weighted objective (k > 1), also the bound it trains, unscaled
+    (``validation_bound``), which early stopping and the best epoch then follow.
 
     Scores the pair through the one scoring path, unscaled, which gives the plain ELBO split
     into E_q[log p(x|z)] and KL whatever the training objective; a unit is active when the
@@ -57,11 +60,36 @@ def validate(
             "validation_active_units": nan,
         }
     values = dict(zip(keys, (all_reduce_sum(totals) / count).tolist(), strict=True))
+    k = importance_samples(loss_fn)
+    if k > 1:
+        bound = torch.zeros((), dtype=torch.float64, device=device)
+        for part in x.split(max(batch_size, 1024 // k, 1)):
+            log_w = score(
+                loss_fn.model, loss_fn.guide, part.to(device), num_particles=k, scaled=False
+            ).log_weight
+            bound += (torch.logsumexp(log_w, dim=0) - math.log(k)).sum().double()
+        values["validation_bound"] = all_reduce_sum(bound).item() / count
     if means and all(None not in parts for parts in means.values()):
         active = sum(_active_units(torch.cat(parts).flatten(1), count) for parts in means.values())
     else:
         active = nan
     return {**values, "validation_active_units": float(active)}
+
+
+def importance_samples(objective: Any) -> int:
+    """k of an importance-weighted objective (``iwae``), or of a loss module built from one;
+    0 for any other."""
+    bound = getattr(objective, "elbo", objective)
+    if getattr(bound, "importance_weighted", False):
+        return int(bound.num_particles)
+    return 0
+
+
+def monitored(objective: Any) -> str:
+    """The history key early stopping and the best epoch follow: the validation bound the
+    objective trains where it is importance-weighted with k > 1 (an IWAE-trained model
+    trades ELBO for a tighter bound, so its ELBO is the wrong yardstick), else the ELBO."""
+    return "validation_bound" if importance_samples(objective) > 1 else "validation_elbo"
 
 
 def _active_units(means: Tensor, count: int) -> int:

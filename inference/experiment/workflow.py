@@ -57,6 +57,7 @@ from pyrovae.inference.experiment.runs import (
 )
 from pyrovae.inference.experiment.spec import Spec, load_spec, with_overrides
 from pyrovae.inference.experiment.training import TrainingDiverged, fit
+from pyrovae.inference.experiment.validation import monitored
 from pyrovae.inference.experiment.warmup import GuideWarmup, check_warmup
 from pyrovae.model.labelled import Labelled
 
@@ -200,13 +201,13 @@ def train_run(
             image_shape=data.image_shape or (),
             spec=resolved.to_toml(),
             data_sha256=fingerprint,
-            best="validation_elbo" if train.patience is not None else None,
+            best=monitored(objective) if train.patience is not None else None,
         )
         own = [checkpointing, _Promote(directory)]
         if train.guide_warmup:
             own.append(GuideWarmup(train.guide_warmup))
         if train.patience is not None:
-            own.append(EarlyStopping(train.patience))
+            own.append(EarlyStopping(train.patience, monitor=monitored(objective)))
         if train.grad_clip is not None:
             own.append(GradientClipping(train.grad_clip))
         if data.dynamic:
