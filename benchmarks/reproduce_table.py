@@ -35,7 +35,7 @@ the first test images, with the K and the number of points in the protocol colum
 cheaper protocol that says only where the run is heading. Δ is this project's figure minus
 the paper's (positive: better); in parentheses for a curve's point, whose protocol reads
 higher than the paper's (the first 500 test images with K = 500 read 1.4 to 1.9 nats above
-all 10,000 with K = 5,000 in the VampPrior and one-layer VAE rows). Every figure here was
+all 10,000 with K = 5,000 in the VampPrior and the two Burda VAE rows). Every figure here was
 measured; none is copied from a log by hand. In the commands, `DATA_DIR` is the folder
 holding `mnist.npz` and `RUNS_DIR` the folder the runs are written to. M2's figure is the
 test accuracy of its classifier q(y|x), on all 10,000 test images also in its partial rows,
