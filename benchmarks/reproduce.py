@@ -43,7 +43,7 @@ from typing import Any
 import pyro.util
 import torch
 from common import ROOT, command_line, find_mnist, live_run
-from reproduce_table import write_table
+from reproduce_table import INTERIM, write_table
 
 from pyrovae.inference import (
     Callback,
@@ -437,10 +437,6 @@ def evaluate_final(
     final.update(checkpoint=which, epoch=run.epoch, seconds=time.perf_counter() - start)
     record["final"] = final
     print(f"{name}: test log p(x) {final['log_px']:.2f} ± {final['log_px_se']:.2f}", flush=True)
-
-
-INTERIM = "interim"
-"""The folder of ``--results`` holding the interim evaluations of runs still training."""
 
 
 def interim_file(results: Path, name: str) -> Path:

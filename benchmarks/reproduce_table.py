@@ -18,6 +18,9 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reproduce"
 TABLE = "README.md"
+INTERIM = "interim"
+"""The folder of the results holding the interim evaluations of runs still training
+(``reproduce.py NAME --interim``)."""
 
 HEADER = """# Reproducing the papers
 
@@ -287,7 +290,7 @@ def read_records(results: Path) -> list[dict[str, Any]]:
     from reproduce import REPRODUCTIONS
 
     for record in records:
-        interim = results / "interim" / f"{record.get('name')}.json"
+        interim = results / INTERIM / f"{record.get('name')}.json"
         if record.get("final") is None and interim.is_file():
             try:
                 record["interim"] = json.loads(interim.read_text())

@@ -33,9 +33,12 @@ def validate(
     outside the data plate) gets the objective's value instead.
     """
     nan = float("nan")
+    k = importance_samples(loss_fn)
     keys = ("validation_elbo", "validation_reconstruction", "validation_kl")
+    # The same keys whatever the path: the bound's too where the objective has one.
+    blank = {key: nan for key in (*keys, *(("validation_bound",) if k > 1 else ()))}
     if x is None:
-        return {**dict.fromkeys(keys, nan), "validation_active_units": nan}
+        return {**blank, "validation_active_units": nan}
     loss_fn.eval()
     rank, world = rank_and_world()
     count = len(x)
@@ -54,13 +57,14 @@ def validate(
         total = torch.zeros((), device=device, dtype=torch.float64)
         for part in x.split(max(batch_size, 1024)):
             total += loss_fn(part.to(device)).double()
+        objective = -all_reduce_sum(total).item() / count
         return {
-            **dict.fromkeys(keys, nan),
-            "validation_elbo": -all_reduce_sum(total).item() / count,
+            **blank,
+            "validation_elbo": objective,
+            **({"validation_bound": objective} if k > 1 else {}),
             "validation_active_units": nan,
         }
     values = dict(zip(keys, (all_reduce_sum(totals) / count).tolist(), strict=True))
-    k = importance_samples(loss_fn)
     if k > 1:
         bound = torch.zeros((), dtype=torch.float64, device=device)
         for part in x.split(max(batch_size, 1024 // k, 1)):
