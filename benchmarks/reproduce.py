@@ -43,7 +43,7 @@ from typing import Any
 import pyro.util
 import torch
 from common import ROOT, command_line, find_mnist, live_run
-from reproduce_table import INTERIM, write_table
+from reproduce_table import INTERIM, ResultsError, read_json, write_table
 
 from pyrovae.inference import (
     Callback,
@@ -210,10 +210,7 @@ def read_results(results: Path, name: str, run_dir: Path | None = None) -> dict[
     records = []
     for path in (results_file(results, name), run_dir and run_dir / RUN_RECORD):
         if path is not None and path.is_file():
-            try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as e:
-                raise PyrovaeError(f"{path} is not a readable results file: {e}") from None
+            records.append(read_json(path))
     return max(records, key=lambda r: r.get("epochs_run", 0), default={})
 
 
@@ -475,7 +472,7 @@ def _khat_share(record: dict[str, Any], run_dir: Path) -> float | None:
     if final.get("khat_share") is None and final.get("method") == "is":
         file = run_dir / f"evaluation-k{final.get('num_samples')}.json"
         if file.is_file():
-            final["khat_share"] = _finite(json.loads(file.read_text()).get("khat_bad_fraction"))
+            final["khat_share"] = _finite(read_json(file, "evaluation").get("khat_bad_fraction"))
     return final.get("khat_share")
 
 
@@ -499,13 +496,20 @@ def check_with_ais(
     print(f"{name}: AIS on {ais.num_points} points {record['ais']['log_px']:.2f}", flush=True)
 
 
+def _per_point_log_px(path: Path) -> torch.Tensor:
+    evaluation = read_json(path, "evaluation")
+    try:
+        return torch.tensor(evaluation["per_point"]["log_px"], dtype=torch.float64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ResultsError(
+            f"{path} has no per-point log p(x) ({e!r}); evaluate the run again to rewrite it"
+        ) from None
+
+
 def _paired(this: Path, other: Path) -> dict[str, float]:
     """The paired difference of two evaluation files' per-point log p(x) (``this`` minus
     ``other``) on the points both have (the first ones), with its standard error."""
-    a, b = (
-        torch.tensor(json.loads(f.read_text())["per_point"]["log_px"], dtype=torch.float64)
-        for f in (this, other)
-    )
+    a, b = (_per_point_log_px(f) for f in (this, other))
     n = min(len(a), len(b))
     difference = a[:n] - b[:n]
     return {
@@ -609,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                 reproduce(name, args)
         if args.interim:
             write_table(Path(args.results))
-    except PyrovaeError as e:
+    except (PyrovaeError, ResultsError) as e:
         print(f"reproduce: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,28 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reproduce"
 TABLE = "README.md"
 INTERIM = "interim"
+
+
+class ResultsError(ValueError):
+    """A results or evaluation file that cannot be read; its message names the file."""
+
+
+def read_json(path: Path, what: str = "results file") -> dict[str, Any]:
+    """``path`` parsed as a JSON object, or a :class:`ResultsError` that names it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsError(
+            f"{path} is not a readable {what} ({e}); restore it from git or delete it"
+        ) from None
+    if not isinstance(data, dict):
+        raise ResultsError(
+            f"{path} is not a readable {what} (a JSON object expected, got "
+            f"{type(data).__name__}); restore it from git or delete it"
+        )
+    return data
+
+
 """The folder of the results holding the interim evaluations of runs still training
 (``reproduce.py NAME --interim``)."""
 
@@ -283,19 +305,13 @@ def read_records(results: Path) -> list[dict[str, Any]]:
     the name is known, then by name."""
     records = []
     for path in sorted(results.glob("*.json")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a readable results file: {e}") from None
+        records.append(read_json(path))
     from reproduce import REPRODUCTIONS
 
     for record in records:
         interim = results / INTERIM / f"{record.get('name')}.json"
         if record.get("final") is None and interim.is_file():
-            try:
-                record["interim"] = json.loads(interim.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{interim} is not a readable evaluation: {e}") from None
+            record["interim"] = read_json(interim, "evaluation")
     order = {name: i for i, name in enumerate(REPRODUCTIONS)}
     if results.resolve() == RESULTS.resolve():
         # The project's own table lists every row, those not yet run too.
@@ -338,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         print(write_table(results))
-    except ValueError as e:
+    except ResultsError as e:
         print(f"reproduce_table: {e}", file=sys.stderr)
         return 2
     return 0

@@ -208,6 +208,28 @@ def test_the_table_renders_from_json_alone(tmp_path):
     assert reproduce_table.main(["--results", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.parametrize(
+    "broken, text",
+    [("x.json", "{"), ("x.json", "[1, 2]"), ("interim/x.json", "not json"), ("x.json", b"\xff")],
+)
+def test_an_unreadable_results_file_ends_the_driver_with_one_line_naming_it(
+    tmp_path, capsys, broken, text
+):
+    record = {"name": "x", "model": "M", "metric": "log_px", "paper": -85.0, "epochs_run": 1}
+    (tmp_path / "interim").mkdir()
+    for name, content in (("x.json", json.dumps(record)), ("interim/x.json", "{}")):
+        (tmp_path / name).write_text(content)
+    path = tmp_path / broken
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = path.read_bytes()
+    assert reproduce.main(["--table", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
+    assert "restore it from git or delete it" in err
+    assert path.read_bytes() == before and not (tmp_path / "README.md").exists()
+    assert reproduce_table.main(["--results", str(tmp_path)]) == 2
+
+
 TINY_M2 = """
 [data]
 name = "mnist"
@@ -456,3 +478,14 @@ def test_an_interim_evaluation_gives_a_partial_row_the_final_protocol(setting, c
         assert "is final" in capsys.readouterr().err
     finally:
         del reproduce.REPRODUCTIONS["tiny"]
+
+
+def test_pairing_with_an_evaluation_without_per_point_figures_names_the_file(tmp_path):
+    good, bad = tmp_path / "a.json", tmp_path / "b.json"
+    good.write_text(json.dumps({"per_point": {"log_px": [-1.0, -2.0, -4.0]}}))
+    bad.write_text(json.dumps({"log_px": -2.0}))
+    with pytest.raises(reproduce_table.ResultsError, match="b.json has no per-point log p"):
+        reproduce._paired(good, bad)
+    bad.write_text(json.dumps({"per_point": {"log_px": [-2.0, -2.0]}}))
+    paired = reproduce._paired(good, bad)
+    assert paired["points"] == 2 and paired["difference"] == pytest.approx(0.5)
