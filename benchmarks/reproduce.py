@@ -11,7 +11,8 @@ figure its paper reports. For each one asked for, this script
    ``--curve-points`` test images, through ``evaluate_run``, into
    ``--results/NAME.json``, so that a partial run still says where it is heading;
 3. once training has finished (the budget, or the config's early stopping), evaluates the
-   run's best-validation checkpoint with the papers' protocol: importance sampling with
+   checkpoint its paper evaluates (the best-validation one where the config stops early,
+   else the last) with the papers' protocol: importance sampling with
    K = ``--final-samples`` (5,000) on all 10,000 test images, and, where more than 20% of
    the points have k̂ > 0.7, AIS on the first ``--ais-points`` of them;
 4. writes the reproducibility table (``--results/README.md``) from every results file.

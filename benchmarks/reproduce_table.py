@@ -51,8 +51,9 @@ with its paper's recipe (the config's comment says which table and section it fo
 where it departs); a budget variant, or a row beyond the papers, is such a config with the
 overrides its entry in `benchmarks/reproduce.py` names (also kept in its results file).
 **Final** figures are test log p(x) in nats by importance sampling with K = 5,000 on all
-10,000 test images, from the epoch with the best validation ELBO (the papers' protocol); ±
-is the standard error over the test points. A run that has not finished its budget or its
+10,000 test images, from the epoch its paper evaluates (the papers' protocol): the one with
+the best validation ELBO where the paper stops early, the last where it trains a fixed
+budget; ± is the standard error over the test points. A run that has not finished its budget or its
 early stopping is **partial**. Its figure is an interim evaluation of its latest checkpoint
 with the same protocol where it has one (`reproduce.py NAME --interim`; the protocol column
 names the epoch), else the latest point of its learning curve (the weights of that epoch on
