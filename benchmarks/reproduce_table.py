@@ -76,7 +76,10 @@ def _nats(value: float | None, se: float | None = None) -> str:
 
 
 def _hours(seconds: float | None) -> str:
-    return "—" if seconds is None else f"{seconds / 3600:.1f} h"
+    """A duration in hours, or in minutes below one hour (so that no time reads 0.0 h)."""
+    if seconds is None:
+        return "—"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> list[str]:

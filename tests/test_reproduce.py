@@ -305,7 +305,7 @@ def test_the_table_shows_the_ais_check_beside_importance_sampling_on_the_same_po
     page = reproduce_table.render([record])
     line = next(line for line in page.splitlines() if line.startswith("| M | 100 |"))
     assert "71%" in line and "-80.40 (K = 5,000)" in line and "-80.00 ± 1.50 (16 × 500)" in line
-    assert "+0.40" in line and "0.5 h" in line
+    assert "+0.40" in line and "30 min" in line  # below an hour, in minutes
     # Without an AIS check there is no such section.
     assert "How tight" not in reproduce_table.render([{**record, "ais": None}])
 
