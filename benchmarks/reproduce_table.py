@@ -19,6 +19,8 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reproduce"
 TABLE = "README.md"
 INTERIM = "interim"
+"""The folder of the results holding the interim evaluations of runs still training
+(``reproduce.py NAME --interim``)."""
 
 
 class ResultsError(ValueError):
@@ -40,9 +42,6 @@ def read_json(path: Path, what: str = "results file") -> dict[str, Any]:
         )
     return data
 
-
-"""The folder of the results holding the interim evaluations of runs still training
-(``reproduce.py NAME --interim``)."""
 
 HEADER = """# Reproducing the papers
 
