@@ -333,6 +333,16 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
     results = Path(args.results)
     run_dir = Path(args.runs).expanduser() / name
     record = read_results(results, name, run_dir)
+    done = Checkpoint.load(run_dir).epoch if (run_dir / "checkpoint.pt").is_file() else 0
+    if not done and record.get("epochs_run") and record.get("training") != "finished":
+        if not args.restart:
+            raise PyrovaeError(
+                f"{name}: its results file records {record['epochs_run']} epochs of training, "
+                f"but {run_dir} has no checkpoint to resume them from; pass the --runs folder "
+                "that holds the run, or --restart to train the row again from epoch 0 (the "
+                "earlier run's curve is kept in the results file)"
+            )
+        record = set_aside_lost_run(record, results, name, run_dir)
     record.update(
         name=name,
         config=entry.config,
@@ -358,7 +368,6 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
     budget = spec.train.epochs
     stop_at = min(budget, args.stop_at) if args.stop_at else budget
     record["budget_epochs"] = budget
-    done = Checkpoint.load(run_dir).epoch if (run_dir / "checkpoint.pt").is_file() else 0
     finished = record.get("training") == "finished"
     if not finished and done < stop_at:
         record["training"] = "running"
@@ -418,7 +427,46 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
         # An AIS check recorded before the paired difference was.
         record["ais"].update(_paired_with_final(record, run_dir))
         write_results(results, name, record, run_dir)
-    write_table(results)
+    write_table(results, REPRODUCTIONS)
+
+
+EARLIER_RUN = (
+    "training",
+    "epochs_run",
+    "train_seconds",
+    "device",
+    "threads",
+    "command",
+    "curve_protocol",
+    "history",
+    "curve",
+)
+"""The keys of a results file that describe its run (not its row), which a restart sets
+aside under ``earlier_runs``."""
+
+
+def set_aside_lost_run(
+    record: dict[str, Any], results: Path, name: str, run_dir: Path
+) -> dict[str, Any]:
+    """The results of a row whose run lost its checkpoint (its machine was replaced before
+    it finished), made ready for a new run from epoch 0: the earlier run's figures (its
+    history, curve and interim evaluation) move to ``record["earlier_runs"]``, where the
+    table still shows them, and the new run's are recorded afresh. The results file is
+    written before the interim file it absorbed is removed."""
+    earlier = {key: record.pop(key) for key in EARLIER_RUN if key in record}
+    interim = interim_file(results, name)
+    if interim.is_file():
+        earlier["interim"] = read_json(interim, "evaluation")
+    earlier["lost"] = f"no checkpoint left when restarted on {time.strftime('%Y-%m-%d')}"
+    record.setdefault("earlier_runs", []).append(earlier)
+    write_results(results, name, record, run_dir if run_dir.is_dir() else None)
+    interim.unlink(missing_ok=True)
+    print(
+        f"{name}: the earlier run (epoch {earlier.get('epochs_run')}) has no checkpoint; "
+        "its curve is kept under earlier_runs, and the row trains again from epoch 0",
+        flush=True,
+    )
+    return record
 
 
 def evaluate_final(
@@ -574,6 +622,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--ais-points", type=int, default=100)
     parser.add_argument("--ais-chains", type=int, default=16)
     parser.add_argument("--ais-steps", type=int, default=500)
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="train a row whose run lost its checkpoint again from epoch 0, keeping the "
+        "earlier run's curve",
+    )
     parser.add_argument("--no-final", action="store_true", help="skip the final evaluation")
     parser.add_argument("--table", action="store_true", help="only re-render the table")
     parser.add_argument(
@@ -595,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.table:
-            write_table(Path(args.results))
+            write_table(Path(args.results), REPRODUCTIONS)
             return 0
         names = args.names or list(REPRODUCTIONS)
         if args.interim and not args.names:
@@ -613,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 reproduce(name, args)
         if args.interim:
-            write_table(Path(args.results))
+            write_table(Path(args.results), REPRODUCTIONS)
     except (PyrovaeError, ResultsError) as e:
         print(f"reproduce: {e}", file=sys.stderr)
         return 2

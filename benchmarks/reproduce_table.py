@@ -13,6 +13,7 @@ import json
 import math
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +86,24 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
     """The table cells of one results file; a row beyond the papers (no paper figure) is
     compared with ``best_paper``, the record with the best paper figure on its data."""
     final = record.get("final")
-    curve = record.get("curve") or []
     accuracy = record.get("metric") == "accuracy"
-    # A partial row's interim evaluation has the final protocol; its curve a cheaper one.
-    measured = final if final is not None else record.get("interim")
-    point = measured if measured is not None else (curve[-1] if curve else None)
+    earlier = (record.get("earlier_runs") or [None])[-1]
+    run = record
+    if final is None and earlier is not None and _shown_epoch(earlier) > _shown_epoch(record):
+        # A run restarted from epoch 0 shows the earlier run's figures until it passes them.
+        run = earlier
+    measured, point = _shown(run)
+    of_run = "" if run is record else f" of an earlier run, lost at epoch {run['epochs_run']}"
     if point is None:
         status, figure, se, protocol = "not run", None, None, "—"
     elif accuracy:
-        status = "final" if final is not None else f"partial, epoch {point['epoch']}"
+        status = "final" if final is not None else f"partial, epoch {point['epoch']}{of_run}"
         figure = point["accuracy"]
         points = point.get("accuracy_points", point["points"])
         se = math.sqrt(figure * (1 - figure) / points) if figure is not None else None
         protocol = f"accuracy of q(y\\|x) on {points:,} test points"
     else:
-        status = "final" if final is not None else f"partial, epoch {point['epoch']}"
+        status = "final" if final is not None else f"partial, epoch {point['epoch']}{of_run}"
         figure, se = point["log_px"], point.get("log_px_se")
         protocol = f"K = {point['num_samples']}, {point['points']:,} points"
     if measured is not None:
@@ -133,6 +137,8 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
     else:
         paper_cell = f"{paper_shown} ({record['source']})"
     epochs = f"{record.get('epochs_run', 0)} / {record['paper_epochs']}"
+    if earlier is not None:
+        epochs += f" (an earlier run: {earlier.get('epochs_run', 0)})"
     return [
         record["model"],
         record["data"],
@@ -142,10 +148,24 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
         delta,
         protocol,
         epochs,
-        _hours(record.get("train_seconds")),
-        record.get("device", "—"),
+        _hours(run.get("train_seconds")),
+        run.get("device", "—"),
         f"`{_portable(record['command'])}`" if record.get("command") else "—",
     ]
+
+
+def _shown(run: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """A run's evaluation with the papers' protocol (final, else interim), if it has one,
+    and the point the table shows for it: that evaluation, else its curve's latest point
+    (a partial row's interim evaluation has the final protocol; its curve a cheaper one)."""
+    measured = run.get("final") if run.get("final") is not None else run.get("interim")
+    curve = run.get("curve") or []
+    return measured, measured if measured is not None else (curve[-1] if curve else None)
+
+
+def _shown_epoch(run: dict[str, Any]) -> int:
+    point = _shown(run)[1]
+    return point["epoch"] if point is not None else 0
 
 
 PLACEHOLDERS = {"--data": "DATA_DIR", "--runs": "RUNS_DIR"}
@@ -178,14 +198,42 @@ COLUMNS = [
 
 
 def curve_lines(record: dict[str, Any]) -> list[str]:
-    """A run's learning curve: test log p(x) and validation ELBO by epoch."""
-    curve = record.get("curve") or []
+    """A run's learning curve: test log p(x) and validation ELBO by epoch; then those of
+    the earlier runs of its row that lost their checkpoints, with what they reached."""
+    lines = []
+    for i, earlier in enumerate(record.get("earlier_runs") or [], 1):
+        interim = earlier.get("interim")
+        reached = (
+            f" Its interim evaluation with the final protocol, at epoch {interim['epoch']}: "
+            f"{_nats(interim['log_px'], interim.get('log_px_se'))}."
+            if interim is not None and interim.get("log_px") is not None
+            else ""
+        )
+        lines += _curve_table(
+            f"{record['model']}: learning curve of earlier run {i}",
+            f"This run reached epoch {earlier.get('epochs_run', 0)} in "
+            f"{_hours(earlier.get('train_seconds'))} on {earlier.get('device', '—')}, then lost "
+            f"its checkpoint ({earlier.get('lost', 'lost')}); the row trains again from epoch "
+            f"0.{reached}",
+            earlier.get("curve") or [],
+            record.get("metric") == "accuracy",
+        )
+    title = f"{record['model']}: learning curve"
+    return (
+        _curve_table(title, None, record.get("curve") or [], record.get("metric") == "accuracy")
+        + lines
+    )
+
+
+def _curve_table(
+    title: str, note: str | None, curve: list[dict[str, Any]], accuracy: bool
+) -> list[str]:
     if not curve:
         return []
-    accuracy = record.get("metric") == "accuracy"
     lines = [
-        f"### {record['model']}: learning curve",
+        f"### {title}",
         "",
+        *([note, ""] if note else []),
         "| epoch | test log p(x) | test accuracy | validation ELBO |"
         if accuracy
         else "| epoch | test log p(x) | validation ELBO |",
@@ -303,23 +351,23 @@ def render(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def read_records(results: Path) -> list[dict[str, Any]]:
-    """Every results file in ``results``, in the order of ``reproduce.REPRODUCTIONS`` where
-    the name is known, then by name."""
+def read_records(results: Path, catalogue: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every results file in ``results``, in the order of ``catalogue`` (the driver's
+    ``REPRODUCTIONS``) where the name is known, then by name; the project's own table also
+    lists the catalogue's rows not yet run."""
     records = []
     for path in sorted(results.glob("*.json")):
         records.append(read_json(path))
-    from reproduce import REPRODUCTIONS
-
+    catalogue = catalogue or {}
     for record in records:
         interim = results / INTERIM / f"{record.get('name')}.json"
         if record.get("final") is None and interim.is_file():
             record["interim"] = read_json(interim, "evaluation")
-    order = {name: i for i, name in enumerate(REPRODUCTIONS)}
+    order = {name: i for i, name in enumerate(catalogue)}
     if results.resolve() == RESULTS.resolve():
         # The project's own table lists every row, those not yet run too.
         seen = {r.get("name") for r in records}
-        for name, entry in REPRODUCTIONS.items():
+        for name, entry in catalogue.items():
             if name not in seen:
                 records.append(
                     {
@@ -337,11 +385,12 @@ def read_records(results: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (order.get(r.get("name"), len(order)), r.get("name")))
 
 
-def write_table(results: Path) -> Path:
-    """Renders ``results/README.md`` from the results files there, atomically."""
+def write_table(results: Path, catalogue: Mapping[str, Any] | None = None) -> Path:
+    """Renders ``results/README.md`` from the results files there, atomically, in the order
+    of ``catalogue`` (see :func:`read_records`)."""
     from pyrovae.inference.experiment.runs import atomic_write
 
-    records = read_records(results)
+    records = read_records(results, catalogue)
     path = results / TABLE
     atomic_write(path, render(records).encode())
     return path
@@ -355,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     if not results.is_dir():
         print(f"reproduce_table: {results} is not a directory", file=sys.stderr)
         return 2
+    from reproduce import REPRODUCTIONS
+
     try:
-        print(write_table(results))
+        print(write_table(results, REPRODUCTIONS))
     except ResultsError as e:
         print(f"reproduce_table: {e}", file=sys.stderr)
         return 2

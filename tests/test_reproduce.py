@@ -332,7 +332,7 @@ def test_the_curve_leaves_training_as_it_would_be_without_it(setting):
 
 
 def test_the_projects_table_lists_every_row_whether_run_or_not():
-    records = reproduce_table.read_records(reproduce_table.RESULTS)
+    records = reproduce_table.read_records(reproduce_table.RESULTS, reproduce.REPRODUCTIONS)
     assert [r["name"] for r in records] == list(reproduce.REPRODUCTIONS)
     page = reproduce_table.render(records)
     for entry in reproduce.REPRODUCTIONS.values():
@@ -476,6 +476,64 @@ def test_an_interim_evaluation_gives_a_partial_row_the_final_protocol(setting, c
         assert "(latest)" not in table
         assert reproduce.main(["tiny", "--interim", *common]) == 2
         assert "is final" in capsys.readouterr().err
+    finally:
+        del reproduce.REPRODUCTIONS["tiny"]
+
+
+def test_a_run_that_lost_its_checkpoint_restarts_only_when_asked_and_keeps_its_curve(
+    setting, capsys
+):
+    entry, args, tmp = setting
+    reproduce.REPRODUCTIONS["tiny"] = entry
+    try:
+        common = [
+            "--data", args.data, "--results", args.results, "--final-samples", "30",
+            "--curve-samples", "5", "--curve-points", "10", "--curve-every", "2",
+            "--ais-points", "0",
+        ]  # fmt: skip
+        runs = ["--runs", args.runs]
+        assert reproduce.main(["tiny", "--stop-at", "3", *runs, *common]) == 0
+        assert reproduce.main(["tiny", "--interim", *runs, *common]) == 0
+        results = tmp / "results"
+        before = (results / "tiny.json").read_bytes()
+        lost = json.loads(before)
+        interim = json.loads((results / "interim" / "tiny.json").read_text())
+        assert lost["epochs_run"] == 3 and interim["epoch"] == 3
+        # The machine was replaced: a fresh runs folder, without the checkpoint.
+        fresh = ["--runs", str(tmp / "fresh")]
+        assert reproduce.main(["tiny", "--stop-at", "1", *fresh, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "records 3 epochs" in err and "--restart" in err
+        assert (results / "tiny.json").read_bytes() == before
+        assert (results / "interim" / "tiny.json").is_file()
+        assert not (tmp / "fresh").exists()
+
+        assert reproduce.main(["tiny", "--stop-at", "1", "--restart", *fresh, *common]) == 0
+        record = json.loads((results / "tiny.json").read_text())
+        # The new run has its own history and curve, from epoch 0.
+        assert record["epochs_run"] == 1 and record["training"] == "partial"
+        assert [h["epoch"] for h in record["history"]] == [1]
+        assert [p["epoch"] for p in record["curve"]] == [1]
+        # The earlier run is kept whole, its interim evaluation with it.
+        (earlier,) = record["earlier_runs"]
+        for key in ("epochs_run", "train_seconds", "history", "curve", "device", "command"):
+            assert earlier[key] == lost[key], key
+        assert earlier["interim"] == interim and "no checkpoint" in earlier["lost"]
+        assert not (results / "interim" / "tiny.json").exists()
+        # Until the new run passes it, the row shows the earlier run's evaluation.
+        table = (results / "README.md").read_text()
+        shown = f"**{interim['log_px']:.2f} ± {interim['log_px_se']:.2f}**"
+        assert f"{shown} (partial, epoch 3 of an earlier run, lost at epoch 3)" in table
+        assert "1 / 4 (an earlier run: 3)" in table
+        assert "learning curve of earlier run 1" in table
+        # Resuming the new run needs no --restart; once past, the row is the new run's.
+        assert reproduce.main(["tiny", *fresh, *common]) == 0
+        record = json.loads((results / "tiny.json").read_text())
+        assert record["training"] == "finished" and len(record["earlier_runs"]) == 1
+        assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4]
+        table = (results / "README.md").read_text()
+        assert "(final)" in table and "of an earlier run" not in table
+        assert f"{record['final']['log_px']:.2f}" in table
     finally:
         del reproduce.REPRODUCTIONS["tiny"]
 
