@@ -44,7 +44,7 @@ from typing import Any
 import pyro.util
 import torch
 from common import ROOT, command_line, find_mnist, live_run
-from reproduce_table import INTERIM, ResultsError, read_json, write_table
+from reproduce_table import INTERIM, PER_POINT, ResultsError, read_json, write_table
 
 from pyrovae.inference import (
     Callback,
@@ -418,10 +418,16 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
         if (_khat_share(record, run_dir) or 0) > 0.2:
             check_with_ais(name, run_dir, record, args)
             write_results(results, name, record, run_dir)
-    if entry.base and record.get("final") and "against_base" not in record:
-        against = _paired_with_base(record, run_dir, Path(args.runs).expanduser() / entry.base)
-        if against:
-            record["against_base"] = {"base": entry.base, **against}
+    if record.get("final") and not per_point_file(results, name).is_file():
+        # A row made final before its per-point figures were kept with the results.
+        evaluation = run_dir / f"evaluation-k{record['final']['num_samples']}.json"
+        if evaluation.is_file():
+            keep_per_point(results, name, evaluation)
+    if entry.base and record.get("final") and not record.get("against_base", {}).get("paired"):
+        runs = Path(args.runs).expanduser()
+        against = _against_base(record, results, runs, name, entry.base)
+        if against and against != record.get("against_base"):
+            record["against_base"] = against
             write_results(results, name, record, run_dir)
     if record.get("ais") and "difference_se" not in record["ais"]:
         # An AIS check recorded before the paired difference was.
@@ -482,7 +488,30 @@ def evaluate_final(
     final = summary_of(evaluation)
     final.update(checkpoint=which, epoch=run.epoch, seconds=time.perf_counter() - start)
     record["final"] = final
+    keep_per_point(Path(args.results), name, output)
     print(f"{name}: test log p(x) {final['log_px']:.2f} ± {final['log_px_se']:.2f}", flush=True)
+
+
+def per_point_file(results: Path, name: str) -> Path:
+    return results / PER_POINT / f"{name}.json"
+
+
+def keep_per_point(results: Path, name: str, evaluation_file: Path) -> Path:
+    """Copies a final evaluation's settings and per-point log p(x) (not its other per-point
+    figures) from the run directory into the results, which are committed where run
+    directories are not, so that a row can be paired with it after its run is gone."""
+    from pyrovae.inference.experiment.runs import atomic_write
+
+    evaluation = read_json(evaluation_file, "evaluation")
+    kept = {
+        key: evaluation.get(key)
+        for key in ("epoch", "method", "num_samples", "points", "seed", "log_px", "log_px_se")
+    }
+    kept["per_point"] = {"log_px": _per_point_log_px(evaluation_file).tolist()}
+    path = per_point_file(results, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(kept, allow_nan=False) + "\n").encode())
+    return path
 
 
 def interim_file(results: Path, name: str) -> Path:
@@ -569,17 +598,42 @@ def _paired(this: Path, other: Path) -> dict[str, float]:
     }
 
 
-def _paired_with_base(record: dict[str, Any], run_dir: Path, base_dir: Path) -> dict[str, Any]:
-    """This row's final evaluation against its base row's, point by point, where the base
-    row's run has a final evaluation of the same K on as many points; else nothing."""
+def _final_per_point(results: Path, runs: Path, name: str, num_samples: int) -> Path | None:
+    """The file holding a row's final per-point log p(x) with K = ``num_samples``: the
+    results' copy, else the evaluation in its run directory; ``None`` where neither is."""
+    for path in (per_point_file(results, name), runs / name / f"evaluation-k{num_samples}.json"):
+        if path.is_file() and read_json(path, "evaluation").get("num_samples") == num_samples:
+            return path
+    return None
+
+
+def _against_base(
+    record: dict[str, Any], results: Path, runs: Path, name: str, base: str
+) -> dict[str, Any]:
+    """This row's final evaluation against its base row's, where the base row is final with
+    the same K on as many points: point by point where both per-point figures are kept
+    (``paired``), else the difference of the two means with the root of the sum of their
+    squared standard errors; nothing before the base row is final."""
     final = record["final"]
-    file = f"evaluation-k{final['num_samples']}.json"
-    if not (run_dir / file).is_file() or not (base_dir / file).is_file():
+    base_final = read_results(results, base, runs / base).get("final")
+    if not base_final or (base_final.get("num_samples"), base_final.get("points")) != (
+        final["num_samples"],
+        final["points"],
+    ):
         return {}
-    paired = _paired(run_dir / file, base_dir / file)
-    if paired["points"] != final["points"]:
-        return {}
-    return paired
+    files = [_final_per_point(results, runs, n, final["num_samples"]) for n in (name, base)]
+    if all(files):
+        paired = _paired(*files)
+        if paired["points"] == final["points"]:
+            return {"base": base, **paired, "paired": True}
+    return {
+        "base": base,
+        "other_same_points": base_final["log_px"],
+        "difference": final["log_px"] - base_final["log_px"],
+        "difference_se": math.hypot(final["log_px_se"], base_final["log_px_se"]),
+        "points": final["points"],
+        "paired": False,
+    }
 
 
 def _paired_with_final(record: dict[str, Any], run_dir: Path) -> dict[str, float]:

@@ -24,6 +24,12 @@ INTERIM = "interim"
 (``reproduce.py NAME --interim``)."""
 
 
+PER_POINT = "per_point"
+"""The folder of the results holding each final evaluation's per-point log p(x), kept with
+the results so that rows can be paired point by point after their run directories are
+gone."""
+
+
 class ResultsError(ValueError):
     """A results or evaluation file that cannot be read; its message names the file."""
 
@@ -318,7 +324,9 @@ def beyond_lines(records: list[dict[str, Any]]) -> list[str]:
         "### Beyond the papers, against the row each one changes",
         "",
         "Both final evaluations (the same K, the same test images): the difference is this "
-        "row's log p(x) minus its base row's, point by point, ± its standard error.",
+        "row's log p(x) minus its base row's, point by point, ± its standard error (paired); "
+        "where the base row's per-point figures were lost with its run, the difference of "
+        "the two means, ± the root of the sum of their squared standard errors (unpaired).",
         "",
         "| model | base row | points | base row's figure | this row's figure | difference |",
         "|---|---|---:|---:|---:|---:|",
@@ -332,7 +340,8 @@ def beyond_lines(records: list[dict[str, Any]]) -> list[str]:
             f"{against['points']:,}",
             _nats(against["other_same_points"]),
             _nats(r["final"]["log_px"]),
-            f"{against['difference']:+.2f} ± {against['difference_se']:.2f} (paired)",
+            f"{against['difference']:+.2f} ± {against['difference_se']:.2f} "
+            f"({'paired' if against.get('paired', True) else 'unpaired'})",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]

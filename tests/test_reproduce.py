@@ -417,9 +417,8 @@ def test_a_row_beyond_the_papers_is_paired_with_its_base_rows_final_evaluation(s
     results = tmp / "results"
     assert "against_base" not in json.loads((results / "beyond.json").read_text())
     reproduce.reproduce("tiny", args, entry)
-    reproduce.reproduce("beyond", args, beyond)
-    against = json.loads((results / "beyond.json").read_text())["against_base"]
     runs = tmp / "runs"
+    # Each final evaluation's per-point log p(x) is kept with the results.
     a, b = (
         torch.tensor(
             json.loads((runs / name / "evaluation-k30.json").read_text())["per_point"]["log_px"],
@@ -427,7 +426,31 @@ def test_a_row_beyond_the_papers_is_paired_with_its_base_rows_final_evaluation(s
         )
         for name in ("beyond", "tiny")
     )
-    assert against["base"] == "tiny" and against["points"] == 30
+    for name, values in (("beyond", a), ("tiny", b)):
+        kept = json.loads((results / "per_point" / f"{name}.json").read_text())
+        assert kept["num_samples"] == 30 and kept["points"] == 30
+        assert torch.equal(torch.tensor(kept["per_point"]["log_px"], dtype=torch.float64), values)
+    # The base row's run directory is gone, and with it (here) the results' copy: the two
+    # means are compared, unpaired.
+    (runs / "tiny").rename(tmp / "tiny-run")
+    (results / "per_point" / "tiny.json").rename(tmp / "tiny-per-point.json")
+    reproduce.reproduce("beyond", args, beyond)
+    record = json.loads((results / "beyond.json").read_text())
+    base = json.loads((results / "tiny.json").read_text())["final"]
+    against = record["against_base"]
+    assert against["paired"] is False and against["points"] == 30
+    assert against["difference"] == pytest.approx(
+        record["final"]["log_px"] - base["log_px"], abs=1e-12
+    )
+    assert against["difference_se"] == pytest.approx(
+        (record["final"]["log_px_se"] ** 2 + base["log_px_se"] ** 2) ** 0.5, abs=1e-12
+    )
+    assert "(unpaired)" in (results / "README.md").read_text()
+    # The results' copy alone (the run directory still gone) pairs them point by point.
+    (tmp / "tiny-per-point.json").rename(results / "per_point" / "tiny.json")
+    reproduce.reproduce("beyond", args, beyond)
+    against = json.loads((results / "beyond.json").read_text())["against_base"]
+    assert against["base"] == "tiny" and against["points"] == 30 and against["paired"]
     assert against["difference"] == pytest.approx((a - b).mean().item(), abs=1e-9)
     assert against["difference_se"] == pytest.approx((a - b).std().item() / 30**0.5, abs=1e-9)
     table = (results / "README.md").read_text()
