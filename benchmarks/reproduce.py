@@ -200,6 +200,17 @@ def results_file(results: Path, name: str) -> Path:
     return results / f"{name}.json"
 
 
+def _mend(path: Path) -> str:
+    """How to mend ``path`` where it cannot be read: a run directory's evaluation is written
+    again by ``pyrovae evaluate``; the results' files are committed."""
+    if path.name.startswith("evaluation"):
+        return (
+            "write it again with `pyrovae evaluate RUN_DIR -o FILE --force` and its settings "
+            "(the K of its name; --checkpoint best where the run has best.pt), or delete it"
+        )
+    return "restore it from git or delete it"
+
+
 RUN_RECORD = "reproduce.json"
 """The copy of a row's results file kept in its run directory, so that a run resumed from a
 fresh checkout keeps its learning curve."""
@@ -209,9 +220,11 @@ def read_results(results: Path, name: str, run_dir: Path | None = None) -> dict[
     """The row's results file, or the run directory's copy where that one has seen more
     epochs (the checkout's copy is the one committed; the run's is the one kept with it)."""
     records = []
-    for path in (results_file(results, name), run_dir and run_dir / RUN_RECORD):
-        if path is not None and path.is_file():
-            records.append(read_json(path))
+    if results_file(results, name).is_file():
+        records.append(read_json(results_file(results, name)))
+    if run_dir is not None and (run_dir / RUN_RECORD).is_file():
+        fix = "delete it, and the results file of the checkout is used in its place"
+        records.append(read_json(run_dir / RUN_RECORD, fix=fix))
     return max(records, key=lambda r: r.get("epochs_run", 0), default={})
 
 
@@ -502,7 +515,7 @@ def keep_per_point(results: Path, name: str, evaluation_file: Path) -> Path:
     directories are not, so that a row can be paired with it after its run is gone."""
     from pyrovae.inference.experiment.runs import atomic_write
 
-    evaluation = read_json(evaluation_file, "evaluation")
+    evaluation = read_json(evaluation_file, "evaluation", _mend(evaluation_file))
     kept = {
         key: evaluation.get(key)
         for key in ("epoch", "method", "num_samples", "points", "seed", "log_px", "log_px_se")
@@ -550,7 +563,8 @@ def _khat_share(record: dict[str, Any], run_dir: Path) -> float | None:
     if final.get("khat_share") is None and final.get("method") == "is":
         file = run_dir / f"evaluation-k{final.get('num_samples')}.json"
         if file.is_file():
-            final["khat_share"] = _finite(read_json(file, "evaluation").get("khat_bad_fraction"))
+            evaluation = read_json(file, "evaluation", _mend(file))
+            final["khat_share"] = _finite(evaluation.get("khat_bad_fraction"))
     return final.get("khat_share")
 
 
@@ -575,7 +589,7 @@ def check_with_ais(
 
 
 def _per_point_log_px(path: Path) -> torch.Tensor:
-    evaluation = read_json(path, "evaluation")
+    evaluation = read_json(path, "evaluation", _mend(path))
     try:
         return torch.tensor(evaluation["per_point"]["log_px"], dtype=torch.float64)
     except (KeyError, TypeError, ValueError) as e:
@@ -602,7 +616,9 @@ def _final_per_point(results: Path, runs: Path, name: str, num_samples: int) -> 
     """The file holding a row's final per-point log p(x) with K = ``num_samples``: the
     results' copy, else the evaluation in its run directory; ``None`` where neither is."""
     for path in (per_point_file(results, name), runs / name / f"evaluation-k{num_samples}.json"):
-        if path.is_file() and read_json(path, "evaluation").get("num_samples") == num_samples:
+        if not path.is_file():
+            continue
+        if read_json(path, "evaluation", _mend(path)).get("num_samples") == num_samples:
             return path
     return None
 

@@ -34,18 +34,19 @@ class ResultsError(ValueError):
     """A results or evaluation file that cannot be read; its message names the file."""
 
 
-def read_json(path: Path, what: str = "results file") -> dict[str, Any]:
-    """``path`` parsed as a JSON object, or a :class:`ResultsError` that names it."""
+def read_json(
+    path: Path, what: str = "results file", fix: str = "restore it from git or delete it"
+) -> dict[str, Any]:
+    """``path`` parsed as a JSON object, or a :class:`ResultsError` that names it and says
+    how to ``fix`` it."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResultsError(
-            f"{path} is not a readable {what} ({e}); restore it from git or delete it"
-        ) from None
+        raise ResultsError(f"{path} is not a readable {what} ({e}); {fix}") from None
     if not isinstance(data, dict):
         raise ResultsError(
             f"{path} is not a readable {what} (a JSON object expected, got "
-            f"{type(data).__name__}); restore it from git or delete it"
+            f"{type(data).__name__}); {fix}"
         )
     return data
 

@@ -561,6 +561,27 @@ def test_a_run_that_lost_its_checkpoint_restarts_only_when_asked_and_keeps_its_c
         del reproduce.REPRODUCTIONS["tiny"]
 
 
+def test_an_unreadable_file_of_a_run_directory_is_named_with_its_own_remedy(tmp_path):
+    results, run_dir = tmp_path / "results", tmp_path / "runs" / "x"
+    results.mkdir()
+    run_dir.mkdir(parents=True)
+    (results / "x.json").write_text(json.dumps({"name": "x", "epochs_run": 2}))
+    (run_dir / reproduce.RUN_RECORD).write_text("{")
+    # The run's copy of the results is not in git: deleting it falls back on the checkout's.
+    with pytest.raises(reproduce_table.ResultsError) as e:
+        reproduce.read_results(results, "x", run_dir)
+    assert str(run_dir / reproduce.RUN_RECORD) in str(e.value)
+    assert "delete it, and the results file of the checkout is used" in str(e.value)
+    assert "git" not in str(e.value)
+    (run_dir / reproduce.RUN_RECORD).unlink()
+    assert reproduce.read_results(results, "x", run_dir)["epochs_run"] == 2
+    # A run's evaluation is written again by `pyrovae evaluate`.
+    (run_dir / "evaluation-k30.json").write_text("[]")
+    record = {"final": {"method": "is", "num_samples": 30}}
+    with pytest.raises(reproduce_table.ResultsError, match="pyrovae evaluate RUN_DIR"):
+        reproduce._khat_share(record, run_dir)
+
+
 def test_pairing_with_an_evaluation_without_per_point_figures_names_the_file(tmp_path):
     good, bad = tmp_path / "a.json", tmp_path / "b.json"
     good.write_text(json.dumps({"per_point": {"log_px": [-1.0, -2.0, -4.0]}}))
