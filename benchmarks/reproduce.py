@@ -347,14 +347,9 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
     run_dir = Path(args.runs).expanduser() / name
     record = read_results(results, name, run_dir)
     done = Checkpoint.load(run_dir).epoch if (run_dir / "checkpoint.pt").is_file() else 0
-    if not done and record.get("epochs_run") and record.get("training") != "finished":
+    if lost_run(record, done):
         if not args.restart:
-            raise PyrovaeError(
-                f"{name}: its results file records {record['epochs_run']} epochs of training, "
-                f"but {run_dir} has no checkpoint to resume them from; pass the --runs folder "
-                "that holds the run, or --restart to train the row again from epoch 0 (the "
-                "earlier run's curve is kept in the results file)"
-            )
+            raise PyrovaeError(_lost_message([name], args))
         record = set_aside_lost_run(record, results, name, run_dir)
     record.update(
         name=name,
@@ -447,6 +442,38 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
         record["ais"].update(_paired_with_final(record, run_dir))
         write_results(results, name, record, run_dir)
     write_table(results, REPRODUCTIONS)
+
+
+def lost_run(record: dict[str, Any], done: int) -> bool:
+    """Whether the row's results record training that its run directory, with ``done``
+    epochs in its checkpoint (0: none), cannot resume: its checkpoint was lost."""
+    return not done and bool(record.get("epochs_run")) and record.get("training") != "finished"
+
+
+def _lost_message(names: list[str], args: argparse.Namespace) -> str:
+    rows = ", ".join(names)
+    return (
+        f"{rows}: the results record epochs of training, but {Path(args.runs).expanduser()} "
+        "has no checkpoint to resume them from; pass the --runs folder that holds the runs, "
+        "or --restart to train them again from epoch 0 (the earlier runs' curves are kept in "
+        "the results files)"
+    )
+
+
+def check_resumable(names: list[str], args: argparse.Namespace) -> None:
+    """Refuses, before any row trains, rows whose runs lost their checkpoints, unless
+    ``--restart``: one line naming them all."""
+    if args.restart:
+        return
+    runs, results = Path(args.runs).expanduser(), Path(args.results)
+    lost = []
+    for name in names:
+        run_dir = runs / name
+        done = Checkpoint.load(run_dir).epoch if (run_dir / "checkpoint.pt").is_file() else 0
+        if lost_run(read_results(results, name, run_dir), done):
+            lost.append(name)
+    if lost:
+        raise PyrovaeError(_lost_message(lost, args))
 
 
 EARLIER_RUN = (
@@ -731,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
                 if (runs / n / "checkpoint.pt").is_file()
                 and not read_results(Path(args.results), n, runs / n).get("final")
             ]
+        if not args.interim:
+            check_resumable(names, args)
         for name in names:
             if args.interim:
                 evaluate_interim(name, args)

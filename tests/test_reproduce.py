@@ -526,10 +526,16 @@ def test_a_run_that_lost_its_checkpoint_restarts_only_when_asked_and_keeps_its_c
         fresh = ["--runs", str(tmp / "fresh")]
         assert reproduce.main(["tiny", "--stop-at", "1", *fresh, *common]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "records 3 epochs" in err and "--restart" in err
+        assert err.count("\n") == 1 and "tiny: the results record epochs" in err
+        assert "--restart" in err and str(tmp / "fresh") in err
         assert (results / "tiny.json").read_bytes() == before
         assert (results / "interim" / "tiny.json").is_file()
         assert not (tmp / "fresh").exists()
+        # Checked for every row named before any trains: a new row listed first waits.
+        reproduce.REPRODUCTIONS["other"] = entry
+        assert reproduce.main(["other", "tiny", "--stop-at", "1", *fresh, *common]) == 2
+        assert "tiny: the results record epochs" in capsys.readouterr().err
+        assert not (tmp / "fresh").exists() and not (results / "other.json").exists()
 
         assert reproduce.main(["tiny", "--stop-at", "1", "--restart", *fresh, *common]) == 0
         record = json.loads((results / "tiny.json").read_text())
@@ -559,6 +565,7 @@ def test_a_run_that_lost_its_checkpoint_restarts_only_when_asked_and_keeps_its_c
         assert f"{record['final']['log_px']:.2f}" in table
     finally:
         del reproduce.REPRODUCTIONS["tiny"]
+        reproduce.REPRODUCTIONS.pop("other", None)
 
 
 def test_an_unreadable_file_of_a_run_directory_is_named_with_its_own_remedy(tmp_path):
