@@ -155,7 +155,7 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
         delta,
         protocol,
         epochs,
-        _hours(run.get("train_seconds")),
+        _hours(run.get("train_seconds")) + ("" if run is record else " (the earlier run)"),
         run.get("device", "—"),
         f"`{_portable(record['command'])}`" if record.get("command") else "—",
     ]

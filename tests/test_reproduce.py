@@ -554,6 +554,7 @@ def test_a_run_that_lost_its_checkpoint_restarts_only_when_asked_and_keeps_its_c
         shown = f"**{interim['log_px']:.2f} ± {interim['log_px_se']:.2f}**"
         assert f"{shown} (partial, epoch 3 of an earlier run, lost at epoch 3)" in table
         assert "1 / 4 (an earlier run: 3)" in table
+        assert f"| {reproduce_table._hours(lost['train_seconds'])} (the earlier run) |" in table
         assert "learning curve of earlier run 1" in table
         # Resuming the new run needs no --restart; once past, the row is the new run's.
         assert reproduce.main(["tiny", *fresh, *common]) == 0
