@@ -94,10 +94,11 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
     compared with ``best_paper``, the record with the best paper figure on its data."""
     final = record.get("final")
     accuracy = record.get("metric") == "accuracy"
-    earlier = (record.get("earlier_runs") or [None])[-1]
+    # Of the earlier runs (restarted from epoch 0 after losing their checkpoints), the one
+    # that got furthest; the row shows its figures until the current run passes them.
+    earlier = max(record.get("earlier_runs") or [], key=_shown_epoch, default=None)
     run = record
     if final is None and earlier is not None and _shown_epoch(earlier) > _shown_epoch(record):
-        # A run restarted from epoch 0 shows the earlier run's figures until it passes them.
         run = earlier
     measured, point = _shown(run)
     of_run = "" if run is record else f" of an earlier run, lost at epoch {run['epochs_run']}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -556,10 +557,18 @@ def test_a_run_that_lost_its_checkpoint_restarts_only_when_asked_and_keeps_its_c
         assert "1 / 4 (an earlier run: 3)" in table
         assert f"| {reproduce_table._hours(lost['train_seconds'])} (the earlier run) |" in table
         assert "learning curve of earlier run 1" in table
+        # Lost again before it passed the first: the row still shows the run that got furthest.
+        shutil.rmtree(tmp / "fresh")
+        assert reproduce.main(["tiny", "--stop-at", "1", "--restart", *fresh, *common]) == 0
+        record = json.loads((results / "tiny.json").read_text())
+        assert [r["epochs_run"] for r in record["earlier_runs"]] == [3, 1]
+        table = (results / "README.md").read_text()
+        assert f"{shown} (partial, epoch 3 of an earlier run, lost at epoch 3)" in table
+        assert "learning curve of earlier run 2" in table
         # Resuming the new run needs no --restart; once past, the row is the new run's.
         assert reproduce.main(["tiny", *fresh, *common]) == 0
         record = json.loads((results / "tiny.json").read_text())
-        assert record["training"] == "finished" and len(record["earlier_runs"]) == 1
+        assert record["training"] == "finished" and len(record["earlier_runs"]) == 2
         assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4]
         table = (results / "README.md").read_text()
         assert "(final)" in table and "of an earlier run" not in table
