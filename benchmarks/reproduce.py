@@ -346,7 +346,7 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
     results = Path(args.results)
     run_dir = Path(args.runs).expanduser() / name
     record = read_results(results, name, run_dir)
-    done = Checkpoint.load(run_dir).epoch if (run_dir / "checkpoint.pt").is_file() else 0
+    done = checkpoint_epoch(run_dir)
     if lost_run(record, done):
         if not args.restart:
             raise PyrovaeError(_lost_message([name], args))
@@ -444,6 +444,11 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
     write_table(results, REPRODUCTIONS)
 
 
+def checkpoint_epoch(run_dir: Path) -> int:
+    """The epoch of the run's checkpoint; 0 where it has none."""
+    return Checkpoint.load(run_dir).epoch if (run_dir / "checkpoint.pt").is_file() else 0
+
+
 def lost_run(record: dict[str, Any], done: int) -> bool:
     """Whether the row's results record training that its run directory, with ``done``
     epochs in its checkpoint (0: none), cannot resume: its checkpoint was lost."""
@@ -469,7 +474,7 @@ def check_resumable(names: list[str], args: argparse.Namespace) -> None:
     lost = []
     for name in names:
         run_dir = runs / name
-        done = Checkpoint.load(run_dir).epoch if (run_dir / "checkpoint.pt").is_file() else 0
+        done = checkpoint_epoch(run_dir)
         if lost_run(read_results(results, name, run_dir), done):
             lost.append(name)
     if lost:
