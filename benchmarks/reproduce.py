@@ -711,7 +711,13 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", choices=[*REPRODUCTIONS, []], metavar="NAME")
     parser.add_argument("--runs", default="~/pyrovae-runs/reproduce")
-    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help="folder of the results files and the table (default: the checkout's); an empty "
+        "folder trains the named rows afresh, where the checkout's only resumes its partial "
+        "rows and re-renders its final ones",
+    )
     parser.add_argument("--data", default=None, help="mnist.npz or its folder")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--stop-at", type=int, default=None, help="end after this epoch")
