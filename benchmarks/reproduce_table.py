@@ -316,23 +316,24 @@ def best_paper_row(record: dict[str, Any], records: list[dict[str, Any]]) -> dic
 
 
 def beyond_lines(records: list[dict[str, Any]]) -> list[str]:
-    """Each row beyond the papers against the paper row it changes, point by point on the
-    same test images (``reproduce._paired_with_base``), once both are final."""
+    """Each row beyond the papers against the paper row it changes: point by point on the
+    same test images (``reproduce._against_base``) once both are final; until then, the
+    latest epoch of its curve that both curves have."""
     names = {r.get("name"): r for r in records}
     compared = [r for r in records if r.get("against_base")]
-    if not compared:
-        return []
-    lines = [
-        "### Beyond the papers, against the row each one changes",
-        "",
-        "Both final evaluations (the same K, the same test images): the difference is this "
-        "row's log p(x) minus its base row's, point by point, ± its standard error (paired); "
-        "where the base row's per-point figures were lost with its run, the difference of "
-        "the two means, ± the root of the sum of their squared standard errors (unpaired).",
-        "",
-        "| model | base row | points | base row's figure | this row's figure | difference |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    heading = ["### Beyond the papers, against the row each one changes", ""]
+    lines = []
+    if compared:
+        lines += [
+            "Both final evaluations (the same K, the same test images): the difference is "
+            "this row's log p(x) minus its base row's, point by point, ± its standard error "
+            "(paired); where the base row's per-point figures were lost with its run, the "
+            "difference of the two means, ± the root of the sum of their squared standard "
+            "errors (unpaired).",
+            "",
+            "| model | base row | points | base row's figure | this row's figure | difference |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
     for r in compared:
         against = r["against_base"]
         base = names.get(against["base"], {})
@@ -346,7 +347,57 @@ def beyond_lines(records: list[dict[str, Any]]) -> list[str]:
             f"({'paired' if against.get('paired', True) else 'unpaired'})",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    if compared:
+        lines.append("")
+    partial = [
+        (r, names[r["base"]], epoch)
+        for r in records
+        if r.get("base") in names and not r.get("against_base")
+        for epoch in [_common_epoch(r, names[r["base"]])]
+        if epoch is not None
+    ]
+    if partial:
+        lines += [
+            "Until both rows are final, their learning curves at the latest epoch both have "
+            "(the curves' protocol, the same first test images and K; not paired, so the "
+            "difference has no standard error here):",
+            "",
+            "| model | base row | epoch | base row's curve | this row's curve | difference |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r, base, epoch in partial:
+            this, other = _curve_at(r, epoch), _curve_at(base, epoch)
+            cells = [
+                r["model"],
+                base["model"],
+                str(epoch),
+                _nats(other["log_px"], other.get("log_px_se")),
+                _nats(this["log_px"], this.get("log_px_se")),
+                f"{this['log_px'] - other['log_px']:+.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return heading + lines if lines else []
+
+
+def _curve_at(record: dict[str, Any], epoch: int) -> dict[str, Any]:
+    return next(p for p in record.get("curve") or [] if p["epoch"] == epoch)
+
+
+def _common_epoch(record: dict[str, Any], base: dict[str, Any]) -> int | None:
+    """The latest epoch at which both curves have a log p(x) with the same protocol (the
+    same K and number of test points), or None."""
+
+    def points(r: dict[str, Any]) -> dict[int, tuple[Any, Any]]:
+        return {
+            p["epoch"]: (p.get("num_samples"), p.get("points"))
+            for p in r.get("curve") or []
+            if p.get("log_px") is not None
+        }
+
+    mine, theirs = points(record), points(base)
+    common = [e for e in mine if e in theirs and mine[e] == theirs[e]]
+    return max(common, default=None)
 
 
 def render(records: list[dict[str, Any]]) -> str:

@@ -608,3 +608,35 @@ def test_pairing_with_an_evaluation_without_per_point_figures_names_the_file(tmp
     bad.write_text(json.dumps({"per_point": {"log_px": [-2.0, -2.0]}}))
     paired = reproduce._paired(good, bad)
     assert paired["points"] == 2 and paired["difference"] == pytest.approx(0.5)
+
+
+def test_a_partial_row_beyond_the_papers_is_read_against_its_base_rows_curve(tmp_path):
+    def point(epoch, log_px, points=500):
+        return {"epoch": epoch, "log_px": log_px, "log_px_se": 1.0, "num_samples": 500,
+                "points": points}  # fmt: skip
+
+    common = {"metric": "log_px", "source": "s", "data": "dynamic", "paper_epochs": 100}
+    base = {**common, "name": "base", "model": "model base", "paper": -86.0,
+            "curve": [point(10, -100.0), point(50, -90.0), point(100, -85.0, points=1000)]}  # fmt: skip
+    beyond = {**common, "name": "beyond", "model": "model beyond", "paper": None,
+              "base": "base", "curve": [point(10, -97.5), point(30, -93.0), point(100, -84.0)]}  # fmt: skip
+    for r in (base, beyond):
+        (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
+    assert reproduce_table.main(["--results", str(tmp_path)]) == 0
+    rows = [
+        line
+        for line in (tmp_path / "README.md").read_text().splitlines()
+        if line.startswith("| model beyond | model base |")
+    ]
+    # Epoch 30 is not in the base's curve and epoch 100 has another protocol there: the
+    # latest epoch both curves have with the same protocol is 10.
+    assert rows == ["| model beyond | model base | 10 | -100.00 ± 1.00 | -97.50 ± 1.00 | +2.50 |"]
+    # Once the comparison of the final evaluations is recorded, it replaces the curves'.
+    beyond["final"] = {**point(90, -83.0, points=10000), "checkpoint": "best"}
+    beyond["against_base"] = {"base": "base", "points": 10000, "other_same_points": -84.0,
+                              "difference": 1.0, "difference_se": 0.1}  # fmt: skip
+    (tmp_path / "beyond.json").write_text(json.dumps(beyond))
+    assert reproduce_table.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "| +1.00 ± 0.10 (paired) |" in text
+    assert "| model beyond | model base | 10 |" not in text
