@@ -350,11 +350,11 @@ def beyond_lines(records: list[dict[str, Any]]) -> list[str]:
     if compared:
         lines.append("")
     partial = [
-        (r, names[r["base"]], epoch)
+        (r, names[r["base"]], pair)
         for r in records
-        if r.get("base") in names and not r.get("against_base")
-        for epoch in [_common_epoch(r, names[r["base"]])]
-        if epoch is not None
+        if r.get("base") in names
+        and not r.get("against_base")
+        and (pair := _latest_common_point(r, names[r["base"]])) is not None
     ]
     if partial:
         lines += [
@@ -365,12 +365,11 @@ def beyond_lines(records: list[dict[str, Any]]) -> list[str]:
             "| model | base row | epoch | base row's curve | this row's curve | difference |",
             "|---|---|---:|---:|---:|---:|",
         ]
-        for r, base, epoch in partial:
-            this, other = _curve_at(r, epoch), _curve_at(base, epoch)
+        for r, base, (this, other) in partial:
             cells = [
                 r["model"],
                 base["model"],
-                str(epoch),
+                str(this["epoch"]),
                 _nats(other["log_px"], other.get("log_px_se")),
                 _nats(this["log_px"], this.get("log_px_se")),
                 f"{this['log_px'] - other['log_px']:+.2f}",
@@ -380,24 +379,20 @@ def beyond_lines(records: list[dict[str, Any]]) -> list[str]:
     return heading + lines if lines else []
 
 
-def _curve_at(record: dict[str, Any], epoch: int) -> dict[str, Any]:
-    return next(p for p in record.get("curve") or [] if p["epoch"] == epoch)
+def _latest_common_point(
+    record: dict[str, Any], base: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The two curves' points at the latest epoch where both have a log p(x) with the same
+    protocol (the same K and number of test points): ``(record's, base's)``, or None."""
 
+    def by_epoch(r: dict[str, Any]) -> dict[tuple[Any, Any, Any], dict[str, Any]]:
+        curve = r.get("curve") or []
+        return {(p["epoch"], p.get("num_samples"), p.get("points")): p for p in curve
+                if p.get("log_px") is not None}  # fmt: skip
 
-def _common_epoch(record: dict[str, Any], base: dict[str, Any]) -> int | None:
-    """The latest epoch at which both curves have a log p(x) with the same protocol (the
-    same K and number of test points), or None."""
-
-    def points(r: dict[str, Any]) -> dict[int, tuple[Any, Any]]:
-        return {
-            p["epoch"]: (p.get("num_samples"), p.get("points"))
-            for p in r.get("curve") or []
-            if p.get("log_px") is not None
-        }
-
-    mine, theirs = points(record), points(base)
-    common = [e for e in mine if e in theirs and mine[e] == theirs[e]]
-    return max(common, default=None)
+    mine, theirs = by_epoch(record), by_epoch(base)
+    common = max((key for key in mine if key in theirs), default=None)
+    return None if common is None else (mine[common], theirs[common])
 
 
 def render(records: list[dict[str, Any]]) -> str:
