@@ -10,7 +10,6 @@ import torch
 from pyro.contrib.zuko import ZukoToPyro
 from torch import Tensor, nn
 from torch.distributions import constraints
-from torch.nn.functional import hardtanh
 
 from pyrovae.model.flows import autoregressive_flow
 
@@ -241,9 +240,12 @@ class VampPrior(nn.Module):
         in_features: number of data features F.
         encoder: the guide's encoder, ``encoder(x) -> Distribution`` over z.
         components: number of pseudo-inputs K (at least one).
-        clip: pass the pseudo-inputs through ``hardtanh(u, 0, 1)`` before the encoder, as
-            Tomczak and Welling's code does, so that they stay where image data live (an
-            entry outside [0, 1] then gets no gradient); by default they are used as learned.
+        clip: clip the pseudo-inputs to [0, 1] before the encoder, as Tomczak and Welling's
+            code does (``hardtanh(u, 0, 1)``), so that they stay where image data live; by
+            default they are used as learned. An entry outside [0, 1] gets no gradient; one
+            at exactly 0 or 1 does (``clamp``). PyTorch's ``hardtanh`` passes none there
+            either, which would freeze for good the ~80% of entries that are 0 or 1 when the
+            pseudo-inputs start as training digits (MNIST's background and full strokes).
 
     References:
         VAE with a VampPrior (Tomczak and Welling, 2018)
@@ -271,8 +273,9 @@ class VampPrior(nn.Module):
             self._check_components(latent_dim)
 
     def inputs(self) -> Tensor:
-        """The pseudo-inputs as the encoder sees them: clipped to [0, 1] with ``clip``."""
-        return hardtanh(self.pseudo_inputs, 0.0, 1.0) if self.clip else self.pseudo_inputs
+        """The pseudo-inputs as the encoder sees them: clipped to [0, 1] with ``clip``
+        (``clamp``, whose gradient passes at the bounds)."""
+        return self.pseudo_inputs.clamp(0.0, 1.0) if self.clip else self.pseudo_inputs
 
     def forward(self) -> dist.Distribution:
         return UniformMixture(self.encoder(self.inputs()))

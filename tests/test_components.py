@@ -472,8 +472,9 @@ def test_vamp_prior_is_the_equal_mixture_of_its_components(name: str, options: d
 
 
 def test_a_clipped_vamp_prior_is_the_prior_of_its_pseudo_inputs_clipped_to_the_unit_interval():
-    """``clip``: hardtanh(u, 0, 1) before the encoder, as Tomczak and Welling's code; entries
-    outside [0, 1] get no gradient, those inside do."""
+    """``clip``: u clipped to [0, 1] before the encoder, as Tomczak and Welling's code; entries
+    outside [0, 1] get no gradient, those inside and those exactly at 0 or 1 do (pseudo-inputs
+    that start as training digits are mostly 0 or 1, and must not be frozen there)."""
     context = {"in_features": FEATURES, "latent_dim": 2}
     encoder = construct(ENCODERS["diagonal_normal"], {}, **context)
     clipped = PRIORS["vamp"](**context, encoder=encoder, components=6, clip=True)
@@ -488,6 +489,10 @@ def test_a_clipped_vamp_prior_is_the_prior_of_its_pseudo_inputs_clipped_to_the_u
     (grad,) = torch.autograd.grad(log_p.sum(), clipped.pseudo_inputs)
     outside = (clipped.pseudo_inputs < 0) | (clipped.pseudo_inputs > 1)
     assert outside.any() and (grad[outside] == 0).all() and (grad[~outside] != 0).any()
+    with torch.no_grad():
+        clipped.pseudo_inputs.copy_(torch.randint(2, (6, FEATURES), dtype=torch.float64))
+    (grad,) = torch.autograd.grad(clipped().log_prob(z).sum(), clipped.pseudo_inputs)
+    assert (grad != 0).float().mean() > 0.9
     with pytest.raises(ValueError, match="clip must be true or false"):
         PRIORS["vamp"](**context, encoder=encoder, clip="yes")
 
