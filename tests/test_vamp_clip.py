@@ -1,0 +1,82 @@
+"""The pseudo-input clipping comparison (benchmarks/vamp_clip.py) on a small MNIST-shaped
+file: both arms train the same config from the same seed, the clipped one with
+``prior.clip = true``; Δ is paired on the same points; a stopped arm resumes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyrovae.inference import load_run, train_run
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import vamp_clip  # noqa: E402
+
+SMALL = [
+    "data.validation_size=40",
+    "model.latent_dim=2",
+    "model.prior.components=5",
+    "model.decoder.hidden=[8]",
+    "guide.encoder.hidden=[8]",
+]
+
+
+@pytest.fixture
+def npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mnist.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
+        y_train=np.arange(200, dtype=np.uint8) % 10,
+        x_test=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+        y_test=np.arange(30, dtype=np.uint8) % 10,
+    )
+    return path
+
+
+def test_both_arms_train_the_same_config_and_the_clipped_one_is_paired_with_the_other(
+    tmp_path, npz
+):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    # The clipped arm was stopped after one of its two epochs: it resumes, not restarts.
+    stopped = train_run(
+        vamp_clip.ROOT / vamp_clip.CONFIG,
+        runs / "clipped-e2-s0",
+        overrides=[f"data.path={json.dumps(str(npz))}", "train.epochs=1", "train.seed=0"]
+        + SMALL
+        + vamp_clip.ARMS["clipped"][0],
+        progress=False,
+    )
+    first = stopped.history[0]["validation_elbo"]
+    argv = ["--epochs", "2", "--num-samples", "4", "--data", str(npz)]
+    argv += ["--runs", str(runs), "--output", str(out)]
+    for override in SMALL:
+        argv += ["--set", override]
+    assert vamp_clip.main(argv) == 0
+
+    rows = {r["arm"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"unclipped", "clipped"}
+    clipped, unclipped = load_run(runs / "clipped-e2-s0"), load_run(runs / "unclipped-e2-s0")
+    assert clipped.model.prior.clip and not unclipped.model.prior.clip
+    assert clipped.epoch == unclipped.epoch == 2
+    assert clipped.history[0]["validation_elbo"] == first
+    for r in rows.values():
+        assert r["epochs"] == 2 and r["points"] == 30 and len(r["per_point"]) == 30
+        assert 0 <= r["pseudo_inputs_outside"] <= 1
+    diff = torch.tensor(rows["clipped"]["per_point"]) - torch.tensor(rows["unclipped"]["per_point"])
+    page = out.with_suffix(".md").read_text()
+    assert f"| {diff.mean():+.2f} ± {diff.std() / 30**0.5:.2f} |" in page
+    assert "| baseline |" in page
+
+
+def test_the_share_of_pseudo_inputs_outside_the_unit_interval():
+    u = torch.tensor([[-0.1, 0.0, 0.5, 1.0], [1.2, 0.3, 0.7, 0.9]])
+    assert vamp_clip.outside_unit_interval(u) == pytest.approx(2 / 8)
