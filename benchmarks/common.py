@@ -84,6 +84,27 @@ def run_arms(
     return 0
 
 
+def paired_delta(row: dict, base: dict) -> str:
+    """``row``'s mean log p(x) minus ``base``'s, paired on their per-point figures, ± its
+    standard error, as a results page shows it."""
+    import torch
+
+    diff = torch.tensor(row["per_point"]) - torch.tensor(base["per_point"])
+    return f"{diff.mean():+.2f} ± {diff.std() / len(diff) ** 0.5:.2f}"
+
+
+def announcing(
+    render: Callable[[list[dict], str], str], protocol: str
+) -> Callable[[list[dict]], str]:
+    """A ``render`` for :func:`run_arms` that also prints the latest arm's log p(x)."""
+
+    def announce(rows: list[dict]) -> str:
+        print(f"{rows[-1]['arm']}: log p(x) {rows[-1]['log_px']:.2f}", flush=True)
+        return render(rows, protocol)
+
+    return announce
+
+
 def live_run(spec, state):
     """A ``Run`` of the model being trained (its modules as they are at ``state``'s epoch,
     nothing on disk), for ``evaluate_run`` and the like from a training callback."""

@@ -19,8 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from common import ROOT, arms_parser, run_arms
+from common import ROOT, announcing, arms_parser, paired_delta, run_arms
 
 from pyrovae.inference import evaluate_run, load_run, train_run
 
@@ -121,8 +120,7 @@ def render(rows: list[dict], protocol: str) -> str:
             (b for b in rows if b["arm"] == against and (b["epochs"], b["seed"]) == same), None
         )
         if base is not None and r is not base:
-            diff = torch.tensor(r["per_point"]) - torch.tensor(base["per_point"])
-            delta = f"{diff.mean():+.2f} ± {diff.std() / len(diff) ** 0.5:.2f}"
+            delta = paired_delta(r, base)
         else:
             delta = "baseline"
         lines.append(
@@ -146,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks/two_layer.py [ARM ...] --epochs E --seed S` (1 thread each)."
     )
 
-    def announce(rows: list[dict]) -> str:
-        print(f"{rows[-1]['arm']}: log p(x) {rows[-1]['log_px']:.2f}", flush=True)
-        return render(rows, protocol)
-
-    return run_arms("two_layer", args, ARMS, run_arm, announce)
+    return run_arms("two_layer", args, ARMS, run_arm, announcing(render, protocol))
 
 
 if __name__ == "__main__":

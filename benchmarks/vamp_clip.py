@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import ROOT, arms_parser, command_line, run_arms
+from common import ROOT, announcing, arms_parser, command_line, paired_delta, run_arms
 
 from pyrovae.inference import evaluate_run, load_run, train_run
 
@@ -118,8 +118,7 @@ def render(rows: list[dict], protocol: str) -> str:
         elif base is None:
             delta = "no baseline"
         else:
-            diff = torch.tensor(r["per_point"]) - torch.tensor(base["per_point"])
-            delta = f"{diff.mean():+.2f} ± {diff.std() / len(diff) ** 0.5:.2f}"
+            delta = paired_delta(r, base)
         lines.append(
             f"| {r['what']} | {r['epochs']} | {r['seed']} | {r['elbo']:.2f} | "
             f"{r['log_px']:.2f} ± {r['log_px_se']:.2f} | {delta} | "
@@ -151,11 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seed S` (1 thread each)."
     )
 
-    def announce(rows: list[dict]) -> str:
-        print(f"{rows[-1]['arm']}: log p(x) {rows[-1]['log_px']:.2f}", flush=True)
-        return render(rows, protocol)
-
-    return run_arms("vamp_clip", args, ARMS, run_arm, announce)
+    return run_arms("vamp_clip", args, ARMS, run_arm, announcing(render, protocol))
 
 
 if __name__ == "__main__":
