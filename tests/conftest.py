@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -27,6 +28,26 @@ def mnist_npz() -> Path:
     if not MNIST_NPZ.is_file():
         pytest.skip(f"MNIST not found at {MNIST_NPZ}")
     return MNIST_NPZ
+
+
+@pytest.fixture
+def mnist_like():
+    """A writer of small MNIST-shaped files in Keras layout: random uint8 digits, labels
+    cycling 0-9 so that every class is present (semi-supervised recipes need each one), and
+    a ``seed`` so that two files can differ. Returns the path it wrote."""
+
+    def write(path: Path, *, train: int = 200, test: int = 30, seed: int = 0) -> Path:
+        rng = np.random.default_rng(seed)
+        np.savez(
+            path,
+            x_train=rng.integers(0, 256, (train, 28, 28), dtype=np.uint8),
+            y_train=np.arange(train, dtype=np.uint8) % 10,
+            x_test=rng.integers(0, 256, (test, 28, 28), dtype=np.uint8),
+            y_test=np.arange(test, dtype=np.uint8) % 10,
+        )
+        return path
+
+    return write
 
 
 def pytest_collection_modifyitems(config, items):

@@ -103,27 +103,14 @@ def test_a_checkpoint_written_before_checksums_still_loads(run_dir):
 # --- the data a run was trained on ----------------------------------------------------------
 
 
-def _npz(path, seed: int) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
-        y_train=rng.integers(0, 10, 120, dtype=np.uint8),
-        x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
-        y_test=rng.integers(0, 10, 20, dtype=np.uint8),
-    )
-
-
-def test_a_run_refuses_data_other_than_its_own(tmp_path, monkeypatch):
+def test_a_run_refuses_data_other_than_its_own(tmp_path, monkeypatch, mnist_like):
     """The run's data file is gone and PYROVAE_DATA points at another file of the same name:
     evaluating, reporting and resuming refuse it, naming both."""
     own, other = tmp_path / "own", tmp_path / "other"
     own.mkdir()
     other.mkdir()
-    _npz(own / "mnist.npz", 0)
-    _npz(other / "mnist.npz", 1)
+    mnist_like(own / "mnist.npz", train=120, test=20, seed=0)
+    mnist_like(other / "mnist.npz", train=120, test=20, seed=1)
     settings = [*SETTINGS, 'data.name="mnist"', "data.validation_size=20", "train.epochs=1"]
     out = tmp_path / "run"
     train_run(None, out, overrides=[*settings, f'data.path="{own}"'], progress=False)
@@ -140,7 +127,7 @@ def test_a_run_refuses_data_other_than_its_own(tmp_path, monkeypatch):
     with pytest.raises(PyrovaeError, match="are not the data"):
         train_run(None, out, overrides=["train.epochs=2"], resume=True, progress=False)
     # The same bytes again are the same data, wherever they lie.
-    _npz(other / "mnist.npz", 0)
+    mnist_like(other / "mnist.npz", train=120, test=20, seed=0)
     assert evaluate_run(run, num_samples=3, limit=4, write=False).num_points == 4
 
 

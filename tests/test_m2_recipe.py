@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pyrovae.inference import load_run
@@ -18,16 +17,8 @@ sys.path.insert(0, str(BENCHMARKS))
 import m2_recipe  # noqa: E402
 
 
-def test_an_arm_records_the_classifiers_test_accuracy_after_every_epoch(tmp_path):
-    rng = np.random.default_rng(0)
-    npz = tmp_path / "mnist.npz"
-    np.savez(
-        npz,
-        x_train=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
-        y_train=np.arange(300, dtype=np.uint8) % 10,
-        x_test=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
-        y_test=np.arange(40, dtype=np.uint8) % 10,
-    )
+def test_an_arm_records_the_classifiers_test_accuracy_after_every_epoch(tmp_path, mnist_like):
+    npz = mnist_like(tmp_path / "mnist.npz", train=300, test=40)
     small = ["data.validation_size=40", "model.latent_dim=2", "data.labels_per_class=2"]
     argv = ["their-batches", "--epochs", "2", "--data", str(npz)]
     argv += ["--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "out")]

@@ -10,7 +10,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tomllib
 import torch
@@ -50,16 +49,8 @@ lr = 1e-3
 
 
 @pytest.fixture
-def setting(tmp_path):
-    rng = np.random.default_rng(0)
-    npz = tmp_path / "mnist.npz"
-    np.savez(
-        npz,
-        x_train=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
-        y_train=rng.integers(0, 10, 200, dtype=np.uint8),
-        x_test=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
-        y_test=rng.integers(0, 10, 30, dtype=np.uint8),
-    )
+def setting(tmp_path, mnist_like):
+    npz = mnist_like(tmp_path / "mnist.npz")
     config = tmp_path / "paper-tiny.toml"
     config.write_text(TINY)
     entry = reproduce.Reproduction(

@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,17 +28,8 @@ SMALL = [
 
 
 @pytest.fixture
-def npz(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "mnist.npz"
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
-        y_train=np.arange(200, dtype=np.uint8) % 10,
-        x_test=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
-        y_test=np.arange(30, dtype=np.uint8) % 10,
-    )
-    return path
+def npz(tmp_path, mnist_like):
+    return mnist_like(tmp_path / "mnist.npz")
 
 
 def test_both_arms_train_the_same_config_and_the_clipped_one_is_paired_with_the_other(
