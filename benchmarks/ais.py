@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
@@ -36,6 +35,7 @@ from pyrovae.inference import (
     load_run,
     log_marginal_likelihood,
 )
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.experiment.runs import load_run_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,14 +131,14 @@ def _row(name: str, log_px: torch.Tensor, seconds: float, evaluations: int, **ex
     row = {
         "estimator": name,
         "log_px": log_px.mean().item(),
-        "log_px_se": (log_px.std() / math.sqrt(len(log_px))).item(),
+        "log_px_se": standard_error(log_px),
         "seconds": seconds,
         "evaluations_per_point": evaluations,
         **extra,
     }
     if paired is not None:
         row["minus_is"] = paired.mean().item()
-        row["minus_is_se"] = (paired.std() / math.sqrt(len(paired))).item()
+        row["minus_is_se"] = standard_error(paired)
     return row
 
 

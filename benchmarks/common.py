@@ -89,8 +89,10 @@ def paired_delta(row: dict, base: dict) -> str:
     standard error, as a results page shows it."""
     import torch
 
+    from pyrovae.inference import standard_error
+
     diff = torch.tensor(row["per_point"]) - torch.tensor(base["per_point"])
-    return f"{diff.mean():+.2f} ± {diff.std() / len(diff) ** 0.5:.2f}"
+    return f"{diff.mean():+.2f} ± {standard_error(diff):.2f}"
 
 
 def announcing(

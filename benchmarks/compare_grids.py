@@ -24,6 +24,7 @@ import torch
 from common import command_line
 from priors_guides import EVALUATION, GUIDES, PRIORS
 
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.experiment.runs import atomic_write
 
 
@@ -91,7 +92,7 @@ def compare(new: Path, old: Path) -> list[dict[str, Any]]:
                 diff = x - y
                 seeds.append(seed)
                 deltas.append(diff.mean().item())
-                errors.append((diff.std() / math.sqrt(len(diff))).item())
+                errors.append(standard_error(diff))
                 new_px.append(x.mean().item())
                 old_px.append(y.mean().item())
             if seeds:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from common import ROOT, command_line, find_mnist
 
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.experiment.evaluation import evaluate_run
 from pyrovae.inference.experiment.workflow import train_run
 
@@ -64,7 +65,7 @@ def main() -> None:
                 "seed": seed,
                 "compile": mode,
                 "test_log_px": log_px.mean().item(),
-                "test_log_px_se": (log_px.std() / len(log_px) ** 0.5).item(),
+                "test_log_px_se": standard_error(log_px),
                 "train_seconds": seconds,
                 "final_train_elbo": run.history[-1]["train_elbo"],
             }

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn.functional import softplus
 
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.runs import load_run
 from pyrovae.model import Bernoulli, StandardNormal, VampPrior
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PyrovaeError, OSError, KeyError, json.JSONDecodeError) as e:
         print(f"independent_estimate: {e}", file=sys.stderr)
         return 2
-    se = (ours.std() / len(ours) ** 0.5).item()
+    se = standard_error(ours)
     result = {
         "run": str(args.run),
         "checkpoint": args.checkpoint,
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = ours - evaluation
         result["evaluation_log_px"] = evaluation.mean().item()
         result["difference"] = diff.mean().item()
-        result["difference_se"] = (diff.std() / len(diff) ** 0.5).item()
+        result["difference_se"] = standard_error(diff)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -34,6 +34,7 @@ import torch
 from common import ROOT, command_line
 
 from pyrovae.inference import evaluate_run, load_data, load_run, train_run
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.runs import atomic_write
 
@@ -165,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         per_point = bits(row.pop("log_px"), features)
         delta = per_point - bits(floor, features)
-        n = len(per_point)
         row.update(
             bits_per_dim=per_point.mean().item(),
-            bits_per_dim_se=(per_point.std() / n**0.5).item(),
+            bits_per_dim_se=standard_error(per_point),
             delta_per_pixel=delta.mean().item(),
-            delta_per_pixel_se=(delta.std() / n**0.5).item() if row is not rows[0] else 0.0,
+            delta_per_pixel_se=standard_error(delta) if row is not rows[0] else 0.0,
             per_point_bits_per_dim=per_point.tolist(),
         )
     result = {

@@ -30,7 +30,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 from common import ROOT, command_line, find_mnist
 
 from pyrovae.inference import evaluate_run, fit_prior, load_run, load_spec
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.experiment.build import component
 from pyrovae.inference.experiment.runs import Run, atomic_write, load_run_data
 from pyrovae.model import PRIORS
@@ -111,7 +111,7 @@ def main() -> None:
                 "epochs": fit.epochs,
                 "validation": list(fit.validation),
                 "log_px": log_px.mean().item(),
-                "log_px_se": (log_px.std() / math.sqrt(len(log_px))).item(),
+                "log_px_se": standard_error(log_px),
                 "fit_seconds": fit_seconds,
                 "eval_seconds": evaluation.seconds,
             }
@@ -119,7 +119,7 @@ def main() -> None:
             if reference is not None:
                 diff = log_px - reference
                 row["delta"] = diff.mean().item()
-                row["delta_se"] = (diff.std() / math.sqrt(len(diff))).item()
+                row["delta_se"] = standard_error(diff)
                 delta = f"{row['delta']:+.2f} ± {row['delta_se']:.2f}"
             rows.append(row)
             line = (

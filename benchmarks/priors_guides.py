@@ -58,6 +58,7 @@ from pyrovae.inference import (
     load_spec,
     train_run,
 )
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.experiment.build import build_objective
 from pyrovae.inference.experiment.data import Splits
 from pyrovae.inference.experiment.runs import SPEC, atomic_write, load_run_data
@@ -268,7 +269,7 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "diagnose_seconds": diagnose_seconds,
         "test_elbo": summary["elbo"],
         "log_px": summary["log_px"],
-        "log_px_se_points": (log_px.std() / math.sqrt(len(log_px))).item(),
+        "log_px_se_points": standard_error(log_px),
         "log_px_mc_error": summary["log_px_mc_error"],
         "kl": summary["kl"],
         "khat_bad_fraction": summary["khat_bad_fraction"],

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.experiment.runs import atomic_write
 
 COLLAPSE_KL = 1.0
@@ -72,7 +73,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             return statistics.fmean(r[key] for r in done)
 
         per_point = torch.tensor([r["log_px_per_point"] for r in done]).mean(0)
-        se = (per_point.std() / math.sqrt(len(per_point))).item()
+        se = standard_error(per_point)
         lines.append(
             f"| {prior} | {guide} | {done[0]['epochs']} | {mean('test_elbo'):.2f} | "
             f"{mean('log_px'):.2f} ± {se:.2f} | {_delta(done, baselines)} | "
@@ -134,7 +135,7 @@ def _delta(rows: list[dict[str, Any]], baselines: dict[int, dict[str, Any]]) -> 
             continue
         diff = torch.tensor(row["log_px_per_point"]) - torch.tensor(baseline["log_px_per_point"])
         deltas.append(diff.mean().item())
-        errors.append((diff.std() / math.sqrt(len(diff))).item())
+        errors.append(standard_error(diff))
     if not deltas:
         return "—"
     if len(deltas) == 1:

@@ -55,6 +55,7 @@ from pyrovae.inference import (
     load_spec,
     train_run,
 )
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.errors import PyrovaeError
 from pyrovae.inference.experiment.evaluation import classification_accuracy
 from pyrovae.inference.experiment.runs import BEST
@@ -639,7 +640,7 @@ def _paired(this: Path, other: Path) -> dict[str, float]:
     return {
         "other_same_points": b[:n].mean().item(),
         "difference": difference.mean().item(),
-        "difference_se": (difference.std() / n**0.5).item(),
+        "difference_se": standard_error(difference),
         "points": n,
     }
 

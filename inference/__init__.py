@@ -14,7 +14,11 @@ scoring path, KL handlers, PSIS helpers, spec builders) are imported from their 
 
 from pyrovae.inference.algorithms.annealing import annealed_log_marginal_likelihood
 from pyrovae.inference.algorithms.bdmc import BDMC, bdmc
-from pyrovae.inference.algorithms.marginal import MarginalLikelihood, log_marginal_likelihood
+from pyrovae.inference.algorithms.marginal import (
+    MarginalLikelihood,
+    log_marginal_likelihood,
+    standard_error,
+)
 from pyrovae.inference.algorithms.objectives import analytic_kl, elbo, enumerated_elbo, iwae
 from pyrovae.inference.algorithms.psis import pareto_khat
 from pyrovae.inference.algorithms.schedules import (
@@ -91,6 +95,7 @@ __all__ = [
     "bdmc",
     "log_marginal_likelihood",
     "pareto_khat",
+    "standard_error",
     # diagnostics and reports
     "AggregateKL",
     "Diagnostics",

@@ -18,7 +18,7 @@ from ppca import PPCAPosterior, gaussian_posterior, ppca_log_px
 from torch import Tensor, nn
 
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
-from pyrovae.inference.algorithms.marginal import log_marginal_likelihood
+from pyrovae.inference.algorithms.marginal import log_marginal_likelihood, standard_error
 from pyrovae.inference.algorithms.psis import _khat_arviz, _khat_arviz_stats, pareto_khat
 from pyrovae.model import VAE, Bernoulli, Decoder, Gaussian, StandardNormal
 from pyrovae.model.sites import DATA_PLATE, LATENT, OBSERVED
@@ -406,3 +406,14 @@ def test_traced_passes_give_pyros_estimate(capsys):
     assert "runs eagerly" not in capsys.readouterr().err  # the trace was kept
     with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
         log_marginal_likelihood(vae, guide, x, 10, compile="fast")
+
+
+def test_standard_error_is_scipys_sem_and_nan_below_two_points():
+    """Every reported ± is this function; scipy.stats.sem (ddof = 1) is the reference."""
+    from scipy.stats import sem
+
+    values = torch.randn(257, dtype=torch.float64) * 3 - 85
+    assert standard_error(values) == pytest.approx(sem(values.numpy()), rel=1e-12)
+    assert standard_error(values[:2]) == pytest.approx(sem(values[:2].numpy()), rel=1e-12)
+    assert math.isnan(standard_error(values[:1]))
+    assert math.isnan(standard_error(values[:0]))

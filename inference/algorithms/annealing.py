@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyrovae.inference.algorithms.hmc import gradients_for_z_only, hmc_transition
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.algorithms.scoring import (
     MAX_PLATE_NESTING,
     PARTICLE_PLATE,
@@ -126,7 +127,7 @@ class AnnealedLikelihood:
         return {
             "log_px": self.log_px.mean().item(),
             "log_px_mc_error": self.stderr.square().sum().sqrt().item() / n,
-            "log_px_se": (self.log_px.std() / math.sqrt(n)).item() if n > 1 else math.nan,
+            "log_px_se": standard_error(self.log_px),
             "acceptance": self.acceptance.mean().item(),
             "acceptance_min": self.acceptance.min().item(),
         }

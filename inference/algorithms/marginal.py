@@ -71,6 +71,15 @@ _POINT_FIELDS = ("log_px", "stderr", "ess", "khat", "elbo", "reconstruction", "k
 Program = Callable[..., Any]
 
 
+def standard_error(values: Tensor) -> float:
+    """The standard error of the mean of ``values`` over their first dimension (the data
+    points): their sample standard deviation (n − 1 in the denominator) over sqrt(n). NaN for
+    fewer than two values, where the spread is unknown. Paired comparisons pass the per-point
+    differences."""
+    n = len(values)
+    return (values.std() / math.sqrt(n)).item() if n > 1 else math.nan
+
+
 @dataclass(frozen=True)
 class MarginalLikelihood:
     """Per-point importance-sampling estimates; every tensor is float64 on the CPU.
@@ -118,7 +127,7 @@ class MarginalLikelihood:
             name: getattr(self, name).mean().item() for name in _POINT_FIELDS if name != "stderr"
         }
         out["log_px_mc_error"] = self.stderr.square().sum().sqrt().item() / n
-        out["log_px_se"] = (self.log_px.std() / math.sqrt(n)).item() if n > 1 else math.nan
+        out["log_px_se"] = standard_error(self.log_px)
         out["khat"] = self.khat.nanmean().item()
         out["khat_max"] = self.khat.nan_to_num(nan=-math.inf).max().item()
         out["khat_bad_fraction"] = khat_bad_fraction(self.khat)

@@ -18,6 +18,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.errors import PyrovaeError, check_int
 from pyrovae.inference.experiment.evaluation import estimate_log_px
 from pyrovae.inference.experiment.runs import Run, load_run
@@ -154,13 +155,13 @@ def compare_runs(
         log_px.append(estimate.log_px)
         if method != "is":
             summary["log_px"] = estimate.log_px.mean().item()
-            summary["log_px_se"] = (estimate.log_px.std() / math.sqrt(len(x))).item()
+            summary["log_px_se"] = standard_error(estimate.log_px)
         difference = log_px[-1] - log_px[0]
         row: dict[str, float | str] = {"run": str(run.path)}
         row.update({k: summary[k] for k in (*_COLUMNS, "log_px_se", "latent_dim")})
         row["khat_bad_fraction"] = summary.get("khat_bad_fraction", math.nan)
         row["delta_log_px"] = difference.mean().item()
-        row["delta_log_px_se"] = difference.std().item() / math.sqrt(len(x))
+        row["delta_log_px_se"] = standard_error(difference)
         rows.append(row)
     how = (
         f"K = {num_samples} importance samples"

@@ -19,7 +19,6 @@ mean gain is the rise of the mean held-out ELBO.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from pyrovae.inference.algorithms.density import fit_density
-from pyrovae.inference.algorithms.marginal import like_parameters
+from pyrovae.inference.algorithms.marginal import like_parameters, standard_error
 from pyrovae.inference.reporting.aggregate import check_held_out, posterior_draws, rng_devices
 from pyrovae.model.distributions import as_pyro
 
@@ -198,7 +197,7 @@ def fit_prior(
         prior=prior,
         site=site,
         gain=per_point.mean().item(),
-        gain_se=(per_point.std() / math.sqrt(len(per_point))).item(),
+        gain_se=standard_error(per_point),
         per_point=per_point,
         epochs=len(history),
         validation=tuple(history),
