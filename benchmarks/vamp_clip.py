@@ -10,25 +10,28 @@ Both arms train that config from the same seed for the same epochs, one with
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vamp_clip.py --threads 1 --epochs 100
 
 writes ``benchmarks/results/vamp_clip.json`` and ``.md``; finished arms are reused and a
-stopped one resumes from its checkpoint.
+stopped one resumes from its checkpoint. A longer budget starts each arm from its longest
+finished shorter run of the same seed and settings (copied, never changed), since training on
+from epoch E is the same as training through it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from common import ROOT, announcing, arms_parser, command_line, paired_delta, run_arms
 
-from pyrovae.inference import evaluate_run, load_run, train_run
+from pyrovae.inference import evaluate_run, load_run, load_spec, train_run
 
 CONFIG = "configs/paper-vamp-1.toml"
 
 ARMS: dict[str, tuple[list[str], str]] = {
-    "unclipped": ([], "pseudo-inputs as learned (as shipped)"),
+    "unclipped": (["model.prior.clip=false"], "pseudo-inputs as learned (as shipped)"),
     "clipped": (["model.prior.clip=true"], "pseudo-inputs clipped to [0, 1] (`prior.clip = true`)"),
 }
 """Arm name -> (overrides of the config, what it changes)."""
@@ -44,9 +47,41 @@ def outside_unit_interval(pseudo_inputs: torch.Tensor) -> float:
     return float(((pseudo_inputs < 0) | (pseudo_inputs > 1)).float().mean())
 
 
+def shorter_run(runs: Path, name: str, seed: int, epochs: int, settings: list[str]) -> Path | None:
+    """The arm's finished run of the most epochs below ``epochs``, of the same seed and, but
+    for ``train.epochs``, the same spec as ``settings`` give; None where there is none."""
+    found: list[tuple[int, Path]] = []
+    for path in runs.glob(f"{name}-e*-s{seed}"):
+        stem = path.name.removeprefix(f"{name}-e").removesuffix(f"-s{seed}")
+        if stem.isdigit() and int(stem) < epochs and (path / "checkpoint.pt").is_file():
+            found.append((int(stem), path))
+    for shorter, path in sorted(found, reverse=True):
+        run = load_run(path)
+        same = load_spec(ROOT / CONFIG, [*settings, f"train.epochs={shorter}"])
+        if run.epoch == shorter and run.spec.to_dict() == same.to_dict():
+            return path
+    return None
+
+
 def run_arm(name: str, args: argparse.Namespace, data: Path) -> dict:
     overrides, what = ARMS[name]
-    out = Path(args.runs).expanduser() / f"{name}-e{args.epochs}-s{args.seed}"
+    runs = Path(args.runs).expanduser()
+    out = runs / f"{name}-e{args.epochs}-s{args.seed}"
+    settings = [
+        f"data.path={json.dumps(str(data))}",
+        f"train.epochs={args.epochs}",
+        f"train.seed={args.seed}",
+        *args.set,
+        *overrides,
+    ]
+    if not out.exists():
+        start = shorter_run(runs, name, args.seed, args.epochs, settings)
+        if start is not None:  # a copy assembled beside the target, then renamed into place
+            partial = out.with_name(f".{out.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(start, partial, symlinks=False)
+            partial.rename(out)
+            print(f"{name}: training on from {start.name} (a copy)", flush=True)
     if (out / "checkpoint.pt").is_file():
         run = load_run(out)
         if run.epoch < args.epochs:
@@ -54,13 +89,6 @@ def run_arm(name: str, args: argparse.Namespace, data: Path) -> dict:
                 None, out, overrides=[f"train.epochs={args.epochs}"], resume=True, progress=False
             )
     else:
-        settings = [
-            f"data.path={json.dumps(str(data))}",
-            f"train.epochs={args.epochs}",
-            f"train.seed={args.seed}",
-            *args.set,
-            *overrides,
-        ]
         run = train_run(ROOT / CONFIG, out, overrides=settings, progress=False)
     evaluation = evaluate_run(
         run, num_samples=args.num_samples, limit=args.points, seed=0, write=False

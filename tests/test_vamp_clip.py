@@ -5,6 +5,7 @@ file: both arms train the same config from the same seed, the clipped one with
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -70,3 +71,27 @@ def test_both_arms_train_the_same_config_and_the_clipped_one_is_paired_with_the_
 def test_the_share_of_pseudo_inputs_outside_the_unit_interval():
     u = torch.tensor([[-0.1, 0.0, 0.5, 1.0], [1.2, 0.3, 0.7, 0.9]])
     assert vamp_clip.outside_unit_interval(u) == pytest.approx(2 / 8)
+
+
+def test_a_longer_budget_trains_on_from_a_copy_of_the_shorter_run_of_the_same_settings(
+    tmp_path, npz
+):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    argv = ["unclipped", "--num-samples", "2", "--data", str(npz), "--runs", str(runs)]
+    argv += ["--output", str(out)]
+    for override in SMALL:
+        argv += ["--set", override]
+    assert vamp_clip.main([*argv, "--epochs", "1"]) == 0
+    shorter = load_run(runs / "unclipped-e1-s0").history
+    assert vamp_clip.main([*argv, "--epochs", "2"]) == 0
+    longer = load_run(runs / "unclipped-e2-s0")
+    assert longer.epoch == 2
+    assert longer.history[0] == shorter[0]  # the same epoch, timings included: not retrained
+    assert load_run(runs / "unclipped-e1-s0").history == shorter  # the shorter run unchanged
+    # Other settings (here another decoder width) train from epoch 0 beside the same run.
+    other = tmp_path / "other"
+    shutil.copytree(runs / "unclipped-e1-s0", other / "unclipped-e1-s0")
+    argv[argv.index(str(runs))] = str(other)
+    argv[argv.index("model.decoder.hidden=[8]")] = "model.decoder.hidden=[6]"
+    assert vamp_clip.main([*argv, "--epochs", "2"]) == 0
+    assert load_run(other / "unclipped-e2-s0").history[0] != shorter[0]
