@@ -21,6 +21,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -76,11 +77,14 @@ def run_arm(name: str, args: argparse.Namespace, data: Path) -> dict:
     ]
     if not out.exists():
         start = shorter_run(runs, name, args.seed, args.epochs, settings)
-        if start is not None:  # a copy assembled beside the target, then renamed into place
-            partial = out.with_name(f".{out.name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(start, partial, symlinks=False)
-            partial.rename(out)
+        if start is not None:
+            # Copied into a staging folder beside the target, named as the library stages
+            # runs (so that training this path clears what a killed copy left), then renamed
+            # into place: the target is either absent or a whole copy.
+            staging = Path(tempfile.mkdtemp(dir=runs, prefix=f".{out.name}.partial-"))
+            shutil.copytree(start, staging / out.name)
+            (staging / out.name).rename(out)
+            staging.rmdir()
             print(f"{name}: training on from {start.name} (a copy)", flush=True)
     if (out / "checkpoint.pt").is_file():
         run = load_run(out)

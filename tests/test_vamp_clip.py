@@ -88,6 +88,7 @@ def test_a_longer_budget_trains_on_from_a_copy_of_the_shorter_run_of_the_same_se
     assert longer.epoch == 2
     assert longer.history[0] == shorter[0]  # the same epoch, timings included: not retrained
     assert load_run(runs / "unclipped-e1-s0").history == shorter  # the shorter run unchanged
+    assert not list(runs.glob(".*"))  # no staging folder left behind
     # Other settings (here another decoder width) train from epoch 0 beside the same run.
     other = tmp_path / "other"
     shutil.copytree(runs / "unclipped-e1-s0", other / "unclipped-e1-s0")
