@@ -95,6 +95,37 @@ def paired_delta(row: dict, base: dict) -> str:
     return f"{diff.mean():+.2f} ± {standard_error(diff):.2f}"
 
 
+def evaluated_arm(run, args: argparse.Namespace, **fields) -> dict:
+    """An arm's results row: ``fields`` (its name, what it changes, ...), then its run's epochs
+    and seed, its test figures by importance sampling (``args.num_samples`` samples on the
+    first ``args.points`` test points), its last epoch's validation figures, its training
+    time and its per-point log p(x), for :func:`paired_delta`."""
+    from pyrovae.inference import evaluate_run
+
+    evaluation = evaluate_run(
+        run, num_samples=args.num_samples, limit=args.points, seed=0, write=False
+    )
+    s = evaluation.summary()
+    last = run.history[-1]
+    return {
+        **fields,
+        "epochs": run.epoch,
+        "seed": args.seed,
+        "points": evaluation.num_points,
+        "num_samples": args.num_samples,
+        "log_px": s["log_px"],
+        "log_px_se": s["log_px_se"],
+        "elbo": s["elbo"],
+        "khat_bad_fraction": s["khat_bad_fraction"],
+        "validation_elbo": last["validation_elbo"],
+        "validation_kl": last["validation_kl"],
+        "active_units": last["validation_active_units"],
+        "train_seconds": sum(h["seconds"] for h in run.history),
+        "command": command_line(),
+        "per_point": evaluation.result.log_px.tolist(),
+    }
+
+
 def announcing(
     render: Callable[[list[dict], str], str], protocol: str
 ) -> Callable[[list[dict]], str]:

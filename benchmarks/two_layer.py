@@ -19,9 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from common import ROOT, announcing, arms_parser, paired_delta, run_arms
+from common import ROOT, announcing, arms_parser, evaluated_arm, paired_delta, run_arms
 
-from pyrovae.inference import evaluate_run, load_run, train_run
+from pyrovae.inference import load_run, train_run
 
 ONE = "configs/mnist-burda-tanh.toml"
 TWO = "configs/mnist-two-layer.toml"
@@ -81,26 +81,7 @@ def run_arm(name: str, args: argparse.Namespace, data: Path) -> dict:
         run = load_run(out)
     else:
         run = train_run(ROOT / config, out, overrides=settings, progress=False, force=True)
-    evaluation = evaluate_run(
-        run, num_samples=args.num_samples, limit=args.points, seed=0, write=False
-    )
-    s = evaluation.summary()
-    last = run.history[-1]
-    return {
-        "arm": name,
-        "what": what,
-        "config": config,
-        "overrides": overrides,
-        "epochs": run.epoch,
-        "seed": args.seed,
-        "log_px": s["log_px"],
-        "log_px_se": s["log_px_se"],
-        "elbo": s["elbo"],
-        "validation_kl": last["validation_kl"],
-        "active_units": last["validation_active_units"],
-        "train_seconds": sum(h["seconds"] for h in run.history),
-        "per_point": evaluation.result.log_px.tolist(),
-    }
+    return evaluated_arm(run, args, arm=name, what=what, config=config, overrides=overrides)
 
 
 def render(rows: list[dict], protocol: str) -> str:

@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, announcing, arms_parser, command_line, paired_delta, run_arms
+from common import ROOT, announcing, arms_parser, evaluated_arm, paired_delta, run_arms
 
-from pyrovae.inference import evaluate_run, load_run, load_spec, train_run
+from pyrovae.inference import load_run, load_spec, train_run
 
 CONFIG = "configs/paper-vamp-1.toml"
 
@@ -94,32 +94,15 @@ def run_arm(name: str, args: argparse.Namespace, data: Path) -> dict:
             )
     else:
         run = train_run(ROOT / CONFIG, out, overrides=settings, progress=False)
-    evaluation = evaluate_run(
-        run, num_samples=args.num_samples, limit=args.points, seed=0, write=False
+    return evaluated_arm(
+        run,
+        args,
+        arm=name,
+        what=what,
+        config=CONFIG,
+        overrides=overrides,
+        pseudo_inputs_outside=outside_unit_interval(run.model.prior.pseudo_inputs.detach()),
     )
-    s = evaluation.summary()
-    last = run.history[-1]
-    return {
-        "arm": name,
-        "what": what,
-        "config": CONFIG,
-        "overrides": overrides,
-        "epochs": run.epoch,
-        "seed": args.seed,
-        "points": evaluation.num_points,
-        "num_samples": args.num_samples,
-        "log_px": s["log_px"],
-        "log_px_se": s["log_px_se"],
-        "elbo": s["elbo"],
-        "khat_bad_fraction": s["khat_bad_fraction"],
-        "validation_elbo": last["validation_elbo"],
-        "validation_kl": last["validation_kl"],
-        "active_units": last["validation_active_units"],
-        "pseudo_inputs_outside": outside_unit_interval(run.model.prior.pseudo_inputs.detach()),
-        "train_seconds": sum(h["seconds"] for h in run.history),
-        "command": command_line(),
-        "per_point": evaluation.result.log_px.tolist(),
-    }
 
 
 def render(rows: list[dict], protocol: str) -> str:
