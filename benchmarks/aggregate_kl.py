@@ -21,30 +21,18 @@ References:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
-import pyro
-import torch
-from common import command_line, find_mnist
+from common import runs_table_args, runs_table_parser, runs_with_splits, table_meta, write_table
 
-from pyrovae.inference import aggregate_kl, load_run
-from pyrovae.inference.experiment.runs import load_run_data
+from pyrovae.inference import aggregate_kl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run directories of MNIST models")
-    parser.add_argument("--num-test", type=int, default=5000, help="held-out test images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, help="write OUTPUT.md and OUTPUT.json")
-    args = parser.parse_args()
-    if args.num_test < 2:
-        parser.error("--num-test must be at least 2")
-    if find_mnist() is None:
-        print("skipped: mnist.npz not found; set PYROVAE_DATA")
+    parser = runs_table_parser(__doc__.splitlines()[0], 5000, nargs="+")
+    args = runs_table_args(parser)
+    if args is None:
         return
     header = (
         "| run | prior | guide | mean KL | lower bound | upper bound (N-point) "
@@ -53,11 +41,7 @@ def main() -> None:
     lines = [header, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     print("\n".join(lines), flush=True)
     rows = []
-    for run_dir in args.runs:
-        run = load_run(run_dir)
-        data = load_run_data(run.spec)
-        x, _ = data.split("train")
-        x_test, _ = data.split("test")
+    for run_dir, run, x, x_test in runs_with_splits(args.runs):
         start = time.perf_counter()
         result = aggregate_kl(run.model, run.guide, x, x_test[: args.num_test], seed=args.seed)
         seconds = time.perf_counter() - start
@@ -83,33 +67,17 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, rows: list[dict], lines: list[str]) -> None:
-    meta = {
-        "command": command_line(),
-        "num_test": args.num_test,
-        "log_num_test": math.log(args.num_test),
-        "seed": args.seed,
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    text = [
-        "# KL(q(z) ‖ p(z)) of the aggregate posterior, bracketed",
-        "",
+    log_n = math.log(args.num_test)
+    legend = (
         f"Lower bound: a critic's Donsker-Varadhan bound on the first {args.num_test} test "
         "images (4 posterior draws each) and 100,000 fresh prior draws, ± its standard error. "
         f"Upper bound: the marginal KL of those images' N-point aggregate (`diagnose`), "
-        f"capped near the mean KL minus log N = {math.log(args.num_test):.2f}. "
-        "'I(x; z) at most' is the mean KL minus the lower bound. Nats per point.",
-        "",
-        *lines,
-        "",
-        f"Command: `{meta['command']}` (torch {meta['torch']}, Pyro {meta['pyro']}, "
-        f"{meta['date']}).",
-        "",
-    ]
-    args.output.with_suffix(".md").write_text("\n".join(text))
+        f"capped near the mean KL minus log N = {log_n:.2f}. "
+        "'I(x; z) at most' is the mean KL minus the lower bound. Nats per point."
+    )
+    title = "KL(q(z) ‖ p(z)) of the aggregate posterior, bracketed"
+    meta = table_meta(args, log_num_test=log_n)
+    write_table(args.output, meta, rows, title, legend, lines)
 
 
 if __name__ == "__main__":

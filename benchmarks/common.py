@@ -22,6 +22,86 @@ def find_mnist(data: str | None = None) -> Path | None:
     return path.resolve() if path.is_file() else None
 
 
+def runs_table_parser(description: str, num_test: int, **runs: object) -> argparse.ArgumentParser:
+    """The options of a table over trained MNIST runs: their directories (``runs`` are the
+    positional argument's settings, ``nargs`` and ``default``), how many test images, the
+    seed, where the results go."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("runs", help="run directories of MNIST models", **runs)
+    parser.add_argument("--num-test", type=int, default=num_test, help="held-out test images")
+    return parser
+
+
+def runs_table_args(parser: argparse.ArgumentParser) -> argparse.Namespace | None:
+    """``parser``'s arguments (with ``--seed`` and ``--output`` added last), checked; None,
+    after saying so, where ``mnist.npz`` is not found (the table is then skipped)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="write OUTPUT.md and OUTPUT.json")
+    args = parser.parse_args()
+    if args.num_test < 2:
+        parser.error("--num-test must be at least 2")
+    if find_mnist() is None:
+        print("skipped: mnist.npz not found; set PYROVAE_DATA")
+        return None
+    return args
+
+
+def runs_with_splits(run_dirs: Iterable[str]):
+    """Each run directory with its loaded run and its data's training and test images, as the
+    run's spec prepares them."""
+    from pyrovae.inference import load_run
+    from pyrovae.inference.experiment.runs import load_run_data
+
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        data = load_run_data(run.spec)
+        yield run_dir, run, data.split("train")[0], data.split("test")[0]
+
+
+def table_meta(args: argparse.Namespace, **more: object) -> dict:
+    """What a results table records of how it was made: the command, the test points and
+    seed, ``more``, the versions and the date."""
+    import time
+
+    import pyro
+    import torch
+
+    return {
+        "command": command_line(),
+        "num_test": args.num_test,
+        **more,
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_table(
+    output: Path, meta: dict, rows: list[dict], title: str, legend: str, lines: list[str]
+) -> None:
+    """``output`` as ``.json`` (``meta`` and ``rows``) and ``.md`` (the title, the legend, the
+    table's lines and the command), each replaced atomically."""
+    from pyrovae.inference.experiment.runs import atomic_write
+
+    text = [
+        f"# {title}",
+        "",
+        legend,
+        "",
+        *lines,
+        "",
+        f"Command: `{meta['command']}` (torch {meta['torch']}, Pyro {meta['pyro']}, "
+        f"{meta['date']}).",
+        "",
+    ]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        output.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=2).encode()
+    )
+    atomic_write(output.with_suffix(".md"), "\n".join(text).encode())
+
+
 def command_line() -> str:
     """This process's command line as a result page records it: the interpreter relative to
     the checkout where it lies inside it, else by its name."""

@@ -33,14 +33,20 @@ import json
 import time
 from pathlib import Path
 
-import pyro
 import torch
-from common import ROOT, command_line, find_mnist
+from common import (
+    ROOT,
+    runs_table_args,
+    runs_table_parser,
+    runs_with_splits,
+    table_meta,
+    write_table,
+)
 
-from pyrovae.inference import evaluate_run, fit_prior, load_run, load_spec
+from pyrovae.inference import evaluate_run, fit_prior, load_spec
 from pyrovae.inference.algorithms.marginal import standard_error
 from pyrovae.inference.experiment.build import component
-from pyrovae.inference.experiment.runs import Run, atomic_write, load_run_data
+from pyrovae.inference.experiment.runs import Run
 from pyrovae.model import PRIORS
 
 PRIOR_NAMES = ("mixture", "flow", "vamp")
@@ -48,24 +54,17 @@ EVALUATION = "priors_guides_evaluation_full.json"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "runs",
+    parser = runs_table_parser(
+        __doc__.splitlines()[0],
+        1000,
         nargs="*",
         default=["runs/priors_guides/standard-diagonal"],
-        help="run directories of MNIST models",
     )
     parser.add_argument("--priors", nargs="+", choices=PRIOR_NAMES, default=list(PRIOR_NAMES))
-    parser.add_argument("--num-test", type=int, default=1000, help="held-out test images")
     parser.add_argument("--num-samples", type=int, default=500, help="importance samples K")
     parser.add_argument("--epochs", type=int, default=100, help="most epochs of each fit")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, help="write OUTPUT.md and OUTPUT.json")
-    args = parser.parse_args()
-    if args.num_test < 2:
-        parser.error("--num-test must be at least 2")
-    if find_mnist() is None:
-        print("skipped: mnist.npz not found; set PYROVAE_DATA")
+    args = runs_table_args(parser)
+    if args is None:
         return
     header = (
         "| run | fitted prior | gain over N(0, I) | epochs | log p(x) | Δ log p(x) "
@@ -74,11 +73,7 @@ def main() -> None:
     lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     print("\n".join(lines), flush=True)
     rows = []
-    for run_dir in args.runs:
-        run = load_run(run_dir)
-        data = load_run_data(run.spec)
-        x, _ = data.split("train")
-        x_test, _ = data.split("test")
+    for run_dir, run, x, x_test in runs_with_splits(args.runs):
         reference = _reference(Path(run_dir), args)
         for name in args.priors:
             prior = _prior(name, run, x[0].numel())
@@ -163,21 +158,8 @@ def _reference(run_dir: Path, args: argparse.Namespace) -> torch.Tensor | None:
 
 
 def write(args: argparse.Namespace, rows: list[dict], lines: list[str]) -> None:
-    meta = {
-        "command": command_line(),
-        "num_test": args.num_test,
-        "num_samples": args.num_samples,
-        "seed": args.seed,
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    results = json.dumps({"meta": meta, "rows": rows}, indent=2)
-    text = [
-        "# Richer priors fitted to the aggregate posterior of trained models",
-        "",
+    meta = table_meta(args, num_samples=args.num_samples, threads=torch.get_num_threads())
+    legend = (
         "Each richer prior of the shipped configs fitted by maximum likelihood to posterior "
         "draws of the 50,000 training images (encoder and decoder fixed). Gain: "
         "E_q(z)[log p'(z) − log N(z; 0, I)] = KL(q(z) ‖ N(0, I)) − KL(q(z) ‖ p'(z)) on the "
@@ -186,16 +168,10 @@ def write(args: argparse.Namespace, rows: list[dict], lines: list[str]) -> None:
         "closes, and a lower bound on KL(q(z) ‖ N(0, I)). log p(x): the model with the "
         f"fitted prior, K = {args.num_samples} importance samples on the same points with the "
         "same seed as the grid's evaluation; Δ is paired with the run's own log p(x). "
-        f"Fit s and eval s on {meta['threads']} CPU threads.",
-        "",
-        *lines,
-        "",
-        f"Command: `{meta['command']}` (torch {meta['torch']}, Pyro {meta['pyro']}, "
-        f"{meta['date']}).",
-        "",
-    ]
-    atomic_write(args.output.with_suffix(".json"), results.encode())
-    atomic_write(args.output.with_suffix(".md"), "\n".join(text).encode())
+        f"Fit s and eval s on {meta['threads']} CPU threads."
+    )
+    title = "Richer priors fitted to the aggregate posterior of trained models"
+    write_table(args.output, meta, rows, title, legend, lines)
 
 
 if __name__ == "__main__":
