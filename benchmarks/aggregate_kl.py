@@ -29,9 +29,9 @@ from common import runs_table_args, runs_table_parser, runs_with_splits, table_m
 from pyrovae.inference import aggregate_kl
 
 
-def main() -> None:
-    parser = runs_table_parser(__doc__.splitlines()[0], 5000, nargs="+")
-    args = runs_table_args(parser)
+def main(argv: list[str] | None = None) -> None:
+    parser = runs_table_parser(__file__, __doc__.splitlines()[0], 5000, nargs="+")
+    args = runs_table_args(parser, argv)
     if args is None:
         return
     header = (

@@ -22,22 +22,27 @@ def find_mnist(data: str | None = None) -> Path | None:
     return path.resolve() if path.is_file() else None
 
 
-def runs_table_parser(description: str, num_test: int, **runs: object) -> argparse.ArgumentParser:
-    """The options of a table over trained MNIST runs: their directories (``runs`` are the
-    positional argument's settings, ``nargs`` and ``default``), how many test images, the
-    seed, where the results go."""
-    parser = argparse.ArgumentParser(description=description)
+def runs_table_parser(
+    script: str, description: str, num_test: int, **runs: object
+) -> argparse.ArgumentParser:
+    """The options of ``script``, a table over trained MNIST runs: their directories
+    (``runs`` are the positional argument's settings, ``nargs`` and ``default``), how many
+    test images, the seed, where the results go."""
+    parser = CommandParser(script, description=description)
     parser.add_argument("runs", help="run directories of MNIST models", **runs)
     parser.add_argument("--num-test", type=int, default=num_test, help="held-out test images")
     return parser
 
 
-def runs_table_args(parser: argparse.ArgumentParser) -> argparse.Namespace | None:
-    """``parser``'s arguments (with ``--seed`` and ``--output`` added last), checked; None,
-    after saying so, where ``mnist.npz`` is not found (the table is then skipped)."""
+def runs_table_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> argparse.Namespace | None:
+    """``parser``'s arguments (``argv``, else the command line's, with ``--seed`` and
+    ``--output`` added last), checked; None, after saying so, where ``mnist.npz`` is not
+    found (the table is then skipped)."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="write OUTPUT.md and OUTPUT.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.num_test < 2:
         parser.error("--num-test must be at least 2")
     if find_mnist() is None:
@@ -67,7 +72,7 @@ def table_meta(args: argparse.Namespace, **more: object) -> dict:
     import torch
 
     return {
-        "command": command_line(),
+        "command": args.command,
         "num_test": args.num_test,
         **more,
         "seed": args.seed,
@@ -102,20 +107,40 @@ def write_table(
     atomic_write(output.with_suffix(".md"), "\n".join(text).encode())
 
 
-def command_line() -> str:
-    """This process's command line as a result page records it: the interpreter relative to
-    the checkout where it lies inside it, else by its name."""
+def command_line(argv: Iterable[str] | None = None, script: str | None = None) -> str:
+    """The command line that runs ``script`` (default this process's) with ``argv`` (default
+    this process's), as a result page records it: the interpreter and the script relative to
+    the checkout where they lie inside it, the interpreter else by its name."""
     python = Path(sys.executable)
     shown = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else python.name
-    return shlex.join([shown, *sys.argv])
+    if script is None:
+        script = sys.argv[0]
+    elif Path(script).resolve().is_relative_to(ROOT):
+        script = str(Path(script).resolve().relative_to(ROOT))
+    return shlex.join([shown, script, *(sys.argv[1:] if argv is None else argv)])
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` of ``script`` whose parsed arguments also hold ``command``: the
+    command line that gives them (:func:`command_line`), also where ``main(argv)`` was
+    called from Python rather than from a shell."""
+
+    def __init__(self, script: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.script = script
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        parsed.command = command_line(args, self.script)
+        return parsed
 
 
 def arms_parser(
-    description: str, arms: Iterable[str], runs: str, output: Path
+    script: str, description: str, arms: Iterable[str], runs: str, output: Path
 ) -> argparse.ArgumentParser:
-    """The options every comparison of arms takes: which arms, their epochs and seed, where
-    the runs and the results go, the data, the threads."""
-    parser = argparse.ArgumentParser(description=description)
+    """The options every comparison of arms (``script``) takes: which arms, their epochs and
+    seed, where the runs and the results go, the data, the threads."""
+    parser = CommandParser(script, description=description)
     parser.add_argument("arms", nargs="*", choices=[*arms, []], metavar="ARM")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -201,7 +226,7 @@ def evaluated_arm(run, args: argparse.Namespace, **fields) -> dict:
         "validation_kl": last["validation_kl"],
         "active_units": last["validation_active_units"],
         "train_seconds": sum(h["seconds"] for h in run.history),
-        "command": command_line(),
+        "command": args.command,
         "per_point": evaluation.result.log_px.tolist(),
     }
 

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import ROOT, arms_parser, command_line, live_run, run_arms
+from common import ROOT, arms_parser, live_run, run_arms
 
 from pyrovae.inference import Callback, FitState, load_run, load_spec, train_run
 from pyrovae.inference.experiment.evaluation import classification_accuracy
@@ -104,7 +104,7 @@ def run_arm(name: str, args: argparse.Namespace, data: Path) -> dict:
         "seed": args.seed,
         "curve": record.curve,
         "train_seconds": sum(h["seconds"] for h in run.history),
-        "command": command_line(),
+        "command": args.command,
     }
 
 
@@ -139,7 +139,9 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = arms_parser(__doc__.splitlines()[0], ARMS, "~/pyrovae-runs/m2_recipe", RESULTS)
+    parser = arms_parser(
+        __file__, __doc__.splitlines()[0], ARMS, "~/pyrovae-runs/m2_recipe", RESULTS
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="one more override"
     )

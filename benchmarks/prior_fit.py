@@ -53,8 +53,9 @@ PRIOR_NAMES = ("mixture", "flow", "vamp")
 EVALUATION = "priors_guides_evaluation_full.json"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = runs_table_parser(
+        __file__,
         __doc__.splitlines()[0],
         1000,
         nargs="*",
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--priors", nargs="+", choices=PRIOR_NAMES, default=list(PRIOR_NAMES))
     parser.add_argument("--num-samples", type=int, default=500, help="importance samples K")
     parser.add_argument("--epochs", type=int, default=100, help="most epochs of each fit")
-    args = runs_table_args(parser)
+    args = runs_table_args(parser, argv)
     if args is None:
         return
     header = (

@@ -113,7 +113,9 @@ def render(rows: list[dict], protocol: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = arms_parser(__doc__.splitlines()[0], ARMS, "~/pyrovae-runs/two_layer", RESULTS)
+    parser = arms_parser(
+        __file__, __doc__.splitlines()[0], ARMS, "~/pyrovae-runs/two_layer", RESULTS
+    )
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--points", type=int, default=1000)
     args = parser.parse_args(argv)

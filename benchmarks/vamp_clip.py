@@ -144,7 +144,9 @@ def render(rows: list[dict], protocol: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = arms_parser(__doc__.splitlines()[0], ARMS, "~/pyrovae-runs/vamp_clip", RESULTS)
+    parser = arms_parser(
+        __file__, __doc__.splitlines()[0], ARMS, "~/pyrovae-runs/vamp_clip", RESULTS
+    )
     parser.set_defaults(epochs=100)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument(

@@ -30,7 +30,7 @@ def mnist_npz() -> Path:
     return MNIST_NPZ
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mnist_like():
     """A writer of small MNIST-shaped files in Keras layout: random uint8 digits, labels
     cycling 0-9 so that every class is present (semi-supervised recipes need each one), and
