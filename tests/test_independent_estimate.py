@@ -4,16 +4,11 @@ written out, agrees with the library's estimate of the same run on the same poin
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import independent_estimate
 import pytest
 
 from pyrovae.inference import evaluate_run, train_run
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import independent_estimate  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -4,17 +4,11 @@ per-epoch test accuracy is the classifier's, and the table renders from the resu
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import m2_recipe
 import torch
 
 from pyrovae.inference import load_run
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import m2_recipe  # noqa: E402
 
 
 def test_an_arm_records_the_classifiers_test_accuracy_after_every_epoch(tmp_path, mnist_like):

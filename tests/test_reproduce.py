@@ -7,21 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+import reproduce
+import reproduce_table
 import tomllib
 import torch
 
 from pyrovae.inference import Checkpoint, load_run, load_spec, train_run
 from pyrovae.inference.experiment.build import build
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import reproduce  # noqa: E402
-import reproduce_table  # noqa: E402
 
 TINY = """
 [data]

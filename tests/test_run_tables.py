@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 
+import aggregate_kl
+import prior_fit
 import pytest
 import torch
 
 from pyrovae.inference import evaluate_run, train_run
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import aggregate_kl  # noqa: E402
-import prior_fit  # noqa: E402
 
 SMALL = [
     "data.validation_size=40",

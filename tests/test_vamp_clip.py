@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+import vamp_clip
 
 from pyrovae.inference import load_run, train_run
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import vamp_clip  # noqa: E402
 
 SMALL = [
     "data.validation_size=40",
