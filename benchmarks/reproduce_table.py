@@ -34,6 +34,15 @@ class ResultsError(ValueError):
     """A results or evaluation file that cannot be read; its message names the file."""
 
 
+CURVES = "## Learning curves"
+CURVES_NOTE = (
+    "Each run's test log p(x) every 50 epochs (and after epochs 1, 3, 10 and 30), by "
+    "importance sampling on its first test images (a cheaper protocol than the final one, "
+    "named under each curve), and its validation ELBO at that epoch; M2's with its "
+    "classifier's accuracy on all test images."
+)
+
+
 def read_json(
     path: Path, what: str = "results file", fix: str = "restore it from git or delete it"
 ) -> dict[str, Any]:
@@ -227,10 +236,12 @@ def curve_lines(record: dict[str, Any]) -> list[str]:
             record.get("metric") == "accuracy",
         )
     title = f"{record['model']}: learning curve"
-    return (
-        _curve_table(title, None, record.get("curve") or [], record.get("metric") == "accuracy")
-        + lines
-    )
+    curve = record.get("curve") or []
+    protocols = {(p.get("num_samples"), p.get("points")) for p in curve}
+    note = None
+    if len(protocols) == 1 and None not in (only := next(iter(protocols))):
+        note = f"K = {only[0]:,} on the first {only[1]:,} test images."
+    return _curve_table(title, note, curve, record.get("metric") == "accuracy") + lines
 
 
 def _curve_table(
@@ -403,8 +414,9 @@ def render(records: list[dict[str, Any]]) -> str:
     lines.append("")
     lines += beyond_lines(records)
     lines += ais_lines(records)
-    for record in records:
-        lines += curve_lines(record)
+    curves = [line for record in records for line in curve_lines(record)]
+    if curves:
+        lines += [CURVES, "", CURVES_NOTE, "", *curves]
     return "\n".join(lines)
 
 

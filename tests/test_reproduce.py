@@ -297,6 +297,26 @@ def test_the_table_shows_the_ais_check_beside_importance_sampling_on_the_same_po
     assert "How tight" not in reproduce_table.render([{**record, "ais": None}])
 
 
+def test_the_curves_follow_the_tables_under_a_heading_of_their_own_with_their_protocol():
+    """The docs page includes the tables above ``## Learning curves`` and the curves below."""
+
+    def point(epoch, log_px, k=500, points=500):
+        return {"epoch": epoch, "log_px": log_px, "num_samples": k, "points": points}
+
+    record = {"name": "v", "model": "M", "paper": -85.57, "source": "T (2018)", "data": "MNIST",
+              "paper_epochs": 2000, "epochs_run": 50,
+              "curve": [point(1, -120.0), point(50, -90.0)]}  # fmt: skip
+    page = reproduce_table.render([record])
+    tables, curves = page.split(f"\n{reproduce_table.CURVES}\n")
+    assert "| M |" in tables and "### M: learning curve" not in tables
+    assert "### M: learning curve\n\nK = 500 on the first 500 test images." in curves
+    assert "| 50 | -90.00 |" in curves
+    # A curve whose points differ in protocol names none; a row without a curve has no section.
+    mixed = {**record, "curve": [point(1, -120.0), point(50, -90.0, points=1000)]}
+    assert "test images." not in reproduce_table.render([mixed]).split("### M: learning curve")[1]
+    assert reproduce_table.CURVES not in reproduce_table.render([{**record, "curve": []}])
+
+
 def test_configs_are_valid_toml_with_a_comment_naming_the_paper():
     for entry in reproduce.REPRODUCTIONS.values():
         text = (reproduce.ROOT / entry.config).read_text()
