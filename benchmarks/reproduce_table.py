@@ -36,8 +36,9 @@ class ResultsError(ValueError):
 
 CURVES = "## Learning curves"
 CURVES_NOTE = (
-    "Each run's test log p(x) every 50 epochs (and after epochs 1, 3, 10 and 30), by "
-    "importance sampling on its first test images (a cheaper protocol than the final one, "
+    "Each run's test log p(x) at the epochs of its curve (by default every 50, and after "
+    "epochs 1, 3, 10 and 30), by importance sampling on its first test images (a cheaper "
+    "protocol than the final one, "
     "named under each curve), and its validation ELBO at that epoch; M2's with its "
     "classifier's accuracy on all test images."
 )
