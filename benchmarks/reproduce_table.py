@@ -75,7 +75,8 @@ early stopping is **partial**. Its figure is an interim evaluation of its latest
 with the same protocol where it has one (`reproduce.py NAME --interim`; the protocol column
 names the epoch), else the latest point of its learning curve (the weights of that epoch on
 the first test images, with the K and the number of points in the protocol column), a
-cheaper protocol that says only where the run is heading. Δ is this project's figure minus
+cheaper protocol that says only where the run is heading. A run that has finished training
+but not yet its final evaluation shows the same, marked as such. Δ is this project's figure minus
 the paper's (positive: better); in parentheses for a curve's point, whose protocol reads
 higher than the paper's (the first 500 test images with K = 500 read 1.4 to 1.9 nats above
 all 10,000 with K = 5,000 in the VampPrior and the two Burda VAE rows). Every figure here was
@@ -111,17 +112,15 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
     if final is None and earlier is not None and _shown_epoch(earlier) > _shown_epoch(record):
         run = earlier
     measured, point = _shown(run)
-    of_run = "" if run is record else f" of an earlier run, lost at epoch {run['epochs_run']}"
+    status = _status(record, run, point)
     if point is None:
-        status, figure, se, protocol = "not run", None, None, "—"
+        figure, se, protocol = None, None, "—"
     elif accuracy:
-        status = "final" if final is not None else f"partial, epoch {point['epoch']}{of_run}"
         figure = point["accuracy"]
         points = point.get("accuracy_points", point["points"])
         se = math.sqrt(figure * (1 - figure) / points) if figure is not None else None
         protocol = f"accuracy of q(y\\|x) on {points:,} test points"
     else:
-        status = "final" if final is not None else f"partial, epoch {point['epoch']}{of_run}"
         figure, se = point["log_px"], point.get("log_px_se")
         protocol = f"K = {point['num_samples']}, {point['points']:,} points"
     if measured is not None:
@@ -170,6 +169,19 @@ def row(record: dict[str, Any], best_paper: dict[str, Any] | None = None) -> lis
         run.get("device", "—"),
         f"`{_portable(record['command'])}`" if record.get("command") else "—",
     ]
+
+
+def _status(record: dict[str, Any], run: dict[str, Any], point: dict[str, Any] | None) -> str:
+    """What a row's figure is: final, a run trained whose final evaluation has not yet run,
+    or partial (of ``run``, which may be an earlier run of the row that lost its checkpoint)."""
+    if point is None:
+        return "not run"
+    if record.get("final") is not None:
+        return "final"
+    if run is record and record.get("training") == "finished":
+        return f"trained, final evaluation pending; shown: epoch {point['epoch']}"
+    of_run = "" if run is record else f" of an earlier run, lost at epoch {run['epochs_run']}"
+    return f"partial, epoch {point['epoch']}{of_run}"
 
 
 def _shown(run: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

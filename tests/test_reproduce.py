@@ -109,7 +109,16 @@ def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol
 
     # A fresh checkout has lost the results file; the run directory's copy keeps the curve.
     results.unlink()
-    args.stop_at = None
+    args.stop_at, args.no_final = None, True
+    reproduce.reproduce("tiny", args, entry)
+    record = json.loads(results.read_text())
+    assert record["training"] == "finished" and "final" not in record
+    # Trained but not yet evaluated: the table says so, not "partial".
+    table = (tmp / "results" / "README.md").read_text()
+    assert "(trained, final evaluation pending; shown: epoch 4)" in table
+    assert "partial" not in table.split("| command |")[1]
+    # The next invocation trains nothing more and runs the final evaluation.
+    args.no_final = False
     reproduce.reproduce("tiny", args, entry)
     record = json.loads(results.read_text())
     assert record["training"] == "finished" and record["stopped_by"] == "budget"
