@@ -119,7 +119,9 @@ def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol
     assert "partial" not in table.split("| command |")[1]
     # The next invocation trains nothing more and runs the final evaluation.
     args.no_final = False
+    trained = (tmp / "runs" / "tiny" / "checkpoint.pt").stat().st_mtime_ns
     reproduce.reproduce("tiny", args, entry)
+    assert (tmp / "runs" / "tiny" / "checkpoint.pt").stat().st_mtime_ns == trained
     record = json.loads(results.read_text())
     assert record["training"] == "finished" and record["stopped_by"] == "budget"
     assert [p["epoch"] for p in record["curve"]] == [1, 2, 3, 4]
