@@ -44,7 +44,14 @@ from typing import Any
 import pyro.util
 import torch
 from common import ROOT, command_line, find_mnist, live_run
-from reproduce_table import INTERIM, PER_POINT, ResultsError, read_json, write_table
+from reproduce_table import (
+    AIS_KHAT_SHARE,
+    INTERIM,
+    PER_POINT,
+    ResultsError,
+    read_json,
+    write_table,
+)
 
 from pyrovae.inference import (
     Callback,
@@ -424,9 +431,18 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
         evaluate_final(name, run_dir, record, args)
         write_results(results, name, record, run_dir)
     if finished and not args.no_final and "ais" not in record and args.ais_points:
-        if (_khat_share(record, run_dir) or 0) > 0.2:
-            check_with_ais(name, run_dir, record, args)
-            write_results(results, name, record, run_dir)
+        if (_khat_share(record, run_dir) or 0) > AIS_KHAT_SHARE:
+            if (run_dir / "checkpoint.pt").is_file():
+                check_with_ais(name, run_dir, record, args)
+                write_results(results, name, record, run_dir)
+            else:
+                # The final figure stands on its own; only its check needs the weights.
+                print(
+                    f"{name}: the AIS check needs the evaluated checkpoint, and {run_dir} has "
+                    "none; it is left out (pass the --runs folder that holds the run to run it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if record.get("final") and not per_point_file(results, name).is_file():
         # A row made final before its per-point figures were kept with the results.
         evaluation = run_dir / f"evaluation-k{record['final']['num_samples']}.json"

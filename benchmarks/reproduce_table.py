@@ -24,6 +24,11 @@ INTERIM = "interim"
 (``reproduce.py NAME --interim``)."""
 
 
+AIS_KHAT_SHARE = 0.2
+"""Where a final evaluation has more than this share of points with k̂ > 0.7, AIS checks its
+figure on the first test points."""
+
+
 PER_POINT = "per_point"
 """The folder of the results holding each final evaluation's per-point log p(x), kept with
 the results so that rows can be paired point by point after their run directories are
@@ -281,10 +286,18 @@ def _curve_table(
     return [*lines, ""]
 
 
+def needs_ais(record: dict[str, Any]) -> bool:
+    """Whether the row's final evaluation had so many points with k̂ > 0.7 that AIS checks
+    it (``reproduce.check_with_ais``)."""
+    share = (record.get("final") or {}).get("khat_share")
+    return share is not None and share > AIS_KHAT_SHARE
+
+
 def ais_lines(records: list[dict[str, Any]]) -> list[str]:
     """Importance sampling against AIS on the same test points, for the rows whose final
-    evaluation had many points with k̂ > 0.7 (``reproduce.check_with_ais``)."""
-    checked = [r for r in records if r.get("ais") and r.get("final")]
+    evaluation had many points with k̂ > 0.7 (``reproduce.check_with_ais``), and a line for
+    each such row whose check has not run."""
+    checked = [r for r in records if r.get("final") and (r.get("ais") or needs_ais(r))]
     if not checked:
         return []
     lines = [
@@ -294,15 +307,20 @@ def ais_lines(records: list[dict[str, Any]]) -> list[str]:
         "guide may be far below log p(x). AIS (HMC transitions annealed from q(z|x) to the "
         "posterior, with the chains and steps shown) on the first test points gives a second "
         "stochastic lower bound; a higher AIS figure means the IS figure is loose by about the "
-        "difference.",
+        "difference. A row whose check needs to run but has not (its checkpoint is gone) says "
+        "so.",
         "",
         "| model | points | k̂ > 0.7 (final IS) | IS, same K as final | AIS (chains × steps) "
         "| AIS − IS | AIS time |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in checked:
-        ais, final = r["ais"], r["final"]
+        ais, final = r.get("ais"), r["final"]
         share = final.get("khat_share")
+        if not ais:
+            cells = [r["model"], "—", f"{100 * share:.0f}%", "—", "not run", "—", "—"]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         same = ais.get("is_same_points")
         if ais.get("difference") is not None:
             gap = f"{ais['difference']:+.2f} ± {ais['difference_se']:.2f} (paired)"

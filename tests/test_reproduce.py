@@ -91,7 +91,7 @@ def test_every_row_names_a_shipped_paper_config_that_loads():
             assert entry.source.split()[0] in (reproduce.ROOT / entry.config).read_text()[:300]
 
 
-def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol(setting):
+def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol(setting, capsys):
     entry, args, tmp = setting
     args.stop_at = 2
     reproduce.reproduce("tiny", args, entry)
@@ -173,6 +173,17 @@ def test_a_row_trains_in_pieces_keeps_its_curve_and_ends_with_the_final_protocol
     assert again["difference"] == pytest.approx(ais["difference"], abs=1e-9)
     assert again["difference_se"] == pytest.approx(ais["difference_se"], abs=1e-9)
     assert "(paired)" in (tmp / "results" / "README.md").read_text()
+    # A final row whose run directory is gone keeps its figure: the check it still needs is
+    # left out with a note, and the other rows go on.
+    record = json.loads(results.read_text())
+    del record["ais"]
+    results.write_text(json.dumps(record))
+    shutil.rmtree(run_dir)
+    reproduce.reproduce("tiny", args, entry)
+    assert "left out" in capsys.readouterr().err
+    kept = json.loads(results.read_text())
+    assert "ais" not in kept and kept["final"] == record["final"]
+    assert "| not run |" in (tmp / "results" / "README.md").read_text()
 
 
 def test_the_table_renders_from_json_alone(tmp_path):
@@ -304,8 +315,12 @@ def test_the_table_shows_the_ais_check_beside_importance_sampling_on_the_same_po
     line = next(line for line in page.splitlines() if line.startswith("| M | 100 |"))
     assert "71%" in line and "-80.40 (K = 5,000)" in line and "-80.00 ± 1.50 (16 × 500)" in line
     assert "+0.40" in line and "30 min" in line  # below an hour, in minutes
-    # Without an AIS check there is no such section.
-    assert "How tight" not in reproduce_table.render([{**record, "ais": None}])
+    # A row that needs the check and has none says so; one that does not need it is left out.
+    page = reproduce_table.render([{**record, "ais": None}])
+    line = next(line for line in page.splitlines() if line.startswith("| M | — |"))
+    assert "71%" in line and "not run" in line
+    trusted = {**record, "ais": None, "final": {**final, "khat_share": 0.2}}
+    assert "How tight" not in reproduce_table.render([trusted])
 
 
 def test_the_curves_follow_the_tables_under_a_heading_of_their_own_with_their_protocol():
