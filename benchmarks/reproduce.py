@@ -45,10 +45,10 @@ import pyro.util
 import torch
 from common import ROOT, command_line, find_mnist, live_run
 from reproduce_table import (
-    AIS_KHAT_SHARE,
     INTERIM,
     PER_POINT,
     ResultsError,
+    needs_ais,
     read_json,
     write_table,
 )
@@ -431,7 +431,8 @@ def reproduce(name: str, args: argparse.Namespace, entry: Reproduction | None = 
         evaluate_final(name, run_dir, record, args)
         write_results(results, name, record, run_dir)
     if finished and not args.no_final and "ais" not in record and args.ais_points:
-        if (_khat_share(record, run_dir) or 0) > AIS_KHAT_SHARE:
+        _khat_share(record, run_dir)  # fills it in for results written before it was kept
+        if needs_ais(record):
             if (run_dir / "checkpoint.pt").is_file():
                 check_with_ais(name, run_dir, record, args)
                 write_results(results, name, record, run_dir)
