@@ -8,8 +8,11 @@ import json
 import os
 import shlex
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from pyrovae.inference.experiment.callbacks import Callback, FitState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,3 +252,65 @@ def live_run(spec, state):
     from pyrovae.inference import Checkpoint, Run
 
     return Run(Path("."), spec, state.model, state.guide, Checkpoint(state.epoch, {}, {}))
+
+
+class Turns:
+    """Runs the arms' epochs in turn: an arm waits for its turn before an epoch and hands
+    the turn to the next arm after it, so that one arm trains at a time."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.current = 0
+        self.done: set[str] = set()
+        self.condition = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.names[self.current] == name)
+
+    def pass_on(self, name: str, finished: bool = False) -> None:
+        with self.condition:
+            if finished:
+                self.done.add(name)
+            if len(self.done) < len(self.names):
+                self.current = (self.current + 1) % len(self.names)
+                while self.names[self.current] in self.done:
+                    self.current = (self.current + 1) % len(self.names)
+            self.condition.notify_all()
+
+
+class TakeTurns(Callback):
+    """A ``fit`` callback that waits for its arm's turn before every epoch."""
+
+    def __init__(self, turns: Turns, name: str, epochs: int) -> None:
+        self.turns, self.name, self.epochs = turns, name, epochs
+
+    def on_epoch_start(self, state: FitState) -> None:
+        self.turns.wait(self.name)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.turns.pass_on(self.name, finished=state.epoch == self.epochs)
+
+
+def interleaved(arms: dict[str, Callable[[Turns, str], list[float]]]) -> dict[str, list[float]]:
+    """Runs ``arm(turns, name)`` for every arm, each in its own thread, taking turns (see
+    :class:`Turns`); returns each arm's result. An arm's error is raised once all are done."""
+    turns = Turns(list(arms))
+    results: dict[str, list[float]] = {}
+    errors: list[BaseException] = []
+
+    def run_arm(name: str) -> None:
+        try:
+            results[name] = arms[name](turns, name)
+        except BaseException as err:  # raised below; the other arms must not wait forever
+            errors.append(err)
+            turns.pass_on(name, finished=True)
+
+    threads = [threading.Thread(target=run_arm, args=(name,)) for name in arms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

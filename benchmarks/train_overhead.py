@@ -28,14 +28,13 @@ import argparse
 import math
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 import pyro
 import torch
-from common import find_mnist
+from common import TakeTurns, Turns, find_mnist, interleaved
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam as PyroAdam
 from torch import nn
@@ -43,7 +42,7 @@ from torch.nn import functional as F
 
 from pyrovae.guides import AmortizedGuide, DiagonalNormal
 from pyrovae.inference import fit
-from pyrovae.inference.experiment.callbacks import BatchTransform, Callback, FitState
+from pyrovae.inference.experiment.callbacks import BatchTransform
 from pyrovae.model import VAE, Bernoulli, Decoder, StandardNormal
 
 LATENT, HIDDEN = 50, 400
@@ -92,44 +91,6 @@ def plain_epoch(
         optimizer.step()
     synchronize(x_train.device)
     return time.perf_counter() - start_time
-
-
-class Turns:
-    """Runs the arms' epochs in turn: an arm waits for its turn before an epoch and hands
-    the turn to the next arm after it, so that one arm trains at a time."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.current = 0
-        self.done: set[str] = set()
-        self.condition = threading.Condition()
-
-    def wait(self, name: str) -> None:
-        with self.condition:
-            self.condition.wait_for(lambda: self.names[self.current] == name)
-
-    def pass_on(self, name: str, finished: bool = False) -> None:
-        with self.condition:
-            if finished:
-                self.done.add(name)
-            if len(self.done) < len(self.names):
-                self.current = (self.current + 1) % len(self.names)
-                while self.names[self.current] in self.done:
-                    self.current = (self.current + 1) % len(self.names)
-            self.condition.notify_all()
-
-
-class TakeTurns(Callback):
-    """A ``fit`` callback that waits for its arm's turn before every epoch."""
-
-    def __init__(self, turns: Turns, name: str, epochs: int) -> None:
-        self.turns, self.name, self.epochs = turns, name, epochs
-
-    def on_epoch_start(self, state: FitState) -> None:
-        self.turns.wait(self.name)
-
-    def on_epoch_end(self, state: FitState) -> None:
-        self.turns.pass_on(self.name, finished=state.epoch == self.epochs)
 
 
 def pyrovae_run(
@@ -260,24 +221,7 @@ def main() -> None:
             lambda x: pyro_example_epoch(svi, x, args.batch_size), x_train, epochs, turns, name
         ),
     }
-    turns = Turns(list(arms))
-    results: dict[str, list[float]] = {}
-    errors: list[BaseException] = []
-
-    def run_arm(name: str) -> None:
-        try:
-            results[name] = arms[name](turns, name)
-        except BaseException as err:  # reported below; the other arms must not wait forever
-            errors.append(err)
-            turns.pass_on(name, finished=True)
-
-    threads = [threading.Thread(target=run_arm, args=(name,)) for name in arms]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    results = interleaved(arms)
     first = {name: values[0] for name, values in results.items()}
     times = {name: values[1:] for name, values in results.items()}
     reference = statistics.median(times["plain PyTorch"])
