@@ -12,8 +12,8 @@ reproduction's runs are compiled), in one process, epochs interleaved, the first
 each a warm-up (and the compiled arms' trace and compile). Then each arm's modules estimate
 log p(x) by importance sampling (``log_marginal_likelihood``, the final evaluation's K on a
 few points), and by AIS (``annealed_log_marginal_likelihood``, HMC, eager: fewer steps
-than the AIS check's 500), in turns, the first round a warm-up. The images are uniform grey levels
-binarized every batch: a step's cost depends on the shapes alone.
+than the AIS check's 500), in turns, the first round a warm-up. The images are uniform
+grey levels binarized every batch: a step's cost depends on the shapes alone.
 
     .venv/bin/python benchmarks/vamp_prior_speed.py [--num-points 2000] [--repeats 3]
         [--threads 1] [--compile on off] [--case vamp-1 vamp-1-iwae-k5 vamp-hvae-2]
@@ -123,13 +123,13 @@ def evaluation_seconds(
     return seconds
 
 
-def report(times: dict[str, list[float]], compile_mode: str, unit: str) -> None:
+def report(times: dict[str, list[float]], compile_mode: str) -> None:
     """One line per arm: median (fastest-slowest; warm-up), and the shipped arm's ratio."""
     ours = statistics.median(times[SHIPPED][1:])
     for implementation, values in times.items():
         median = statistics.median(values[1:])
         print(
-            f"  compile {compile_mode:<3} {implementation:<24} {median:7.2f} {unit} "
+            f"  compile {compile_mode:<3} {implementation:<24} {median:7.2f} s "
             f"({min(values[1:]):.2f}-{max(values[1:]):.2f}; warm-up {values[0]:.2f})"
             f"   matrix product / this: {ours / median:.3f}"
         )
@@ -185,7 +185,6 @@ def main() -> None:
                 report(
                     {i: results[f"{i}, compile {compile_mode}"] for i in IMPLEMENTATIONS},
                     compile_mode,
-                    "s",
                 )
         if args.eval_points:
             x_eval = torch.bernoulli(x[: args.eval_points])
@@ -201,7 +200,7 @@ def main() -> None:
                     ),
                     args.eval_repeats,
                 )
-                report(seconds, compile_mode, "s")
+                report(seconds, compile_mode)
         if args.ais_points:
             x_ais = torch.bernoulli(x[: args.ais_points])
             print(
@@ -213,7 +212,7 @@ def main() -> None:
                 lambda m, g, x=x_ais: annealed_log_marginal_likelihood(m, g, x, 16, args.ais_steps),
                 args.eval_repeats,
             )
-            report(seconds, "off", "s")
+            report(seconds, "off")
 
 
 if __name__ == "__main__":

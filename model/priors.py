@@ -169,7 +169,8 @@ class UniformMixture(dist.TorchDistribution):
     squared distances come from one matrix product, expanded as ``z^2 / s^2 - 2 z m / s^2 +
     m^2 / s^2`` and computed in double precision, where that expansion's cancellation costs
     about ``1e-16 (z / s)^2`` rather than ``1e-7 (z / s)^2`` in single precision.
-    benchmarks/vamp_prior_speed.py measures what this saves a training step.
+    benchmarks/vamp_prior_speed.py measures what this saves training, importance sampling
+    and AIS.
 
     With components of batch shape ``(K,)``, both go through at most
     :data:`MAX_COMPONENT_PAIRS` (value, component) pairs at a time (D times as many for
@@ -235,10 +236,15 @@ class UniformMixture(dist.TorchDistribution):
     def _diagonal_normal_log_prob(self, value: Tensor) -> Tensor:
         """``log_prob`` for diagonal Gaussian components of batch shape ``(K,)``, by one matrix
         product per chunk rather than a ``(values, K, D)`` broadcast (see the class docs)."""
+        dim = self.event_shape[0]
+        if value.dim() < 1 or value.shape[-1] != dim:
+            raise ValueError(
+                f"UniformMixture.log_prob needs values of event shape ({dim},); got shape "
+                f"{tuple(value.shape)}"
+            )
         if self._validate_args:
             self.components._validate_sample(value.unsqueeze(-2))
         normal = self.components.base_dist
-        dim = self.event_shape[0]
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         flat = value.expand(shape + self.event_shape).reshape(-1, dim).double()
         loc, scale = normal.loc.double(), normal.scale.double()
@@ -282,8 +288,8 @@ class VampPrior(nn.Module):
     and a ``log_prob`` that broadcasts. Scoring B points costs one encoder ``log_prob``
     over B x K pairs. For a diagonal Gaussian encoder that is one matrix product
     (:class:`UniformMixture`); for a flow (IAF) encoder it is the flow's sequential
-    direction, ``latent_dim`` passes per transform over the B x K pairs, or ``passes`` (:class:`~pyrovae.guides.FlowEncoder`; 2 makes each transform a
-    coupling layer). With configs/mnist-vamp-iaf.toml (K = 100, 50 dimensions, 3
+    direction, ``latent_dim`` passes per transform over the B x K pairs, or ``passes``
+    (:class:`~pyrovae.guides.FlowEncoder`; 2 makes each transform a coupling layer). With configs/mnist-vamp-iaf.toml (K = 100, 50 dimensions, 3
     transforms) a training step of batch 100 took 10.5 s on one CPU thread fully
     autoregressive and 0.57 s with the config's coupling transforms, against 0.015 s for
     N(0, I) over the same guide.

@@ -569,6 +569,14 @@ def test_gaussian_uniform_mixture_in_single_precision_keeps_single_precision_acc
     assert (single.double() - exact).abs().max() > 20
 
 
+def test_gaussian_uniform_mixture_rejects_values_of_another_dimension():
+    """Without validation as well: values of 10 = 2 x 5 numbers must not be read as two rows."""
+    z, loc, scale = _hard_gaussian_mixture(torch.float64)
+    mixture = priors.UniformMixture(pyro_dist.Normal(loc, scale).to_event(1), validate_args=False)
+    with pytest.raises(ValueError, match=r"event shape \(5,\); got shape \(3, 10\)"):
+        mixture.log_prob(z.reshape(4, 40 * 5)[:3, :10])
+
+
 def test_gaussian_uniform_mixture_scores_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch):
     """With at most 14 (value, component) pairs of 5 dimensions at a time and K = 7, the
     matrix-product path takes 10 values per chunk, with the same log densities as in one."""
